@@ -1,0 +1,12 @@
+"""minilm: readable sentence-embedding fine-tuning around all-MiniLM-L6-v2, in plain PyTorch.
+
+    import minilm
+    model = minilm.load("sentence-transformers/all-MiniLM-L6-v2")
+    embeddings = model.encode(["A man is eating food.", "Someone eats."])
+    print(model.similarity(embeddings, embeddings))
+"""
+
+from minilm.model import SentenceEncoder, batch_to, load
+
+__version__ = "0.1.0"
+__all__ = ["SentenceEncoder", "batch_to", "load", "__version__"]

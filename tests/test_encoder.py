@@ -1,0 +1,237 @@
+"""The encoder reproduces all-MiniLM-L6-v2: parity with sentence-transformers, weight loading, bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import minilm
+from minilm.encoder import BertConfig, load_encoder
+
+from conftest import MODEL_ID, REPO
+
+FIXTURE = Path(__file__).parent / "fixtures" / "reference_embeddings.npz"
+CPU_BACKENDS = ["math", "sdpa"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    data = np.load(FIXTURE)
+    return [str(s) for s in data["sentences"]], data["embeddings"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_embeddings_equal_sentence_transformers(model, reference, backend, batch_size):
+    sentences, expected = reference
+    assert len(sentences) >= 200
+    model.attention_backend = backend
+    try:
+        got = model.encode(sentences, batch_size=batch_size)
+    finally:
+        model.attention_backend = None
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    assert np.abs(got - expected).max() < 1e-5
+
+
+def test_fixture_covers_long_and_odd_inputs(model_dir, reference):
+    from tokenizers import Tokenizer
+
+    sentences, _ = reference
+    untruncated = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    untruncated.no_truncation()
+    untruncated.no_padding()
+    lengths = [len(encoding.ids) for encoding in untruncated.encode_batch(sentences)]
+    assert max(lengths) > 512 and sum(length > 256 for length in lengths) >= 3
+    assert "" in sentences and any(not s.isascii() for s in sentences) and any("def " in s for s in sentences)
+
+
+def test_live_parity_with_sentence_transformers(model, model_dir):
+    """Beside the stored fixture: the installed sentence-transformers, on sentences made here and now."""
+    st = pytest.importorskip("sentence_transformers")
+    reference = st.SentenceTransformer(str(model_dir), device="cpu")
+    rng = np.random.default_rng()
+    words = "alpha beta gamma delta Epsilon 42 ñandú 東京 code() {x: 1} — end".split()
+    sentences = [" ".join(rng.choice(words, size=rng.integers(1, 300))) for _ in range(12)]
+    expected = reference.encode(sentences, convert_to_numpy=True)
+    assert np.abs(model.encode(sentences, batch_size=5) - expected).max() < 1e-5
+
+
+def test_attention_backends_agree_on_random_inputs():
+    lengths = torch.randint(1, 40, (6,)).tolist() + [1]
+    cu_seqlens = torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32)
+    total, heads, dim = int(cu_seqlens[-1]), 3, 32
+    q, k, v = (torch.randn(total, heads, dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(total, heads, dim, dtype=torch.float64)
+
+    def run(backend):
+        out = minilm.attention.attention(q, k, v, cu_seqlens, max(lengths), backend=backend)
+        return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+    # An explicit loop, one sentence at a time, as the independent check of the "math" backend.
+    expected = torch.cat([
+        torch.softmax(q[a:b].transpose(0, 1) @ k[a:b].permute(1, 2, 0) / dim ** 0.5, -1) @ v[a:b].transpose(0, 1)
+        for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())], dim=1).transpose(0, 1)
+    math_result, sdpa_result = run("math"), run("sdpa")
+    assert torch.allclose(math_result[0].double(), expected, atol=1e-6)
+    for a, b in zip(math_result, sdpa_result):
+        assert torch.allclose(a.double(), b.double(), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        minilm.attention.attention(q, k, v, cu_seqlens, max(lengths), backend="flash")
+
+
+def test_packed_tokens_do_not_depend_on_batch_neighbours(model):
+    """The same sentence alone and beside much longer ones: the packed layout never lets padding leak in."""
+    alone = model.encode(["short one"], batch_size=1)
+    crowded = model.encode(["short one", "a much longer sentence " * 30, "mid length sentence here"], batch_size=3)
+    assert np.abs(alone[0] - crowded[0]).max() < 1e-6
+
+
+def test_encode_shapes_and_bad_input(model):
+    assert model.encode([]).shape == (0, 384)
+    single = model.encode("one sentence")
+    assert single.shape == (384,) and abs(np.linalg.norm(single) - 1) < 1e-5
+    assert model.encode(["x"], convert_to="tensor").dtype == torch.float32
+    raw = model.encode(["a sentence"], normalize=False)
+    assert abs(np.linalg.norm(raw) - 1) > 1e-3, "normalize=False skips the model's Normalize"
+    with pytest.raises(TypeError, match="sentence 2 is NoneType"):
+        model.encode(["a", "b", None])
+    with pytest.raises(TypeError, match="sentence 1 is int"):
+        model.encode(["a", 5])
+    with pytest.raises(ValueError, match="convert_to"):
+        model.encode(["a"], convert_to="list")
+    very_long = model.encode(["word " * 5000])
+    assert np.isfinite(very_long).all()
+
+
+def test_similarity_is_cosine(model):
+    a = model.encode(["A man eats food.", "A plane takes off."])
+    b = model.encode(["Someone is eating.", "An aircraft departs.", "Nothing related at all"])
+    sims = model.similarity(a, b)
+    assert sims.shape == (2, 3)
+    expected = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+    assert np.allclose(sims.numpy(), expected, atol=1e-6)
+    assert sims[0, 0] > sims[0, 1] and sims[1, 1] > sims[1, 0]
+
+
+def test_max_seq_length_override(model_dir):
+    short = minilm.load(str(model_dir), device="cpu", max_seq_length=16)
+    assert len(short.tokenize(["word " * 100])["input_ids"]) == 16
+    with pytest.raises(ValueError, match="position embeddings"):
+        short.max_seq_length = 600
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+def _copy_model(model_dir, tmp_path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns("README.md", "data_config.json"))
+    return target
+
+
+def test_bert_prefixed_key_names_load(model_dir, tmp_path, model):
+    target = _copy_model(model_dir, tmp_path)
+    tensors = load_file(target / "model.safetensors")
+    save_file({f"bert.{key}": value for key, value in tensors.items()}, target / "model.safetensors")
+    prefixed = minilm.load(str(target), device="cpu")
+    assert np.array_equal(prefixed.encode(["same weights"]), model.encode(["same weights"]))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "missing tensor 'encoder.layer.3.output.dense.bias'"),
+    ("unexpected", "unexpected tensor.*classifier.weight"),
+    ("shape", "tensor for 'embeddings.word.weight' has shape"),
+    ("truncated", "damaged or truncated"),
+])
+def test_damaged_weights_are_named_errors(model_dir, tmp_path, damage, message):
+    target = _copy_model(model_dir, tmp_path)
+    path = target / "model.safetensors"
+    if damage == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        tensors = load_file(path)
+        if damage == "missing":
+            del tensors["encoder.layer.3.output.dense.bias"]
+        elif damage == "unexpected":
+            tensors["classifier.weight"] = torch.zeros(2, 384)
+        else:
+            tensors["embeddings.word_embeddings.weight"] = torch.zeros(100, 384)
+        save_file(tensors, path)
+    with pytest.raises(ValueError, match=message) as error:
+        minilm.load(str(target), device="cpu")
+    assert str(path) in str(error.value)
+
+
+def test_missing_model_says_what_was_tried(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        minilm.load(str(tmp_path / "nowhere"))
+    assert "nowhere" in str(error.value) and "does not exist" in str(error.value)
+    with pytest.raises(FileNotFoundError) as error:
+        minilm.load("no-such-org/no-such-model-xyz")
+    assert "Hugging Face hub" in str(error.value) and "Tried" in str(error.value)
+
+
+def test_hub_id_falls_back_to_bundled_copy(model_dir):
+    model = minilm.load(MODEL_ID, device="cpu")
+    assert model.source_dir.resolve() == model_dir.resolve()
+
+
+def test_hub_cache_is_used_offline(model_dir, tmp_path):
+    """A hub id resolves through huggingface_hub's cache with HF_HUB_OFFLINE=1, before any bundled copy."""
+    repo = tmp_path / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2"
+    revision = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    shutil.copytree(model_dir, repo / "snapshots" / revision)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    code = f"import minilm.hub as h; print(h.resolve_model_dir({MODEL_ID!r}))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(repo / "snapshots" / revision)
+
+
+def test_runtime_never_imports_the_libraries_it_replaces():
+    code = ("import sys, minilm; m = minilm.load('sentence-transformers/all-MiniLM-L6-v2', device='cpu');"
+            "m.encode(['hello']); bad = [k for k in sys.modules if k.split('.')[0] in "
+            "('sentence_transformers', 'transformers')]; print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# --- other BERT sizes: checked against transformers' BertModel on random weights --------------------------------
+
+@pytest.mark.parametrize("sizes", [
+    dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1536),  # MiniLM-L12
+    dict(hidden_size=768, num_hidden_layers=2, num_attention_heads=12, intermediate_size=3072),  # BERT-base width
+    dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, hidden_act="gelu_new"),
+])
+def test_other_bert_checkpoints_load_from_config(model_dir, tmp_path, sizes):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=30522, **sizes)
+    reference = transformers.BertModel(config).eval()
+    target = tmp_path / "bert"
+    reference.save_pretrained(target, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copyfile(model_dir / name, target / name)
+    (target / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (target / "1_Pooling").mkdir()
+    (target / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "mean"}))
+
+    ours = minilm.load(str(target), device="cpu")
+    assert ours.encoder.config == BertConfig(**{**BertConfig().__dict__, **sizes})
+    texts = ["a short one", "a somewhat longer sentence with more words in it"]
+    tokens = [torch.tensor(ids) for ids in ours.tokenizer.encode_ids(texts)]
+    with torch.no_grad():
+        expected = [reference(ids[None]).last_hidden_state[0].mean(0) for ids in tokens]
+    assert torch.allclose(ours.encode(texts, convert_to="tensor"), torch.stack(expected), atol=1e-5)
+    assert load_encoder(target).config.num_hidden_layers == sizes["num_hidden_layers"]
