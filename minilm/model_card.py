@@ -1,0 +1,189 @@
+"""README.md for a trained model, in the shape of sentence-transformers' generated model cards.
+
+What a reader of the card needs to repeat or judge the run: the architecture, the data (size, columns, token
+statistics, samples), the loss and its parameters, every hyperparameter, the training log, the evaluation
+metrics, and the framework versions. Plus loss.png, the loss curve, when matplotlib is installed.
+"""
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+import minilm
+
+SBERT_CITATION = """@inproceedings{reimers-2019-sentence-bert,
+    title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
+    author = "Reimers, Nils and Gurevych, Iryna",
+    booktitle = "Proceedings of the 2019 Conference on Empirical Methods in Natural Language Processing",
+    month = "11",
+    year = "2019",
+    publisher = "Association for Computational Linguistics",
+    url = "https://arxiv.org/abs/1908.10084",
+}"""
+
+# train.py's flags that are hyperparameters (the rest say where things are), with the defaults of train.py.
+HYPERPARAMETERS = ["batch_size", "epochs", "max_steps", "lr", "weight_decay", "warmup_ratio", "warmup_steps",
+                   "max_grad_norm", "grad_accum", "seed", "precision", "max_seq_length", "normalize", "min_score",
+                   "eval_steps", "log_steps", "save_steps"]
+
+
+def column_statistics(rows: list, column: str, tokenize_ids) -> tuple:
+    """(type, details) of one column over the first 1000 rows: token counts for text, spread for numbers."""
+    values = [row[column] for row in rows[:1000]]
+    if isinstance(values[0], str):
+        counts = [len(ids) for ids in tokenize_ids(values)]
+        return "string", (f"<ul><li>min: {min(counts)} tokens</li><li>mean: {sum(counts) / len(counts):.2f} tokens"
+                          f"</li><li>max: {max(counts)} tokens</li></ul>")
+    if isinstance(values[0], int):
+        shares = {value: values.count(value) / len(values) for value in sorted(set(values))}
+        return "int", "<ul>" + "".join(f"<li>{k}: ~{100 * v:.2f}%</li>" for k, v in shares.items()) + "</ul>"
+    return "float", (f"<ul><li>min: {min(values):.2f}</li><li>mean: {sum(values) / len(values):.2f}</li>"
+                     f"<li>max: {max(values):.2f}</li></ul>")
+
+
+def _table(header: list, rows: list) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(":---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _code(text: str) -> str:
+    return "<code>" + str(text).replace("|", "\\|").replace("\n", " ")[:300] + "</code>"
+
+
+def architecture(model) -> str:
+    pooling = {f"pooling_mode_{m}": True for m in model.pooling_modes}
+    lines = ["SentenceTransformer(",
+             f"  (0): Transformer({{'max_seq_length': {model.max_seq_length}, 'do_lower_case': "
+             f"{model.tokenizer.do_lower_case}, 'architecture': 'BertModel'}})",
+             f"  (1): Pooling({{'word_embedding_dimension': {model.encoder.config.hidden_size}, {pooling}}})"]
+    if model.normalize:
+        lines.append("  (2): Normalize()")
+    return "\n".join(lines + [")"])
+
+
+def training_log_table(history: list, eval_key) -> str:
+    rows = []
+    for entry in history:
+        loss = f"{entry['loss']:.4f}" if "loss" in entry else "-"
+        metric = f"{entry[eval_key]:.4f}" if eval_key and eval_key in entry else "-"
+        rows.append([entry["epoch"], entry["step"], loss] + ([metric] if eval_key else []))
+    header = ["Epoch", "Step", "Training Loss"] + ([eval_key.removeprefix("eval_")] if eval_key else [])
+    return _table(header, rows)
+
+
+def plot_loss(history: list, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    points = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+    if not points:
+        return False
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.plot(*zip(*points), marker=".")
+    axes.set_xlabel("step")
+    axes.set_ylabel("training loss")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def write(out_dir, args, model, loss_fn, datasets, history, metrics, eval_name, train_seconds) -> Path:
+    """Write out_dir/README.md (and loss.png). `datasets`: [(source, rows, text_columns, label_column)]."""
+    out_dir = Path(out_dir)
+    loss_name = type(loss_fn).__name__
+    size = sum(len(rows) for _, rows, _, _ in datasets)
+    has_plot = plot_loss(history, out_dir / "loss.png")
+    _, first_rows, first_text_columns, _ = datasets[0]
+    sample = first_rows[0]
+
+    front = ["---", "tags:", "- sentence-transformers", "- sentence-similarity", "- feature-extraction", "- dense",
+             "- minilm", f"- dataset_size:{size}", f"- loss:{loss_name}", f"base_model: {args.model}",
+             "widget:", f"- source_sentence: {json.dumps(sample[first_text_columns[0]])}", "  sentences:"]
+    front += [f"  - {json.dumps(row[first_text_columns[-1]])}" for row in first_rows[:3]]
+    front += ["pipeline_tag: sentence-similarity", "library_name: sentence-transformers"]
+    if metrics:
+        front += ["metrics:"] + [f"- {key}" for key in metrics]
+    front.append("---")
+
+    parts = ["\n".join(front), f"# SentenceTransformer based on {args.model}",
+             f"This is a [sentence-transformers](https://www.SBERT.net)-compatible model fine-tuned with "
+             f"[minilm](https://github.com/) from {args.model}. It maps sentences & paragraphs to a "
+             f"{model.embedding_dim}-dimensional dense vector space and can be used for semantic textual similarity, "
+             f"semantic search, paraphrase mining, text classification, clustering, and more.",
+             "## Model Details", "### Model Description",
+             f"- **Model Type:** Sentence Transformer\n- **Base model:** {args.model}\n"
+             f"- **Maximum Sequence Length:** {model.max_seq_length} tokens\n"
+             f"- **Output Dimensionality:** {model.embedding_dim} dimensions\n"
+             f"- **Similarity Function:** Cosine Similarity\n"
+             f"- **Training Dataset:** {', '.join(source for source, *_ in datasets)}",
+             "### Full Model Architecture", f"```\n{architecture(model)}\n```",
+             "## Usage", "### Direct Usage (Sentence Transformers)",
+             "```python\nfrom sentence_transformers import SentenceTransformer\n\n"
+             f"model = SentenceTransformer(\"{out_dir.name}\")\nembeddings = model.encode({[sample[c] for c in first_text_columns[:2]]!r})\n"
+             "print(embeddings.shape)\n```",
+             "### Direct Usage (minilm)",
+             f"```python\nimport minilm\n\nmodel = minilm.load(\"{out_dir.name}\")\n"
+             "embeddings = model.encode([\"The weather is lovely today.\", \"It's so sunny outside!\"])\n"
+             "print(model.similarity(embeddings, embeddings))\n```"]
+    if metrics:
+        parts += ["## Evaluation", "### Metrics", f"#### {eval_name}",
+                  _table(["Metric", "Value"], [[key, f"{value:.4f}"] for key, value in metrics.items()])]
+
+    stats, columns = [], [c for c in first_text_columns] + ([datasets[0][3]] if datasets[0][3] else [])
+    for column in columns:
+        stats.append(column_statistics(first_rows, column, model.tokenizer.encode_ids))
+    stats_table = _table([""] + columns, [["type"] + [t for t, _ in stats], ["details"] + [d for _, d in stats]])
+    samples_table = _table(columns, [[_code(row[c]) for c in columns] for row in first_rows[:3]])
+    parts += ["## Training Details", "### Training Dataset"]
+    for source, rows, _, _ in datasets:
+        parts.append(f"#### {source}\n\n* Size: {len(rows):,} training samples")
+    parts += [f"* Columns: {', '.join(f'<code>{c}</code>' for c in columns)}",
+              "* Approximate statistics based on the first 1000 samples:\n" + stats_table,
+              "* Samples:\n" + samples_table,
+              f"* Loss: <code>{loss_name}</code> with these parameters:\n"
+              f"  ```json\n{json.dumps(loss_fn.config(), indent=4)}\n  ```"]
+
+    settings = vars(args)
+    non_default = {key: settings[key] for key in ("batch_size", "epochs", "max_steps", "lr", "warmup_ratio",
+                                                  "precision", "eval_steps") if settings.get(key)}
+    parts += ["### Training Hyperparameters", "#### Non-Default Hyperparameters",
+              "\n".join(f"- `{key}`: {value}" for key, value in non_default.items()),
+              "#### All Hyperparameters", "<details><summary>Click to expand</summary>\n\n"
+              + "\n".join(f"- `{key}`: {settings.get(key)}" for key in HYPERPARAMETERS) + "\n\n</details>",
+              "### Training Logs", training_log_table(history, _primary_eval_key(history)),
+              f"Training took {train_seconds:.0f} s." + ("\n\n![training loss](loss.png)" if has_plot else ""),
+              "### Framework Versions",
+              f"- Python: {platform.python_version()}\n- minilm: {minilm.__version__}\n"
+              f"- PyTorch: {torch.__version__}\n- Tokenizers: {_version('tokenizers')}\n"
+              f"- safetensors: {_version('safetensors')}",
+              "## Citation", "### BibTeX", "#### Sentence Transformers", f"```bibtex\n{SBERT_CITATION}\n```"]
+    citation = getattr(loss_fn, "citation", None)
+    if citation:
+        parts += [f"#### {loss_name}", f"```bibtex\n{citation.strip()}\n```"]
+    path = out_dir / "README.md"
+    path.write_text("\n\n".join(parts) + "\n")
+    return path
+
+
+def _primary_eval_key(history: list):
+    keys = [key for entry in history for key in entry if key.startswith("eval_")]
+    preferred = [k for k in keys if k.endswith(("spearman_cosine", "cosine_ap", "accuracy", "ndcg@10"))]
+    return (preferred or keys or [None])[0]
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
