@@ -43,48 +43,50 @@ def _log_once(message: str) -> None:
         log.warning(message)
 
 
-def padding_index(cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-    """For each packed token, its flat position in a `[batch, max_seqlen]` padded grid. -> [total_tokens] int64."""
+def token_coordinates(cu_seqlens: torch.Tensor):
+    """For each packed token: (its sentence, its position in that sentence), both [total_tokens] int64."""
     starts = cu_seqlens[:-1].long()
     lengths = cu_seqlens[1:].long() - starts
-    sequence = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
-    position = torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts[sequence]
-    return sequence * max_seqlen + position
+    total = int(cu_seqlens[-1])
+    sentence = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths,
+                                       output_size=total)
+    position = torch.arange(total, device=cu_seqlens.device) - starts[sentence]
+    return sentence, position
 
 
-def pad(tokens: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-    """[total_tokens, *rest] -> [batch, max_seqlen, *rest], zeros where a sentence is shorter."""
-    batch = len(cu_seqlens) - 1
-    padded = tokens.new_zeros((batch * max_seqlen,) + tokens.shape[1:])
-    padded[padding_index(cu_seqlens, max_seqlen)] = tokens
-    return padded.view((batch, max_seqlen) + tokens.shape[1:])
+def pad_heads(x: torch.Tensor, coordinates, batch: int, max_seqlen: int) -> torch.Tensor:
+    """[total_tokens, heads, dim] -> [batch, heads, max_seqlen, dim], zeros past each sentence's end.
+
+    Heads-first, so the batched matmuls below read it as it lies (a transposed view would be copied)."""
+    sentence, position = coordinates
+    padded = x.new_zeros(batch, x.shape[1], max_seqlen, x.shape[2])
+    padded[sentence, :, position] = x
+    return padded
 
 
-def unpad(padded: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """[batch, max_seqlen, *rest] -> [total_tokens, *rest]: the inverse of `pad`."""
-    batch, max_seqlen = padded.shape[:2]
-    return padded.reshape((batch * max_seqlen,) + padded.shape[2:])[padding_index(cu_seqlens, max_seqlen)]
+def unpad_heads(padded: torch.Tensor, coordinates) -> torch.Tensor:
+    """[batch, heads, max_seqlen, dim] -> [total_tokens, heads, dim]: the inverse of `pad_heads`."""
+    sentence, position = coordinates
+    return padded[sentence, :, position]
 
 
 def key_padding_mask(cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-    """[batch, max_seqlen] bool, True at a sentence's real tokens."""
+    """[batch, 1, 1, max_seqlen] bool, True at a sentence's real tokens (broadcasts over heads and queries)."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.arange(max_seqlen, device=cu_seqlens.device)[None, :] < lengths[:, None]
+    keep = torch.arange(max_seqlen, device=cu_seqlens.device)[None, :] < lengths[:, None]
+    return keep[:, None, None, :]
 
 
 def math_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
     """The reference: explicit softmax attention in float32 on the padded batch, masked per sentence."""
-    head_dim = q.shape[-1]
-    # [total, heads, dim] -> [batch, heads, max_seqlen, dim]
-    q, k, v = (pad(x.float(), cu_seqlens, max_seqlen).transpose(1, 2) for x in (q, k, v))
-    scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)  # [batch, heads, max_seqlen, max_seqlen]
-    keep = key_padding_mask(cu_seqlens, max_seqlen)[:, None, None, :]
-    scores = scores.masked_fill(~keep, float("-inf"))
+    coordinates, batch = token_coordinates(cu_seqlens), len(cu_seqlens) - 1
+    q, k, v = (pad_heads(x.float(), coordinates, batch, max_seqlen) for x in (q, k, v))  # [batch, heads, L, dim]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [batch, heads, L, L]
+    scores = scores.masked_fill(~key_padding_mask(cu_seqlens, max_seqlen), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0:
         probs = F.dropout(probs, p=dropout_p)
-    out = (probs @ v).transpose(1, 2)  # [batch, max_seqlen, heads, dim]
-    return unpad(out, cu_seqlens)
+    return unpad_heads(probs @ v, coordinates)
 
 
 def sdpa_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
@@ -94,10 +96,11 @@ def sdpa_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, len, dim]
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         return out.squeeze(0).transpose(0, 1)
-    q, k, v = (pad(x, cu_seqlens, max_seqlen).transpose(1, 2) for x in (q, k, v))  # [batch, heads, L, dim]
-    keep = key_padding_mask(cu_seqlens, max_seqlen)[:, None, None, :]  # [batch, 1, 1, L]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p)
-    return unpad(out.transpose(1, 2), cu_seqlens)
+    coordinates, batch = token_coordinates(cu_seqlens), len(cu_seqlens) - 1
+    q, k, v = (pad_heads(x, coordinates, batch, max_seqlen) for x in (q, k, v))  # [batch, heads, L, dim]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask(cu_seqlens, max_seqlen),
+                                         dropout_p=dropout_p)
+    return unpad_heads(out, coordinates)
 
 
 def triton_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minilm.attention import attention
+from minilm.attention import attention, token_coordinates
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # exact, erf-based: what BERT checkpoints were trained with
@@ -137,11 +137,7 @@ class BertEncoder(nn.Module):
 
     def forward(self, input_ids, cu_seqlens, max_seqlen):
         """input_ids: [total_tokens] int64; cu_seqlens: [batch + 1] int32. -> [total_tokens, hidden]."""
-        starts = cu_seqlens[:-1].long()
-        lengths = cu_seqlens[1:].long() - starts
-        # Position of each token inside its own sentence: 0, 1, ... restarting at every sentence.
-        positions = torch.arange(input_ids.shape[0], device=input_ids.device)
-        positions = positions - torch.repeat_interleave(starts, lengths, output_size=input_ids.shape[0])
+        _, positions = token_coordinates(cu_seqlens)  # 0, 1, ... restarting at every sentence
         hidden = self.embeddings(input_ids, positions)
         for layer in self.layers:
             hidden = layer(hidden, cu_seqlens, max_seqlen, self.attention_backend)

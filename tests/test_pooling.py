@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from minilm import pooling
-from minilm.attention import pad
+
+
+def pad(tokens, cu_seqlens, max_len):
+    """[total_tokens, dim] -> [batch, max_len, dim], one sentence at a time, zeros after its end."""
+    padded = tokens.new_zeros(len(cu_seqlens) - 1, max_len, tokens.shape[1])
+    for index, (start, end) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+        padded[index, : end - start] = tokens[start:end]
+    return padded
 
 
 def padded_reference(tokens, cu_seqlens, mode):
