@@ -116,10 +116,11 @@ class SentenceEncoder(nn.Module):
 
             starts = tqdm(starts, desc="encode", unit="batch")
         dtype = PRECISIONS[precision]
-        for start in starts:
-            indices = order[start:start + batch_size]
-            batch = batch_to(pack([id_lists[i] for i in indices]), self.device)
-            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        # One autocast around all batches: it caches the low-precision weights for the whole call.
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            for start in starts:
+                indices = order[start:start + batch_size]
+                batch = batch_to(pack([id_lists[i] for i in indices]), self.device)
                 output[torch.tensor(indices, device=self.device)] = self(batch, normalize).float()
         self.train(was_training)
         if single:
