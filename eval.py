@@ -5,6 +5,7 @@
 
 Tasks:
   stsb      STS benchmark: Pearson/Spearman of cosine similarity vs gold scores (--data: the stsb directory)
+  stsb-binary  STS-B pairs as similar (score >= 3/5) or not: binary-classification metrics
   sick      SICK relatedness: the same metrics on SICK's relatedness scores (--data: SICK.tsv)
   nli       SICK 3-way entailment: accuracy of the softmax classifier saved with a SoftmaxLoss model
   pairs     any TSV/CSV/JSONL with sentence1, sentence2, score (0..1): Pearson/Spearman
@@ -22,46 +23,17 @@ from pathlib import Path
 import torch
 
 import minilm
-from minilm import data, evaluation
+from losses.softmax import SoftmaxLoss
+from minilm import evaluation
 
-SPLITS = {"stsb": ("train", "dev", "test"), "sick": ("train", "trial", "test"), "nli": ("train", "trial", "test")}
-
-
-def build_evaluator(task: str, data_path: str, split: str, model_dir=None):
-    """The evaluator for one task on one file or split; errors name what is wrong with the input."""
-    if task == "stsb":
-        rows = data.load_stsb(data_path, split)
-        return evaluation.EmbeddingSimilarityEvaluator.from_rows(rows, name=f"sts-{split}")
-    if task == "sick":
-        rows = data.load_sick(data_path, split)
-        return evaluation.EmbeddingSimilarityEvaluator(
-            [r["premise"] for r in rows], [r["hypothesis"] for r in rows], [r["score"] for r in rows],
-            name=f"sick-{split}")
-    if task == "nli":
-        from losses import SoftmaxLoss
-
-        rows = data.load_sick(data_path, split)
-        classifier = SoftmaxLoss.load_classifier(model_dir)
-        return evaluation.LabelAccuracyEvaluator(
-            [r["premise"] for r in rows], [r["hypothesis"] for r in rows], [r["label"] for r in rows],
-            classifier, name=f"sick-nli-{split}")
-    dataset = data.read_dataset(data_path)
-    if task == "pairs":
-        return evaluation.EmbeddingSimilarityEvaluator.from_rows(dataset.rows, name=Path(data_path).stem)
-    if task == "binary":
-        return evaluation.BinaryClassificationEvaluator(
-            [r["sentence1"] for r in dataset.rows], [r["sentence2"] for r in dataset.rows],
-            [int(r["label"]) for r in dataset.rows], name=Path(data_path).stem)
-    if task == "retrieval":
-        return evaluation.InformationRetrievalEvaluator.from_pairs(
-            [r["anchor"] for r in dataset.rows], [r["positive"] for r in dataset.rows], name=Path(data_path).stem)
-    raise ValueError(f"unknown task {task!r}")
+SPLITS = {"stsb": ("train", "dev", "test"), "stsb-binary": ("train", "dev", "test"),
+          "sick": ("train", "trial", "test"), "nli": ("train", "trial", "test")}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a model directory or a hub id")
-    parser.add_argument("--task", required=True, choices=["stsb", "sick", "nli", "pairs", "binary", "retrieval"])
+    parser.add_argument("--task", required=True, choices=evaluation.TASKS)
     parser.add_argument("--data", required=True, help="the data file or directory of the task (see above)")
     parser.add_argument("--split", default="test", help="split of stsb/sick/nli (default: test)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -73,7 +45,8 @@ def main(argv=None) -> int:
         parser.error(f"--split for {args.task} must be one of {SPLITS[args.task]}, not {args.split!r}")
     try:
         model = minilm.load(args.model, device=args.device)
-        evaluator = build_evaluator(args.task, args.data, args.split, model_dir=model.source_dir)
+        classifier = SoftmaxLoss.load_classifier(model.source_dir) if args.task == "nli" else None
+        evaluator = evaluation.for_task(args.task, args.data, args.split, classifier=classifier)
     except (FileNotFoundError, ValueError) as error:
         print(f"eval.py: error: {error}", file=sys.stderr)
         return 2

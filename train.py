@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import minilm
-from losses import LOSSES
+from losses import LOSSES, SoftmaxLoss
 from minilm import data, evaluation, model_card
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--max-seq-length", type=int, help="truncate inputs to this many tokens (default: the model's)")
     add("--normalize", choices=["keep", "yes", "no"], default="keep", help="add/remove the Normalize module")
     add("--eval-task", choices=evaluation.TASKS, help="evaluation during and after training")
-    add("--eval-data", help="data for --eval-task")
+    add("--eval-data", help="data for --eval-task (default: the first --data)")
     add("--eval-split", default="dev")
     add("--eval-steps", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     add("--log-steps", type=int, default=50)
@@ -85,8 +85,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--out is required")
     if not args.resume and (not args.loss or not args.data):
         parser.error("--loss and --data are required (or a --recipe that sets them)")
-    if args.eval_task and not args.eval_data:
-        parser.error("--eval-task needs --eval-data")
     return args
 
 
@@ -142,7 +140,7 @@ def save_checkpoint(out: Path, model, loss_fn, optimizer, scheduler, scaler, sta
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     torch.save({
-        "model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
+        "model": model.state_dict(), "loss": own_state(loss_fn), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -152,6 +150,11 @@ def save_checkpoint(out: Path, model, loss_fn, optimizer, scheduler, scaler, sta
     for old in sorted(checkpoints.glob("step-*"))[:-limit] if limit > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def own_state(loss_fn) -> dict:
+    """The loss's own weights (SoftmaxLoss's classifier), without the model it wraps."""
+    return {key: value for key, value in loss_fn.state_dict().items() if not key.startswith("model.")}
 
 
 def latest_checkpoint(out: Path):
@@ -200,7 +203,8 @@ def main(argv=None) -> int:
     loss_fn = LOSSES[args.loss](model, **args.loss_params).to(device)
     evaluator = None
     if args.eval_task:
-        evaluator = evaluation.for_task(args.eval_task, args.eval_data, args.eval_split)
+        classifier = loss_fn.classifier if isinstance(loss_fn, SoftmaxLoss) else None
+        evaluator = evaluation.for_task(args.eval_task, args.eval_data or args.data[0], args.eval_split, classifier)
 
     samplers = [make_sampler(rows, cols, args.loss, args.batch_size, args.seed) for _, rows, cols, _ in datasets]
     batches = data.RoundRobinBatches(samplers) if len(samplers) > 1 else samplers[0]
@@ -209,7 +213,8 @@ def main(argv=None) -> int:
     warmup = args.warmup_steps or int(args.warmup_ratio * total_steps)
 
     # AdamW over the model and any weights the loss has (SoftmaxLoss's classifier); fused kernels on CUDA.
-    optimizer = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.parameters()), lr=args.lr,
+    loss_weights = [p for name, p in loss_fn.named_parameters() if not name.startswith("model.")]
+    optimizer = torch.optim.AdamW(list(model.parameters()) + loss_weights, lr=args.lr,
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: step / max(1, warmup) if step < warmup
@@ -225,7 +230,7 @@ def main(argv=None) -> int:
     if args.resume:
         saved = torch.load(checkpoint_dir / "training_state.pt", map_location=device, weights_only=False)
         model.load_state_dict(saved["model"])
-        loss_fn.load_state_dict(saved["loss"])
+        loss_fn.load_state_dict({**loss_fn.state_dict(), **saved["loss"]})
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
@@ -322,7 +327,8 @@ def main(argv=None) -> int:
 
     final_metrics = run_evaluation() if evaluator else {}
     model.save(out)
-    loss_fn.save(out)
+    if isinstance(loss_fn, SoftmaxLoss):
+        loss_fn.save(out)  # the classifier, for eval.py --task nli
     model_card.write(out, args=args, model=model, loss_fn=loss_fn, datasets=datasets, history=state["history"],
                      metrics=final_metrics, eval_name=evaluator.name if evaluator else None,
                      train_seconds=state["train_seconds"])

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import minilm
+from minilm import pooling
 
 SBERT_CITATION = """@inproceedings{reimers-2019-sentence-bert,
     title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
@@ -54,11 +55,11 @@ def _code(text: str) -> str:
 
 
 def architecture(model) -> str:
-    pooling = {f"pooling_mode_{m}": True for m in model.pooling_modes}
+    pooling_config = pooling.pooling_config(model.pooling_modes, model.encoder.config.hidden_size)
     lines = ["SentenceTransformer(",
              f"  (0): Transformer({{'max_seq_length': {model.max_seq_length}, 'do_lower_case': "
              f"{model.tokenizer.do_lower_case}, 'architecture': 'BertModel'}})",
-             f"  (1): Pooling({{'word_embedding_dimension': {model.encoder.config.hidden_size}, {pooling}}})"]
+             f"  (1): Pooling({pooling_config})"]
     if model.normalize:
         lines.append("  (2): Normalize()")
     return "\n".join(lines + [")"])

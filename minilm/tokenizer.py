@@ -68,6 +68,19 @@ def pack(id_lists: list) -> dict:
     return {"input_ids": input_ids, "cu_seqlens": cu_seqlens, "max_seqlen": int(lengths.max()) if id_lists else 0}
 
 
+def split_packed(batch: dict, size: int) -> list:
+    """A packed batch -> packed batches of at most `size` sentences each, in order."""
+    cu_seqlens = batch["cu_seqlens"]
+    pieces = []
+    for start in range(0, len(cu_seqlens) - 1, size):
+        end = min(start + size, len(cu_seqlens) - 1)
+        first, last = int(cu_seqlens[start]), int(cu_seqlens[end])
+        piece_cu = cu_seqlens[start:end + 1] - cu_seqlens[start]
+        pieces.append({"input_ids": batch["input_ids"][first:last], "cu_seqlens": piece_cu,
+                       "max_seqlen": int((piece_cu[1:] - piece_cu[:-1]).max())})
+    return pieces
+
+
 def _read_json(path: Path, default):
     if not path.is_file():
         return default

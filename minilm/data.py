@@ -1,0 +1,290 @@
+"""Training and evaluation data: file readers, the two local benchmarks, batch samplers, and collation.
+
+Rows are plain dicts keyed by sentence-transformers' column names:
+  anchor, positive[, negative, negative_2, ...]   in-batch-negative losses (MultipleNegativesRankingLoss)
+  sentence1, sentence2, score (float 0..1)         scored pairs (CosineSimilarityLoss, CoSENTLoss)
+  premise, hypothesis, label (int)                 classification (SoftmaxLoss)
+Every reader checks its input as it reads, before any training starts; a problem is a DataError naming the
+file, the line and what is wrong.
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+# Column names in the wild -> the names the losses use (the seed cards' trainer names columns sentence_0, ...).
+ALIASES = {"sentence_0": "sentence1", "sentence_1": "sentence2", "sentence_2": "sentence3",
+           "sentence_A": "sentence1", "sentence_B": "sentence2", "query": "anchor", "answer": "positive"}
+TEXT_COLUMNS = ("anchor", "positive", "sentence1", "sentence2", "premise", "hypothesis")
+NLI_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
+
+
+class DataError(ValueError):
+    """Malformed training or evaluation data; the message names the file, the line and the problem."""
+
+
+class Dataset:
+    """Rows (dicts) read from one file, with their column names in file order."""
+
+    def __init__(self, rows: list, column_names: list, source: str):
+        self.rows, self.column_names, self.source = rows, column_names, source
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _open_text(path: Path):
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: bytes that are not UTF-8 ({error.reason})") from None
+
+
+def _convert(row: dict, path, line: int, num_labels=None, label_names=None) -> dict:
+    """Typed values: scores to float, labels to int (names mapped through label_names), texts kept as str."""
+    converted = {}
+    for column, value in row.items():
+        column = ALIASES.get(column, column)
+        if column == "score":
+            try:
+                converted[column] = float(value)
+            except (TypeError, ValueError):
+                raise DataError(f"{path}:{line}: score {value!r} is not a number") from None
+        elif column == "label":
+            converted[column] = _label(value, path, line, num_labels, label_names)
+        else:
+            if value is None:
+                raise DataError(f"{path}:{line}: column {column!r} is empty")
+            converted[column] = value if isinstance(value, str) else str(value)
+    return converted
+
+
+def _label(value, path, line, num_labels, label_names) -> int:
+    if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+        if label_names is None:
+            raise DataError(f"{path}:{line}: label {value!r} is not an integer")
+        label = label_names.setdefault(value, len(label_names))
+    else:
+        try:
+            label = int(float(value))
+        except (TypeError, ValueError):
+            raise DataError(f"{path}:{line}: label {value!r} is not an integer") from None
+    if label < 0 or (num_labels is not None and label >= num_labels):
+        raise DataError(f"{path}:{line}: label {value!r} is outside 0..{(num_labels or 1) - 1}")
+    return label
+
+
+def read_dataset(path, num_labels=None) -> Dataset:
+    """Read a TSV/CSV file with a header line, or JSONL (one object per line).
+
+    Columns are renamed by ALIASES; `score` becomes a float, `label` an int (string labels are numbered in
+    order of first appearance, NLI names as entailment 0, neutral 1, contradiction 2).
+    """
+    path = Path(path)
+    lines = _open_text(path)
+    if not any(line.strip() for line in lines):
+        raise DataError(f"{path}: the file is empty")
+    label_names = dict(NLI_LABELS)
+    rows = []
+    if path.suffix.lower() in (".jsonl", ".json"):
+        columns = None
+        for number, text in enumerate(lines, 1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            columns = columns or list(record)
+            missing = [c for c in columns if c not in record]
+            if missing:
+                raise DataError(f"{path}:{number}: missing column(s) {missing}")
+            rows.append(_convert(record, path, number, num_labels, label_names))
+    else:
+        delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab", ".txt") else ","
+        reader = csv.reader(lines, delimiter=delimiter,
+                            quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        header = next(reader)
+        columns = [name.strip() for name in header]
+        for number, fields in enumerate(reader, 2):
+            if not fields:
+                continue
+            if len(fields) != len(columns):
+                raise DataError(f"{path}:{number}: {len(fields)} fields, the header has {len(columns)} "
+                                 f"({', '.join(columns)})")
+            rows.append(_convert(dict(zip(columns, fields)), path, number, num_labels, label_names))
+    if not rows:
+        raise DataError(f"{path}: a header but no rows")
+    return Dataset(rows, [ALIASES.get(c, c) for c in columns], str(path))
+
+
+def load_stsb(data_dir, split: str) -> list:
+    """STS benchmark rows {sentence1, sentence2, score in 0..1} from `data_dir/{split}.tsv`.
+
+    The files have no header: genre, file, year, id, score (0..5), sentence1, sentence2; a few rows carry
+    extra trailing fields, which are ignored. Quotes are text, not CSV quoting.
+    """
+    path = Path(data_dir) / f"{split}.tsv"
+    rows = []
+    for number, line in enumerate(_open_text(path), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 7:
+            raise DataError(f"{path}:{number}: {len(fields)} fields, STS-B rows have at least 7")
+        try:
+            score = float(fields[4])
+        except ValueError:
+            raise DataError(f"{path}:{number}: score {fields[4]!r} is not a number") from None
+        if not 0 <= score <= 5:
+            raise DataError(f"{path}:{number}: score {score} is outside 0..5")
+        rows.append({"sentence1": fields[5], "sentence2": fields[6], "score": score / 5})
+    if not rows:
+        raise DataError(f"{path}: the file is empty")
+    return rows
+
+
+SICK_SPLITS = {"train": "TRAIN", "trial": "TRIAL", "dev": "TRIAL", "test": "TEST"}
+
+
+def load_sick(path, split: str) -> list:
+    """SICK rows {premise, hypothesis, label, score} for one SemEval split (train, trial/dev, test).
+
+    label: entailment 0, neutral 1, contradiction 2; score: relatedness 1..5 scaled to 0..1.
+    """
+    path = Path(path)
+    if split not in SICK_SPLITS:
+        raise DataError(f"{path}: SICK has splits {sorted(SICK_SPLITS)}, not {split!r}")
+    lines = _open_text(path)
+    if not lines:
+        raise DataError(f"{path}: the file is empty")
+    header = lines[0].split("\t")
+    needed = ["sentence_A", "sentence_B", "entailment_label", "relatedness_score", "SemEval_set"]
+    missing = [name for name in needed if name not in header]
+    if missing:
+        raise DataError(f"{path}:1: missing column(s) {missing}")
+    index = {name: header.index(name) for name in needed}
+    rows = []
+    for number, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < len(header):
+            raise DataError(f"{path}:{number}: {len(fields)} fields, the header has {len(header)}")
+        if fields[index["SemEval_set"]] != SICK_SPLITS[split]:
+            continue
+        label = fields[index["entailment_label"]].lower()
+        if label not in NLI_LABELS:
+            raise DataError(f"{path}:{number}: entailment label {label!r} is not one of {list(NLI_LABELS)}")
+        try:
+            score = float(fields[index["relatedness_score"]])
+        except ValueError:
+            raise DataError(f"{path}:{number}: relatedness {fields[index['relatedness_score']]!r} "
+                            "is not a number") from None
+        rows.append({"premise": fields[index["sentence_A"]], "hypothesis": fields[index["sentence_B"]],
+                     "label": NLI_LABELS[label], "score": (score - 1) / 4})
+    return rows
+
+
+# --- batches ---------------------------------------------------------------------------------------------------
+
+class RandomBatchSampler:
+    """Shuffled batches of row indices, a new order each epoch from (seed, epoch); the last may be short."""
+
+    def __init__(self, rows: list, batch_size: int, seed: int = 42, drop_last: bool = False):
+        self.rows, self.batch_size, self.seed, self.drop_last = rows, batch_size, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.rows), generator=generator).tolist()
+
+    def __iter__(self):
+        order = self._order()
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            if len(batch) == self.batch_size or not self.drop_last:
+                yield batch
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.rows), self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+
+class NoDuplicatesBatchSampler(RandomBatchSampler):
+    """Like RandomBatchSampler, but no text appears twice in one batch: with in-batch negatives a duplicate
+    would be scored as its own negative. A row that collides waits for a later batch; every row is used
+    once per epoch (the last batches may be short when duplicates are many)."""
+
+    def __init__(self, rows: list, batch_size: int, seed: int = 42, drop_last: bool = False, columns=None):
+        super().__init__(rows, batch_size, seed, drop_last)
+        self.columns = columns
+
+    def _texts(self, row: dict) -> set:
+        columns = self.columns or [c for c in row if isinstance(row[c], str)]
+        return {row[c] for c in columns}
+
+    def __iter__(self):
+        remaining = self._order()
+        while remaining:
+            batch, seen, collided = [], set(), []
+            rest = iter(remaining)
+            for index in rest:
+                texts = self._texts(self.rows[index])
+                if texts & seen:
+                    collided.append(index)
+                    continue
+                batch.append(index)
+                seen |= texts
+                if len(batch) == self.batch_size:
+                    break
+            remaining = collided + list(rest)  # the collided rows go first in the next batch
+            if len(batch) == self.batch_size or not self.drop_last:
+                yield batch
+
+    def __len__(self) -> int:  # an estimate: duplicates can add a few short batches
+        return super().__len__()
+
+
+class RoundRobinBatches:
+    """Batches from several samplers in turn, (dataset index, row indices), until the shortest runs out:
+    sentence-transformers' 'round_robin' multi-dataset sampler."""
+
+    def __init__(self, samplers: list):
+        self.samplers = samplers
+
+    def set_epoch(self, epoch: int) -> None:
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        iterators = [iter(sampler) for sampler in self.samplers]
+        while True:
+            for dataset_index, iterator in enumerate(iterators):
+                batch = next(iterator, None)
+                if batch is None:
+                    return
+                yield dataset_index, batch
+
+    def __len__(self) -> int:
+        return len(self.samplers) * min(len(sampler) for sampler in self.samplers)
+
+
+def collate(rows: list, text_columns: list, label_column, tokenize):
+    """Rows -> (one packed batch per text column, labels tensor or None)."""
+    features = [tokenize([row[column] for row in rows]) for column in text_columns]
+    if label_column is None:
+        return features, None
+    dtype = torch.long if isinstance(rows[0][label_column], int) else torch.float32
+    return features, torch.tensor([row[label_column] for row in rows], dtype=dtype)
+

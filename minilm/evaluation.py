@@ -1,0 +1,279 @@
+"""Evaluators: embed an evaluation set with a model, then score it. Used by train.py and eval.py.
+
+Each evaluator is called as `evaluator(model) -> {metric: value}`; the maths lives in a plain function over
+embeddings (`similarity_metrics`, `binary_metrics`, `retrieval_metrics`) so it can be tested without a model.
+Metric names and definitions follow sentence-transformers' evaluators, so numbers compare one to one.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minilm import data
+
+# eval.py's --task names and train.py's --eval-task names.
+TASKS = ("stsb", "stsb-binary", "sick", "nli", "pairs", "binary", "retrieval")
+
+
+def _embed(model, texts: list, batch_size: int) -> torch.Tensor:
+    """Embed each distinct text once -> [len(texts), dim] float32 on the CPU."""
+    unique = list(dict.fromkeys(texts))
+    embeddings = model.encode(unique, batch_size=batch_size, convert_to="tensor").float().cpu()
+    position = {text: index for index, text in enumerate(unique)}
+    return embeddings[[position[text] for text in texts]]
+
+
+def rank_average_ties(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, tied values sharing the average of their ranks (what Spearman's rho needs)."""
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    ranks = np.empty(len(values), dtype=np.float64)
+    start = 0
+    while start < len(values):
+        end = start
+        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranks[order[start:end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    return pearson(rank_average_ties(x), rank_average_ties(y))
+
+
+def similarity_metrics(embeddings1: torch.Tensor, embeddings2: torch.Tensor, scores) -> dict:
+    """Pearson and Spearman correlation between pairwise cosine similarity and gold scores."""
+    cosine = F.cosine_similarity(embeddings1.double(), embeddings2.double(), dim=-1).numpy()
+    gold = np.asarray(scores, dtype=np.float64)
+    return {"pearson_cosine": pearson(cosine, gold), "spearman_cosine": spearman(cosine, gold)}
+
+
+def _score_groups(scores: np.ndarray, labels: np.ndarray):
+    """Pairs sorted by score, high first; yields (score, next score or None, positives so far, seen so far) at
+    the end of every group of equal scores (a threshold can only fall between groups)."""
+    order = np.argsort(-scores, kind="stable")
+    scores, labels = scores[order], labels[order]
+    positives = 0
+    for i in range(len(scores)):
+        positives += labels[i]
+        is_last = i == len(scores) - 1
+        if not is_last and scores[i + 1] == scores[i]:
+            continue
+        yield scores[i], None if is_last else scores[i + 1], positives, i + 1
+
+
+def _between(score, next_score):
+    """A threshold between two score groups; the midpoint unless rounding puts it on the next group."""
+    if next_score is None:
+        return score
+    middle = (score + next_score) / 2
+    return score if middle == next_score else middle
+
+
+def binary_metrics(embeddings1: torch.Tensor, embeddings2: torch.Tensor, labels) -> dict:
+    """Cosine accuracy/F1/precision/recall at their best thresholds, average precision and MCC.
+
+    A pair is predicted similar when its cosine is >= the threshold; thresholds are searched over the midpoints
+    between consecutive distinct scores.
+    """
+    scores = F.cosine_similarity(embeddings1, embeddings2, dim=-1).numpy()
+    labels = np.asarray(labels, dtype=np.int64)
+    total, total_positives = len(labels), int(labels.sum())
+    # Accuracy: start from "everything dissimilar", the threshold just above the highest score.
+    best_accuracy = (total - total_positives) / total
+    accuracy_threshold = float(np.nextafter(scores.max(), np.inf, dtype=np.result_type(scores.dtype, np.float16)))
+    best_f1 = best_precision = best_recall = 0.0
+    f1_threshold = 0.0
+    average_precision, previous_recall = 0.0, 0.0
+    for score, next_score, positives, seen in _score_groups(scores, labels):
+        accuracy = (positives + (total - seen) - (total_positives - positives)) / total
+        if accuracy > best_accuracy:
+            best_accuracy, accuracy_threshold = accuracy, float(_between(score, next_score))
+        if positives > 0:
+            precision, recall = positives / seen, positives / total_positives
+            f1 = 2 * precision * recall / (precision + recall)
+            if f1 > best_f1:
+                best_f1, best_precision, best_recall = f1, precision, recall
+                f1_threshold = float(_between(score, next_score))
+            average_precision += (recall - previous_recall) * precision
+            previous_recall = recall
+    predicted = scores >= f1_threshold
+    return {"cosine_accuracy": best_accuracy, "cosine_accuracy_threshold": accuracy_threshold,
+            "cosine_f1": best_f1, "cosine_f1_threshold": f1_threshold, "cosine_precision": best_precision,
+            "cosine_recall": best_recall, "cosine_ap": average_precision,
+            "cosine_mcc": matthews(labels.astype(bool), predicted)}
+
+
+def matthews(truth: np.ndarray, predicted: np.ndarray) -> float:
+    tp, tn = float(np.sum(truth & predicted)), float(np.sum(~truth & ~predicted))
+    fp, fn = float(np.sum(~truth & predicted)), float(np.sum(truth & ~predicted))
+    denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return 0.0 if denominator == 0 else (tp * tn - fp * fn) / denominator
+
+
+RETRIEVAL_KS = {"accuracy": (1, 3, 5, 10), "precision": (1, 3, 5, 10), "recall": (1, 3, 5, 10), "mrr": (10,),
+                "ndcg": (10,), "map": (100,)}
+
+
+def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.Tensor, relevant: list,
+                      chunk_size: int = 1024) -> dict:
+    """Rank the corpus for each query by cosine similarity (ties: lower corpus index first).
+
+    relevant: for each query, the set of corpus indices that answer it. Returns accuracy@k, precision@k,
+    recall@k, mrr@10, ndcg@10 and map@100, averaged over queries, keyed like "cosine_ndcg@10".
+    """
+    depth = min(max(max(ks) for ks in RETRIEVAL_KS.values()), corpus_embeddings.shape[0])
+    corpus = F.normalize(corpus_embeddings.float(), dim=-1)
+    totals = {f"cosine_{name}@{k}": 0.0 for name, ks in RETRIEVAL_KS.items() for k in ks}
+    for start in range(0, len(relevant), chunk_size):  # queries in chunks: memory [chunk, corpus]
+        scores = F.normalize(query_embeddings[start:start + chunk_size].float(), dim=-1) @ corpus.T
+        top = torch.sort(-scores, dim=1, stable=True).indices[:, :depth].tolist()
+        for hits, wanted in zip(top, relevant[start:start + chunk_size]):
+            found = [hit in wanted for hit in hits]
+            for k in RETRIEVAL_KS["accuracy"]:
+                totals[f"cosine_accuracy@{k}"] += any(found[:k])
+            for k in RETRIEVAL_KS["precision"]:
+                totals[f"cosine_precision@{k}"] += sum(found[:k]) / k
+                totals[f"cosine_recall@{k}"] += sum(found[:k]) / len(wanted)
+            for k in RETRIEVAL_KS["mrr"]:
+                totals[f"cosine_mrr@{k}"] += next((1 / (rank + 1) for rank, hit in enumerate(found[:k]) if hit), 0)
+            for k in RETRIEVAL_KS["ndcg"]:
+                dcg = sum(1 / np.log2(rank + 2) for rank, hit in enumerate(found[:k]) if hit)
+                ideal = sum(1 / np.log2(rank + 2) for rank in range(min(len(wanted), k)))
+                totals[f"cosine_ndcg@{k}"] += dcg / ideal
+            for k in RETRIEVAL_KS["map"]:
+                correct, precision_sum = 0, 0.0
+                for rank, hit in enumerate(found[:k]):
+                    if hit:
+                        correct += 1
+                        precision_sum += correct / (rank + 1)
+                totals[f"cosine_map@{k}"] += precision_sum / min(k, len(wanted))
+    return {key: value / len(relevant) for key, value in totals.items()}
+
+
+class EmbeddingSimilarityEvaluator:
+    """Pearson/Spearman of cosine similarity against gold similarity scores (STS)."""
+
+    primary_metric = "spearman_cosine"
+
+    def __init__(self, sentences1, sentences2, scores, name="", batch_size=32):
+        self.sentences1, self.sentences2, self.scores = list(sentences1), list(sentences2), list(scores)
+        self.name, self.batch_size = name, batch_size
+
+    @classmethod
+    def from_rows(cls, rows, name=""):
+        return cls([r["sentence1"] for r in rows], [r["sentence2"] for r in rows], [r["score"] for r in rows], name)
+
+    def __call__(self, model) -> dict:
+        embeddings = _embed(model, self.sentences1 + self.sentences2, self.batch_size)
+        return similarity_metrics(embeddings[: len(self.sentences1)], embeddings[len(self.sentences1):], self.scores)
+
+
+class BinaryClassificationEvaluator:
+    """Is a pair similar (label 1) or not (0)? Cosine accuracy, F1, precision, recall, AP at best thresholds."""
+
+    primary_metric = "cosine_ap"
+
+    def __init__(self, sentences1, sentences2, labels, name="", batch_size=32):
+        bad = [label for label in labels if label not in (0, 1)]
+        if bad:
+            raise ValueError(f"binary labels must be 0 or 1, found {bad[0]!r}")
+        self.sentences1, self.sentences2, self.labels = list(sentences1), list(sentences2), list(labels)
+        self.name, self.batch_size = name, batch_size
+
+    def __call__(self, model) -> dict:
+        embeddings = _embed(model, self.sentences1 + self.sentences2, self.batch_size)
+        return binary_metrics(embeddings[: len(self.sentences1)], embeddings[len(self.sentences1):], self.labels)
+
+
+class InformationRetrievalEvaluator:
+    """Each query should find its relevant documents in the corpus: MRR@10, NDCG@10, Recall@k, MAP@100."""
+
+    primary_metric = "cosine_ndcg@10"
+
+    def __init__(self, queries: dict, corpus: dict, relevant_docs: dict, name="", batch_size=32):
+        """queries: id -> text; corpus: id -> text; relevant_docs: query id -> set of corpus ids."""
+        self.query_ids = [qid for qid in queries if relevant_docs.get(qid)]
+        # Corpus sorted by id, so that equal scores rank the lower id first (as sentence-transformers does).
+        self.corpus_ids = sorted(corpus)
+        index = {cid: i for i, cid in enumerate(self.corpus_ids)}
+        self.queries = [queries[qid] for qid in self.query_ids]
+        self.corpus = [corpus[cid] for cid in self.corpus_ids]
+        self.relevant = [{index[cid] for cid in relevant_docs[qid]} for qid in self.query_ids]
+        self.name, self.batch_size = name, batch_size
+
+    @classmethod
+    def from_pairs(cls, anchors, positives, name=""):
+        """Each anchor is a query whose one relevant document is its positive; the corpus is all positives."""
+        corpus_ids = {}
+        for text in positives:
+            corpus_ids.setdefault(text, f"d{len(corpus_ids):07d}")
+        queries = {f"q{i:07d}": text for i, text in enumerate(anchors)}
+        relevant = {f"q{i:07d}": {corpus_ids[text]} for i, text in enumerate(positives)}
+        return cls(queries, {cid: text for text, cid in corpus_ids.items()}, relevant, name)
+
+    def __call__(self, model) -> dict:
+        queries = _embed(model, self.queries, self.batch_size)
+        corpus = _embed(model, self.corpus, self.batch_size)
+        return retrieval_metrics(queries, corpus, self.relevant)
+
+
+class LabelAccuracyEvaluator:
+    """Accuracy of a pair classifier (SoftmaxLoss's Linear over concat(u, v, |u - v|))."""
+
+    primary_metric = "accuracy"
+
+    def __init__(self, sentences1, sentences2, labels, classifier, name="", batch_size=32):
+        self.sentences1, self.sentences2, self.labels = list(sentences1), list(sentences2), list(labels)
+        self.classifier, self.name, self.batch_size = classifier, name, batch_size
+
+    def __call__(self, model) -> dict:
+        from losses.softmax import pair_features
+
+        embeddings = _embed(model, self.sentences1 + self.sentences2, self.batch_size)
+        u, v = embeddings[: len(self.sentences1)], embeddings[len(self.sentences1):]
+        weight = next(self.classifier.parameters())
+        with torch.no_grad():
+            logits = self.classifier(pair_features(u, v).to(weight.device, weight.dtype))
+        predicted = logits.argmax(dim=-1).cpu()
+        return {"accuracy": float((predicted == torch.tensor(self.labels)).float().mean())}
+
+
+def for_task(task: str, location, split: str, classifier=None, binary_threshold: float = 0.6):
+    """The evaluator of one eval.py/train.py task on its data; a problem with the data is a DataError."""
+    if task == "stsb":
+        return EmbeddingSimilarityEvaluator.from_rows(data.load_stsb(location, split), name=f"sts-{split}")
+    if task == "stsb-binary":  # STS-B pairs labelled similar when their score is at least 3 of 5
+        rows = data.load_stsb(location, split)
+        return BinaryClassificationEvaluator([r["sentence1"] for r in rows], [r["sentence2"] for r in rows],
+                                             [int(r["score"] >= binary_threshold) for r in rows],
+                                             name=f"sts-{split}-binary")
+    if task == "sick":
+        rows = data.load_sick(location, split)
+        return EmbeddingSimilarityEvaluator([r["premise"] for r in rows], [r["hypothesis"] for r in rows],
+                                            [r["score"] for r in rows], name=f"sick-{split}")
+    if task == "nli":
+        if classifier is None:
+            raise ValueError("the nli task needs the classifier of a model trained with SoftmaxLoss")
+        rows = data.load_sick(location, split)
+        return LabelAccuracyEvaluator([r["premise"] for r in rows], [r["hypothesis"] for r in rows],
+                                      [r["label"] for r in rows], classifier, name=f"sick-nli-{split}")
+    rows = data.read_dataset(location).rows
+    name = Path(location).stem
+    if task == "pairs":
+        return EmbeddingSimilarityEvaluator.from_rows(rows, name=name)
+    if task == "binary":
+        return BinaryClassificationEvaluator([r["sentence1"] for r in rows], [r["sentence2"] for r in rows],
+                                             [int(r["label"]) for r in rows], name=name)
+    if task == "retrieval":
+        return InformationRetrievalEvaluator.from_pairs([r["anchor"] for r in rows], [r["positive"] for r in rows],
+                                                        name=name)
+    raise ValueError(f"unknown evaluation task {task!r}; expected one of {TASKS}")
