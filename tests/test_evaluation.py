@@ -1,0 +1,140 @@
+"""Evaluator metrics equal sentence-transformers' evaluators on the same embeddings, and scipy's statistics."""
+
+import numpy as np
+import pytest
+import torch
+
+from minilm import evaluation
+
+from conftest import shared_data
+
+
+class FixedEmbeddings:
+    """A model stand-in whose encode returns preset vectors, for minilm's and sentence-transformers' evaluators."""
+
+    similarity_fn_name = "cosine"
+    device = torch.device("cpu")
+
+    def __init__(self, vectors: dict):
+        self.vectors = vectors
+
+    def encode(self, sentences, convert_to="numpy", convert_to_tensor=False, **kwargs):
+        stacked = np.stack([self.vectors[s] for s in sentences]).astype(np.float32)
+        return torch.from_numpy(stacked) if convert_to == "tensor" or convert_to_tensor else stacked
+
+    encode_query = encode_document = encode
+
+    def similarity(self, a, b):
+        from sentence_transformers.util import cos_sim
+
+        return cos_sim(a, b)
+
+    def eval(self):
+        return self
+
+    class model_card_data:  # noqa: N801  (sentence-transformers' evaluators record metrics here)
+        @staticmethod
+        def set_evaluation_metrics(*args, **kwargs):
+            pass
+
+
+def fixed_model(texts, dim=16, duplicates_every=0):
+    rng = np.random.default_rng()
+    vectors = {}
+    for index, text in enumerate(texts):
+        if duplicates_every and index % duplicates_every == 0 and vectors:
+            vectors[text] = next(iter(vectors.values()))  # identical vectors make tied scores
+        else:
+            vectors[text] = rng.standard_normal(dim)
+    return FixedEmbeddings(vectors)
+
+
+def unprefixed(results: dict, name: str) -> dict:
+    return {key.removeprefix(f"{name}_"): value for key, value in results.items()}
+
+
+def test_spearman_and_pearson_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng()
+    x = rng.integers(0, 10, 200).astype(float)  # many ties
+    y = x + rng.standard_normal(200)
+    assert abs(evaluation.spearman(x, y) - stats.spearmanr(x, y).statistic) < 1e-12
+    assert abs(evaluation.pearson(x, y) - stats.pearsonr(x, y).statistic) < 1e-12
+
+
+def test_similarity_evaluator_matches_sentence_transformers():
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
+
+    s1, s2 = [f"a{i}" for i in range(80)], [f"b{i}" for i in range(80)]
+    scores = np.random.default_rng().integers(0, 6, 80) / 5
+    model = fixed_model(s1 + s2)
+    ours = evaluation.EmbeddingSimilarityEvaluator(s1, s2, scores)(model)
+    theirs = unprefixed(EmbeddingSimilarityEvaluator(s1, s2, scores, name="x", write_csv=False)(model), "x")
+    for key in ("pearson_cosine", "spearman_cosine"):
+        assert abs(ours[key] - theirs[key]) < 1e-6, key
+
+
+def test_binary_evaluator_matches_sentence_transformers():
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers.sentence_transformer.evaluation import BinaryClassificationEvaluator
+
+    s1, s2 = [f"a{i}" for i in range(120)], [f"b{i}" for i in range(120)]
+    labels = np.random.default_rng().integers(0, 2, 120).tolist()
+    model = fixed_model(s1 + s2, duplicates_every=7)
+    ours = evaluation.BinaryClassificationEvaluator(s1, s2, labels)(model)
+    theirs = unprefixed(BinaryClassificationEvaluator(s1, s2, labels, name="x", write_csv=False)(model), "x")
+    for key, value in ours.items():
+        assert abs(value - theirs[key]) < 1e-6, (key, value, theirs[key])
+
+
+def test_retrieval_evaluator_matches_sentence_transformers():
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    rng = np.random.default_rng()
+    queries = {f"q{i}": f"query {i}" for i in range(40)}
+    corpus = {f"d{i:03d}": f"doc {i}" for i in range(150)}
+    relevant = {qid: {f"d{j:03d}" for j in rng.choice(150, rng.integers(1, 4), replace=False)} for qid in queries}
+    model = fixed_model(list(queries.values()) + list(corpus.values()), dim=4, duplicates_every=11)
+    ours = evaluation.InformationRetrievalEvaluator(queries, corpus, relevant)(model)
+    theirs = unprefixed(InformationRetrievalEvaluator(queries, corpus, relevant, name="x", write_csv=False)(model), "x")
+    assert {"cosine_mrr@10", "cosine_ndcg@10", "cosine_recall@1", "cosine_recall@5", "cosine_recall@10",
+            "cosine_map@100"} <= ours.keys()
+    for key, value in ours.items():
+        assert abs(value - theirs[key]) < 1e-6, (key, value, theirs[key])
+
+
+def test_label_accuracy_evaluator():
+    s1, s2 = [f"a{i}" for i in range(50)], [f"b{i}" for i in range(50)]
+    model = fixed_model(s1 + s2, dim=4)
+    classifier = torch.nn.Linear(12, 3)
+    u = torch.tensor(np.stack([model.vectors[s] for s in s1]), dtype=torch.float32)
+    v = torch.tensor(np.stack([model.vectors[s] for s in s2]), dtype=torch.float32)
+    predicted = classifier(torch.cat([u, v, (u - v).abs()], dim=1)).argmax(1)
+    labels = [int(p) if i % 3 else (int(p) + 1) % 3 for i, p in enumerate(predicted)]  # 2/3 of them right
+    accuracy = evaluation.LabelAccuracyEvaluator(s1, s2, labels, classifier)(model)["accuracy"]
+    assert accuracy == pytest.approx(sum(1 for i in range(50) if i % 3) / 50)
+
+
+def test_real_model_matches_sentence_transformers_on_stsb_dev(model, model_dir):
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
+
+    rows = evaluation.data.load_stsb(shared_data("stsb"), "dev")[:150]
+    ours = evaluation.EmbeddingSimilarityEvaluator.from_rows(rows)(model)
+    reference = st.SentenceTransformer(str(model_dir), device="cpu")
+    theirs = EmbeddingSimilarityEvaluator([r["sentence1"] for r in rows], [r["sentence2"] for r in rows],
+                                          [r["score"] for r in rows], name="x", write_csv=False)(reference)
+    assert abs(ours["spearman_cosine"] - theirs["x_spearman_cosine"]) < 1e-4
+    assert abs(ours["pearson_cosine"] - theirs["x_pearson_cosine"]) < 1e-5
+
+
+def test_tasks_read_local_benchmarks():
+    stsb, sick = shared_data("stsb"), shared_data("sick", "SICK.tsv")
+    assert len(evaluation.for_task("stsb", stsb, "test").scores) == 1379
+    binary = evaluation.for_task("stsb-binary", stsb, "dev")
+    assert set(binary.labels) == {0, 1}
+    assert len(evaluation.for_task("sick", sick, "trial").scores) == 495
+    with pytest.raises(ValueError, match="classifier"):
+        evaluation.for_task("nli", sick, "test")
