@@ -180,12 +180,16 @@ def main(argv=None) -> int:
         saved_args = json.loads((out / "args.json").read_text())
         args = argparse.Namespace(**{**saved_args, "resume": True, "device": args.device,
                                      "no_progress": args.no_progress})
-    elif out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            sys.exit(f"train.py: {out} exists and is not empty: choose another --out, add --overwrite to replace "
-                     f"it, or --resume to continue its run")
-        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()) and not args.overwrite:
+        sys.exit(f"train.py: {out} exists and is not empty: choose another --out, add --overwrite to replace "
+                 f"it, or --resume to continue its run")
+    try:
+        return train(args, out, checkpoint_dir if args.resume else None)
+    except (data.DataError, FileNotFoundError, ValueError) as error:
+        sys.exit(f"train.py: error: {error}")
 
+
+def train(args, out: Path, checkpoint_dir) -> int:
     set_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = minilm.load(args.model, device=device, max_seq_length=args.max_seq_length)
@@ -242,7 +246,9 @@ def main(argv=None) -> int:
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         print(f"resuming from {checkpoint_dir} at step {state['step']}")
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists():  # --overwrite, and the data has been checked: only now is the old run removed
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     log_file = (out / "log.jsonl").open("a")
 

@@ -10,6 +10,7 @@ file, the line and what is wrong.
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -55,6 +56,8 @@ def _convert(row: dict, path, line: int, num_labels=None, label_names=None) -> d
                 converted[column] = float(value)
             except (TypeError, ValueError):
                 raise DataError(f"{path}:{line}: score {value!r} is not a number") from None
+            if not math.isfinite(converted[column]):
+                raise DataError(f"{path}:{line}: score {value!r} is not a finite number")
         elif column == "label":
             converted[column] = _label(value, path, line, num_labels, label_names)
         else:
