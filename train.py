@@ -9,6 +9,11 @@
 directory (../shared/data/stsb) or SICK.tsv. Several --data give round-robin batches, one dataset per batch.
 A recipe is a JSON file of flag values (recipes/); flags on the command line override it.
 
+Under torchrun (`torchrun --nproc_per_node=N train.py ...`) each process trains on its share of every global
+batch of N x --batch-size rows; gradients are averaged across processes (DDP; nccl on CUDA, gloo on CPU), and
+only rank 0 logs, evaluates, checkpoints and saves. Add --loss-params '{"gather_across_devices": true}' so that
+in-batch-negative losses score each anchor against the positives of the whole global batch.
+
 The run directory gets the model in sentence-transformers' layout, README.md (model card), log.jsonl (every
 logged step and evaluation), loss.png (with matplotlib), and checkpoints/step-N (for --resume).
 """
@@ -26,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import minilm
 from losses import LOSSES, SoftmaxLoss
@@ -102,7 +109,7 @@ def load_training_rows(location: str, split: str) -> list:
 def columns_for_loss(rows: list, loss: str, min_score: float, source: str):
     """Pick the text columns and label column the loss needs; adapt scored pairs for in-batch negatives."""
     columns = set(rows[0]) if rows else set()
-    if loss == "mnrl":
+    if loss in ("mnrl", "cached-mnrl"):
         if {"anchor", "positive"} <= columns:
             negatives = sorted(c for c in columns if c.startswith("negative"))
             return rows, ["anchor", "positive", *negatives], None
@@ -124,32 +131,49 @@ def columns_for_loss(rows: list, loss: str, min_score: float, source: str):
                      f"(see `python train.py --help` for the column names each loss takes)")
 
 
-def make_sampler(rows, columns, loss, batch_size, seed):
-    if loss == "mnrl":  # a text twice in one batch would be its own in-batch negative
-        return data.NoDuplicatesBatchSampler(rows, batch_size, seed=seed, columns=columns)
-    return data.RandomBatchSampler(rows, batch_size, seed=seed)
+def make_sampler(rows, columns, loss, batch_size, seed, drop_last):
+    if loss in ("mnrl", "cached-mnrl"):  # a text twice in one batch would be its own in-batch negative
+        return data.NoDuplicatesBatchSampler(rows, batch_size, seed=seed, drop_last=drop_last, columns=columns)
+    return data.RandomBatchSampler(rows, batch_size, seed=seed, drop_last=drop_last)
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------
 
-def save_checkpoint(out: Path, model, loss_fn, optimizer, scheduler, scaler, state: dict, limit: int) -> Path:
-    """Write checkpoints/step-N atomically (a temporary directory renamed into place) and prune old ones."""
+def save_checkpoint(out: Path, model, loss_fn, optimizer, scheduler, scaler, state: dict, limit: int,
+                    rank: int) -> None:
+    """Write checkpoints/step-N atomically (a temporary directory renamed into place) and prune old ones.
+    Every rank stores its random state there; rank 0 stores the rest (identical on all ranks)."""
     checkpoints = out / "checkpoints"
     final = checkpoints / f"step-{state['step']:07d}"
     partial = checkpoints / f".partial-{state['step']:07d}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    torch.save({
-        "model": model.state_dict(), "loss": own_state(loss_fn), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }, partial / "training_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
-    for old in sorted(checkpoints.glob("step-*"))[:-limit] if limit > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier()
+    torch.save(random_state(), partial / f"rng-rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "loss": own_state(loss_fn), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state},
+                   partial / "training_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        for old in sorted(checkpoints.glob("step-*"))[:-limit] if limit > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def random_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_random_state(saved: dict) -> None:
+    torch.set_rng_state(saved["torch"])
+    random.setstate(saved["python"])
+    np.random.set_state(saved["numpy"])
+    if saved["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
 
 
 def own_state(loss_fn) -> dict:
@@ -160,6 +184,33 @@ def own_state(loss_fn) -> dict:
 def latest_checkpoint(out: Path):
     found = sorted((out / "checkpoints").glob("step-*"))
     return found[-1] if found else None
+
+
+# --- torch.distributed ------------------------------------------------------------------------------------------
+
+def setup_distributed():
+    """Join the process group when torchrun started us (WORLD_SIZE > 1). -> (rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), world
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def global_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over all ranks (itself outside torch.distributed)."""
+    if not dist.is_initialized():
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
 
 
 def set_seed(seed: int) -> None:
@@ -173,6 +224,7 @@ def set_seed(seed: int) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
+    rank, world = setup_distributed()
     if args.resume:
         checkpoint_dir = latest_checkpoint(out)
         if checkpoint_dir is None:
@@ -184,14 +236,20 @@ def main(argv=None) -> int:
         sys.exit(f"train.py: {out} exists and is not empty: choose another --out, add --overwrite to replace "
                  f"it, or --resume to continue its run")
     try:
-        return train(args, out, checkpoint_dir if args.resume else None)
+        return train(args, out, checkpoint_dir if args.resume else None, rank, world)
     except (data.DataError, FileNotFoundError, ValueError) as error:
         sys.exit(f"train.py: error: {error}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def train(args, out: Path, checkpoint_dir) -> int:
+def train(args, out: Path, checkpoint_dir, rank: int, world: int) -> int:
     set_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    main_process = rank == 0
     model = minilm.load(args.model, device=device, max_seq_length=args.max_seq_length)
     if args.normalize != "keep":
         model.normalize = args.normalize == "yes"
@@ -205,12 +263,17 @@ def train(args, out: Path, checkpoint_dir) -> int:
         rows, text_columns, label_column = columns_for_loss(rows, args.loss, args.min_score, location)
         datasets.append((location, rows, text_columns, label_column))
     loss_fn = LOSSES[args.loss](model, **args.loss_params).to(device)
+    if world > 1:
+        # The loss calls the wrapped model, so DDP averages the gradients of every backward pass.
+        loss_fn.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     evaluator = None
     if args.eval_task:
         classifier = loss_fn.classifier if isinstance(loss_fn, SoftmaxLoss) else None
         evaluator = evaluation.for_task(args.eval_task, args.eval_data or args.data[0], args.eval_split, classifier)
 
-    samplers = [make_sampler(rows, cols, args.loss, args.batch_size, args.seed) for _, rows, cols, _ in datasets]
+    # Samplers draw global batches (world x batch size; only full ones under torchrun), each rank takes its slice.
+    samplers = [make_sampler(rows, cols, args.loss, args.batch_size * world, args.seed, drop_last=world > 1)
+                for _, rows, cols, _ in datasets]
     batches = data.RoundRobinBatches(samplers) if len(samplers) > 1 else samplers[0]
     steps_per_epoch = max(1, len(batches) // args.grad_accum)
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
@@ -233,29 +296,28 @@ def train(args, out: Path, checkpoint_dir) -> int:
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "train_seconds": 0.0}
     if args.resume:
         saved = torch.load(checkpoint_dir / "training_state.pt", map_location=device, weights_only=False)
+        restore_random_state(torch.load(checkpoint_dir / f"rng-rank{rank}.pt", weights_only=False))
         model.load_state_dict(saved["model"])
         loss_fn.load_state_dict({**loss_fn.state_dict(), **saved["loss"]})
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
         state = saved["state"]
-        torch.set_rng_state(saved["rng"]["torch"])
-        random.setstate(saved["rng"]["python"])
-        np.random.set_state(saved["rng"]["numpy"])
-        if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-        print(f"resuming from {checkpoint_dir} at step {state['step']}")
-    else:
+        if main_process:
+            print(f"resuming from {checkpoint_dir} at step {state['step']}")
+    elif main_process:
         if out.exists():  # --overwrite, and the data has been checked: only now is the old run removed
             shutil.rmtree(out)
         out.mkdir(parents=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-    log_file = (out / "log.jsonl").open("a")
+    barrier()
+    log_file = (out / "log.jsonl").open("a") if main_process else None
 
     def log(entry: dict) -> None:
         state["history"].append(entry)
-        log_file.write(json.dumps(entry) + "\n")
-        log_file.flush()
+        if log_file:
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
 
     def run_evaluation() -> dict:
         metrics = evaluator(model)
@@ -264,10 +326,11 @@ def train(args, out: Path, checkpoint_dir) -> int:
              **{f"eval_{key}": value for key, value in metrics.items()}})
         return metrics
 
-    print(f"training {args.loss} on {sum(len(d[1]) for d in datasets)} rows: {total_steps} steps of "
-          f"{args.batch_size} x {args.grad_accum}, {precision}, device {device}")
+    if main_process:
+        print(f"training {args.loss} on {sum(len(d[1]) for d in datasets)} rows: {total_steps} steps of "
+              f"{args.batch_size} x {args.grad_accum} x {world} process(es), {precision}, device {device}")
     progress = None
-    if not args.no_progress:
+    if main_process and not args.no_progress:
         from tqdm import tqdm
 
         progress = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
@@ -282,23 +345,29 @@ def train(args, out: Path, checkpoint_dir) -> int:
                 continue  # resumed mid-epoch: these batches were trained on already
             dataset_index, batch_indices = batch_indices if isinstance(batches, data.RoundRobinBatches) \
                 else (0, batch_indices)
+            batch_indices = batch_indices[rank * args.batch_size:(rank + 1) * args.batch_size]  # this rank's share
             _, rows, text_columns, label_column = datasets[dataset_index]
             features, labels = data.collate([rows[i] for i in batch_indices], text_columns, label_column,
                                             model.tokenize)
             features = [minilm.batch_to(f, device) for f in features]
             labels = labels.to(device) if labels is not None else None
-            with autocast:
-                loss = loss_fn(features, labels)
-            if not torch.isfinite(loss):
+            state["batch_in_epoch"] = index + 1
+            accumulating = state["batch_in_epoch"] % args.grad_accum != 0
+            # Between optimizer steps, DDP need not average gradients: the last micro-batch does it for all.
+            no_sync = loss_fn.model.no_sync() if world > 1 and accumulating else contextlib.nullcontext()
+            with no_sync:
+                with autocast:
+                    loss = loss_fn(features, labels)
+                scaler.scale(loss / args.grad_accum).backward()
+            loss_value = global_mean(loss.detach()).item()
+            if not math.isfinite(loss_value):
                 last = latest_checkpoint(out)
-                sys.exit(f"train.py: the loss became {loss.item()} at step {state['step']} (epoch {state['epoch']}); "
+                sys.exit(f"train.py: the loss became {loss_value} at step {state['step']} (epoch {state['epoch']}); "
                          f"stopping. The last good checkpoint is {last or 'none (none was written yet)'}. Try a lower "
                          f"--lr, --precision fp32, or check the data.")
-            scaler.scale(loss / args.grad_accum).backward()
-            running_loss += loss.item()
+            running_loss += loss_value
             running_count += 1
-            state["batch_in_epoch"] = index + 1
-            if state["batch_in_epoch"] % args.grad_accum:
+            if accumulating:
                 continue
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.max_grad_norm)
@@ -310,17 +379,18 @@ def train(args, out: Path, checkpoint_dir) -> int:
             step = state["step"]
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if step % args.log_steps == 0 or step == total_steps:
                 log({"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": running_loss / running_count,
                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                      "seconds": round(time.perf_counter() - started, 2)})
                 running_loss, running_count = 0.0, 0
-            if evaluator and args.eval_steps and step % args.eval_steps == 0 and step < total_steps:
+            if main_process and evaluator and args.eval_steps and step % args.eval_steps == 0 and step < total_steps:
                 run_evaluation()
             if args.save_steps and step % args.save_steps == 0 and step < total_steps:
                 state["train_seconds"] = time.perf_counter() - started
-                save_checkpoint(out, model, loss_fn, optimizer, scheduler, scaler, state, args.save_total_limit)
+                save_checkpoint(out, model, loss_fn, optimizer, scheduler, scaler, state, args.save_total_limit,
+                                rank)
             if step >= total_steps:
                 finished = True
                 break
@@ -330,6 +400,8 @@ def train(args, out: Path, checkpoint_dir) -> int:
     if progress is not None:
         progress.close()
     state["train_seconds"] = time.perf_counter() - started
+    if not main_process:
+        return 0
 
     final_metrics = run_evaluation() if evaluator else {}
     model.save(out)

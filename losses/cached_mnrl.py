@@ -48,7 +48,7 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         self.mini_batch_size = mini_batch_size
 
     def forward(self, features: list, labels=None) -> torch.Tensor:
-        device = self.model.device
+        device = features[0]["input_ids"].device
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         pieces = [split_packed(batch, self.mini_batch_size) for batch in features]
         states = [[] for _ in features]
@@ -69,7 +69,7 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         return result
 
     def _replay(self, pieces, states, cache, grad_output, autocast) -> None:
-        device = self.model.device
+        device = pieces[0][0]["input_ids"].device
         enabled, dtype = autocast
         rng_now = RandomState(device)
         with torch.enable_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled):

@@ -46,6 +46,9 @@ class SentenceEncoder(nn.Module):
         self.pooling_modes = tuple(pooling_modes)
         self.normalize = normalize
         self.source_dir = Path(source_dir) if source_dir else None
+        if encoder.pooler is not None:
+            # Kept only to be saved again; sentence embeddings never use it, so it takes no gradient.
+            encoder.pooler.requires_grad_(False)
 
     # --- properties ------------------------------------------------------------------------------------------
     @property

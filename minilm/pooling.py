@@ -105,10 +105,21 @@ def pooling_config(modes, dim) -> dict:
             "include_prompt": True}
 
 
-def pool(tokens, cu_seqlens, modes=("mean",), normalize=False):
+def pool(tokens, cu_seqlens, modes=("mean",), normalize=False, fused=None):
     """Pool each sentence with every mode in `modes` (concatenated in that order), then L2-normalize if asked.
 
     tokens: [total_tokens, dim]; cu_seqlens: [batch + 1]. -> [batch, len(modes) * dim].
+    fused: use the Triton kernel that does mean pooling and normalization in one pass (mean mode only).
+    None picks it on CUDA when Triton is installed; the plain code below is its reference.
     """
+    if tuple(modes) == ("mean",):
+        if fused is None:
+            from minilm import kernels
+
+            fused = tokens.is_cuda and kernels.available()
+        if fused:
+            from minilm import kernels
+
+            return kernels.fused_mean_pool(tokens, cu_seqlens, normalize)
     pooled = torch.cat([POOLERS[mode](tokens, cu_seqlens) for mode in modes], dim=-1)
     return F.normalize(pooled, p=2, dim=-1) if normalize else pooled

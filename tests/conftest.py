@@ -1,9 +1,14 @@
 """Shared test fixtures: the real all-MiniLM-L6-v2 weights and the local benchmark data."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter; it must be on before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -1,0 +1,217 @@
+"""Flash attention over the packed layout in Triton: forward and backward, no padding anywhere.
+
+q, k, v, out: [total_tokens, heads, head_dim]; cu_seqlens: int32 [batch + 1]. One program handles one block of
+queries of one sentence and one head, streaming that sentence's keys in blocks with an online softmax
+(FlashAttention, Dao et al. 2022), so the [L, L] score matrix is never stored. The forward pass keeps the
+log-sum-exp of every row; the backward pass recomputes the probabilities from it.
+
+FLOPs for sentences of lengths L_i, H heads, head dim D:
+  forward  4 * sum(L_i^2) * H * D           (q k^T and p v, 2 FLOPs per multiply-add)
+  backward 2.5 x forward                     (recompute q k^T, then dv, dp, dq, dk)
+
+Exponentials run in base 2: scores are scaled by log2(e) / sqrt(D) once, so exp2 replaces exp.
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def _forward(Q, K, V, Out, LSE, cu_seqlens, scale_log2, stride_t, stride_h,
+             HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    block_m, sequence_head = tl.program_id(0), tl.program_id(1)
+    sequence, head = sequence_head // HEADS, sequence_head % HEADS
+    start = tl.load(cu_seqlens + sequence)
+    length = tl.load(cu_seqlens + sequence + 1) - start
+    if block_m * BLOCK_M >= length:
+        return
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = rows < length
+    offsets = (start + rows)[:, None] * stride_t + head * stride_h + dims[None, :]
+    q = tl.load(Q + offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)  # [BLOCK_M, D]
+
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for block_start in range(0, length, BLOCK_N):
+        cols = block_start + tl.arange(0, BLOCK_N)
+        col_ok = cols < length
+        kv_offsets = (start + cols)[:, None] * stride_t + head * stride_h + dims[None, :]
+        k = tl.load(K + kv_offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)  # [BLOCK_N, D]
+        v = tl.load(V + kv_offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        scores = tl.where(col_ok[None, :], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        probs = tl.exp2(scores - new_max[:, None])
+        correction = tl.exp2(row_max - new_max)  # rescales what was summed under the old maximum
+        row_sum = row_sum * correction + tl.sum(probs, 1)
+        acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+    out = acc / row_sum[:, None]
+    tl.store(Out + offsets, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + (start + rows) * HEADS + head, row_max + tl.log2(row_sum), mask=row_ok)
+
+
+@triton.jit
+def _backward_preprocess(Out, dOut, Delta, total, stride_t, stride_h,
+                         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """delta = rowsum(dO * O) for every token and head: the softmax backward's correction term."""
+    tokens = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    head = tl.program_id(1)
+    dims = tl.arange(0, HEAD_DIM)
+    ok = tokens < total
+    offsets = tokens[:, None] * stride_t + head * stride_h + dims[None, :]
+    out = tl.load(Out + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
+    d_out = tl.load(dOut + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(Delta + tokens * HEADS + head, tl.sum(out * d_out, 1), mask=ok)
+
+
+@triton.jit
+def _backward_dk_dv(Q, K, V, dOut, LSE, Delta, dK, dV, cu_seqlens, scale_log2, scale, stride_t, stride_h,
+                    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """One block of keys: loop over the sentence's query blocks, accumulating dK and dV."""
+    block_n, sequence_head = tl.program_id(0), tl.program_id(1)
+    sequence, head = sequence_head // HEADS, sequence_head % HEADS
+    start = tl.load(cu_seqlens + sequence)
+    length = tl.load(cu_seqlens + sequence + 1) - start
+    if block_n * BLOCK_N >= length:
+        return
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    col_ok = cols < length
+    kv_offsets = (start + cols)[:, None] * stride_t + head * stride_h + dims[None, :]
+    k = tl.load(K + kv_offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
+    v = tl.load(V + kv_offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for block_start in range(0, length, BLOCK_M):
+        rows = block_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < length
+        q_offsets = (start + rows)[:, None] * stride_t + head * stride_h + dims[None, :]
+        q = tl.load(Q + q_offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
+        d_out = tl.load(dOut + q_offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
+        lse = tl.load(LSE + (start + rows) * HEADS + head, mask=row_ok, other=0.0)
+        delta = tl.load(Delta + (start + rows) * HEADS + head, mask=row_ok, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        probs = tl.exp2(scores - lse[:, None])
+        probs = tl.where(row_ok[:, None] & col_ok[None, :], probs, 0.0)
+        dv += tl.dot(tl.trans(probs.to(d_out.dtype)), d_out, input_precision=PRECISION)
+        d_probs = tl.dot(d_out, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        d_scores = probs * (d_probs - delta[:, None])
+        dk += tl.dot(tl.trans(d_scores.to(q.dtype)), q, input_precision=PRECISION)
+    tl.store(dK + kv_offsets, (dk * scale).to(dK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(dV + kv_offsets, dv.to(dV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _backward_dq(Q, K, V, dOut, LSE, Delta, dQ, cu_seqlens, scale_log2, scale, stride_t, stride_h,
+                 HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """One block of queries: loop over the sentence's key blocks, accumulating dQ."""
+    block_m, sequence_head = tl.program_id(0), tl.program_id(1)
+    sequence, head = sequence_head // HEADS, sequence_head % HEADS
+    start = tl.load(cu_seqlens + sequence)
+    length = tl.load(cu_seqlens + sequence + 1) - start
+    if block_m * BLOCK_M >= length:
+        return
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = rows < length
+    q_offsets = (start + rows)[:, None] * stride_t + head * stride_h + dims[None, :]
+    q = tl.load(Q + q_offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
+    d_out = tl.load(dOut + q_offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
+    lse = tl.load(LSE + (start + rows) * HEADS + head, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + (start + rows) * HEADS + head, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for block_start in range(0, length, BLOCK_N):
+        cols = block_start + tl.arange(0, BLOCK_N)
+        col_ok = cols < length
+        kv_offsets = (start + cols)[:, None] * stride_t + head * stride_h + dims[None, :]
+        k = tl.load(K + kv_offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
+        v = tl.load(V + kv_offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        probs = tl.exp2(scores - lse[:, None])
+        probs = tl.where(row_ok[:, None] & col_ok[None, :], probs, 0.0)
+        d_probs = tl.dot(d_out, tl.trans(v), input_precision=PRECISION)
+        d_scores = probs * (d_probs - delta[:, None])
+        dq += tl.dot(d_scores.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(dQ + q_offsets, (dq * scale).to(dQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+BLOCK = 32  # queries and keys per tile: MiniLM's sentences are short, and the interpreter likes few programs
+
+
+DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _launch_settings(q):
+    # fp32 inputs keep full fp32 products (no TF32), so the fp32 path matches the reference to rounding.
+    # Triton's interpreter (3.9) computes tl.dot of bfloat16 operands wrongly, so there they are widened first.
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return {"PRECISION": "ieee" if q.dtype == torch.float32 else "tf32", "BLOCK_M": BLOCK, "BLOCK_N": BLOCK,
+            "DOT_DTYPE": tl.float32 if interpreted else DOT_DTYPES[q.dtype]}
+
+
+class FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen):
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        total, heads, head_dim = q.shape
+        if head_dim not in (16, 32, 64, 128):
+            raise ValueError(f"flash_attention supports head dims 16, 32, 64 and 128, not {head_dim}")
+        out = torch.empty_like(q)
+        lse = torch.empty(total, heads, device=q.device, dtype=torch.float32)  # log2-sum-exp2 of each row
+        scale = 1 / math.sqrt(head_dim)
+        grid = (triton.cdiv(max_seqlen, BLOCK), (len(cu_seqlens) - 1) * heads)  # (query blocks, sentences x heads)
+        _forward[grid](q, k, v, out, lse, cu_seqlens, scale * LOG2_E, q.stride(0), q.stride(1),
+                       HEADS=heads, HEAD_DIM=head_dim, **_launch_settings(q))
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.max_seqlen = max_seqlen
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        d_out = d_out.contiguous()
+        total, heads, head_dim = q.shape
+        scale = 1 / math.sqrt(head_dim)
+        delta = torch.empty(total, heads, device=q.device, dtype=torch.float32)
+        _backward_preprocess[(triton.cdiv(total, 64), heads)](out, d_out, delta, total, q.stride(0), q.stride(1),
+                                                              HEADS=heads, HEAD_DIM=head_dim, BLOCK=64)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        grid = (triton.cdiv(ctx.max_seqlen, BLOCK), (len(cu_seqlens) - 1) * heads)
+        common = dict(HEADS=heads, HEAD_DIM=head_dim, **_launch_settings(q))
+        _backward_dk_dv[grid](q, k, v, d_out, lse, delta, dk, dv, cu_seqlens, scale * LOG2_E, scale,
+                              q.stride(0), q.stride(1), **common)
+        _backward_dq[grid](q, k, v, d_out, lse, delta, dq, cu_seqlens, scale * LOG2_E, scale,
+                           q.stride(0), q.stride(1), **common)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q, k, v, cu_seqlens, max_seqlen):
+    """Softmax attention within each sentence of a packed batch, fused (see the module docstring).
+
+    q, k, v: [total_tokens, heads, head_dim] float32/bfloat16/float16 on the same device; cu_seqlens: int32
+    [batch + 1]. Returns [total_tokens, heads, head_dim] in q's dtype; differentiable in q, k and v.
+    """
+    return FlashAttention.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen))
+
+
+def attention_reference(q, k, v, cu_seqlens):
+    """The plain computation the kernel must equal: one sentence at a time, explicit softmax in float32."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (x[start:end].transpose(0, 1).float() for x in (q, k, v))  # [heads, L, D]
+        probs = torch.softmax(qs @ ks.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        out[start:end] = (probs @ vs).transpose(0, 1).to(q.dtype)
+    return out
