@@ -1,10 +1,11 @@
 """Encode speed: minilm vs sentence-transformers on the 2,758 STS-B test sentences, same process, same threads.
 
-    python benchmarks/bench_encode.py                    # fp32, batch 32, 2 threads
-    python benchmarks/bench_encode.py --precision bf16   # minilm in bf16 autocast (CPUs with AVX-512 bf16)
+    python benchmarks/bench_encode.py                      # minilm fp32 and bf16 vs the reference: batch 32, 2 threads
+    python benchmarks/bench_encode.py --precisions fp32    # minilm fp32 only
 
-Prints sentences/s of each, their ratio, the largest difference between their embeddings, and the roofline:
-useful FLOPs (real tokens only) / time / the matmul GFLOP/s measured here, in the same run.
+Prints sentences/s of each path, their ratio to sentence-transformers (fp32) timed in the same run, the roofline
+(useful FLOPs of the real tokens / time / the GEMM GFLOP/s this machine reaches in that precision, measured in
+the same run), STS-B test Spearman from each path's embeddings, and the largest difference from the reference's.
 """
 
 import argparse
@@ -22,13 +23,14 @@ sys.path.insert(0, str(REPO))
 import minilm  # noqa: E402
 from minilm.data import load_stsb  # noqa: E402
 from minilm.encoder import flops_per_token  # noqa: E402
+from minilm.evaluation import similarity_metrics  # noqa: E402
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def measure_matmul_gflops(repeats: int = 20) -> float:
-    """What this machine's fp32 GEMM reaches at the shapes the encoder runs ([tokens, 384] x [384, 1536])."""
-    a, b = torch.randn(4096, 384), torch.randn(384, 1536)
+def measure_matmul_gflops(dtype, repeats: int = 20) -> float:
+    """What this machine's GEMM reaches at the shapes the encoder runs ([tokens, 384] x [384, 1536])."""
+    a, b = torch.randn(4096, 384, dtype=dtype), torch.randn(384, 1536, dtype=dtype)
     for _ in range(3):
         a @ b
     times = []
@@ -56,44 +58,49 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for both (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each; the median is reported")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="minilm's precision")
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32", "bf16"],
+                        help="minilm's precisions to time (default: fp32 bf16)")
     parser.add_argument("--no-reference", action="store_true", help="skip sentence-transformers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     rows = load_stsb(args.data, "test")
     sentences = [row["sentence1"] for row in rows] + [row["sentence2"] for row in rows]
+    scores = [row["score"] for row in rows]
     model = minilm.load(MODEL, device="cpu")
     lengths = [len(ids) for ids in model.tokenizer.encode_ids(sentences)]
     useful_flops = sum(length * flops_per_token(model.encoder.config, length) for length in lengths)
-    peak = measure_matmul_gflops()
+    peaks = {"fp32": measure_matmul_gflops(torch.float32), "bf16": measure_matmul_gflops(torch.bfloat16),
+             "fp16": measure_matmul_gflops(torch.float16)}
     print(f"{len(sentences)} sentences, {sum(lengths)} tokens, {useful_flops / 1e9:.1f} GFLOP of useful work; "
-          f"{args.threads} threads; matmul peak measured here {peak:.0f} GFLOP/s; torch {torch.__version__}")
+          f"batch {args.batch_size}; {args.threads} threads; matmul peak measured here: "
+          + ", ".join(f"{name} {peaks[name]:.0f} GFLOP/s" for name in ("fp32", "bf16")) + f"; torch {torch.__version__}")
 
-    encode_kwargs = {"batch_size": args.batch_size}
-    if args.precision != "fp32":
-        encode_kwargs["precision"] = args.precision
-    seconds, ours = timed(lambda: model.encode(sentences, **encode_kwargs), args.repeats)
-    results = [("minilm " + args.precision, seconds)]
-
-    reference_embeddings = None
+    results = []  # (name, precision, seconds, embeddings)
+    for precision in args.precisions:
+        seconds, embeddings = timed(lambda: model.encode(sentences, batch_size=args.batch_size, precision=precision),
+                                    args.repeats)
+        results.append((f"minilm {precision}", precision, seconds, embeddings))
     if not args.no_reference:
         from sentence_transformers import SentenceTransformer
 
         reference = SentenceTransformer(str(model.source_dir), device="cpu")
-        seconds, reference_embeddings = timed(
+        seconds, embeddings = timed(
             lambda: reference.encode(sentences, batch_size=args.batch_size, convert_to_numpy=True), args.repeats)
-        results.append(("sentence-transformers fp32", seconds))
+        results.append(("sentence-transformers", "fp32", seconds, embeddings))
 
-    print(f"\n| path | sentences/s | x reference | % of matmul peak |")
-    print(f"|---|---|---|---|")
-    reference_rate = len(sentences) / results[-1][1] if reference_embeddings is not None else None
-    for name, seconds in results:
+    reference_rate = len(sentences) / results[-1][2] if not args.no_reference else None
+    print("\n| path | sentences/s | x sentence-transformers fp32 | % of matmul peak (same precision) | "
+          "STS-B test Spearman | max abs diff vs sentence-transformers |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, precision, seconds, embeddings in results:
         rate = len(sentences) / seconds
         ratio = f"{rate / reference_rate:.2f}" if reference_rate else "-"
-        print(f"| {name} | {rate:.0f} | {ratio} | {100 * useful_flops / seconds / 1e9 / peak:.0f}% |")
-    if reference_embeddings is not None:
-        print(f"\nmax |minilm - sentence-transformers| = {np.abs(ours - reference_embeddings).max():.2e}")
+        half = len(rows)
+        metrics = similarity_metrics(torch.as_tensor(embeddings[:half]), torch.as_tensor(embeddings[half:]), scores)
+        difference = f"{np.abs(embeddings - results[-1][3]).max():.1e}" if reference_rate else "-"
+        print(f"| {name} | {rate:.0f} | {ratio} | {100 * useful_flops / seconds / 1e9 / peaks[precision]:.0f}% | "
+              f"{metrics['spearman_cosine']:.4f} | {difference} |")
 
 
 if __name__ == "__main__":

@@ -90,17 +90,29 @@ def math_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
 
 
 def sdpa_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
-    """torch's fused attention; it wants a rectangle, so pad around this call only."""
-    if len(cu_seqlens) == 2:
-        # One sentence: no padding at all, and SDPA may take its fastest, mask-free path.
-        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, len, dim]
+    """torch's fused attention; it wants a rectangle, so pad around this call only.
+
+    Padding here is token-major ([batch * max_seqlen, heads, dim], one row per slot) so that it is a single
+    index_copy per tensor and unpadding a single index_select; SDPA reads the heads-first view it needs through
+    strides, without a copy. Tokens of a sentence are consecutive in both layouts.
+    """
+    total, heads, head_dim = q.shape
+    batch = len(cu_seqlens) - 1
+    if total == batch * max_seqlen:
+        # All sentences equally long (one sentence, or a length-sorted batch): the packed tensor already is the
+        # rectangle. No padding, no mask, and SDPA may take its fastest path.
+        q, k, v = (x.view(batch, max_seqlen, heads, head_dim).transpose(1, 2) for x in (q, k, v))  # [B, H, L, D]
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        return out.squeeze(0).transpose(0, 1)
-    coordinates, batch = token_coordinates(cu_seqlens), len(cu_seqlens) - 1
-    q, k, v = (pad_heads(x, coordinates, batch, max_seqlen) for x in (q, k, v))  # [batch, heads, L, dim]
+        return out.transpose(1, 2).reshape(total, heads, head_dim)
+    sentence, position = token_coordinates(cu_seqlens)
+    slots = sentence * max_seqlen + position  # each token's row in the padded layout
+    padded = q.new_zeros(3, batch * max_seqlen, heads, head_dim)  # zeros: padded keys and values stay finite
+    for index, x in enumerate((q, k, v)):
+        padded[index].index_copy_(0, slots, x)
+    q, k, v = (x.view(batch, max_seqlen, heads, head_dim).transpose(1, 2) for x in padded)  # [B, H, L, D]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask(cu_seqlens, max_seqlen),
                                          dropout_p=dropout_p)
-    return unpad_heads(out, coordinates)
+    return out.transpose(1, 2).reshape(batch * max_seqlen, heads, head_dim).index_select(0, slots)
 
 
 def triton_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):

@@ -111,13 +111,33 @@ class Layer(nn.Module):
         self.ffn_out = nn.Linear(config.intermediate_size, config.hidden_size)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.activation = ACTIVATIONS[config.hidden_act]
+        self.hidden_act = config.hidden_act
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.packed = None  # oneDNN copies of the four Linears (minilm/packed.py), on inference copies only
 
     def forward(self, hidden, cu_seqlens, max_seqlen, backend):
+        if self.packed is not None and not self.training and not torch.is_grad_enabled():
+            return self.forward_packed(hidden, cu_seqlens, max_seqlen, backend)
         attended = self.attention(hidden, cu_seqlens, max_seqlen, backend)
         hidden = self.attention_norm(hidden + self.dropout(attended))
         transformed = self.ffn_out(self.activation(self.ffn_in(hidden)))  # [total, intermediate] -> [total, hidden]
         return self.ffn_norm(hidden + self.dropout(transformed))
+
+    def forward_packed(self, hidden, cu_seqlens, max_seqlen, backend):
+        """`forward` for inference with the packed Linears; GELU runs inside the first FFN matmul."""
+        qkv, out, ffn_in, ffn_out = self.packed
+        total, heads, head_dim = hidden.shape[0], self.attention.heads, self.attention.head_dim
+        q, k, v = qkv(hidden).view(total, 3, heads, head_dim).unbind(1)  # 3 x [total, heads, dim]
+        context = attention(q, k, v, cu_seqlens, max_seqlen, backend=backend)
+        hidden = self.attention_norm(hidden + out(context.reshape(total, heads * head_dim)))
+        return self.ffn_norm(hidden + ffn_out(ffn_in(hidden, self.hidden_act)))
+
+    def pack(self) -> None:
+        """Pack the Linears for `forward_packed` (copies: repack after the weights change)."""
+        from minilm.packed import PackedLinear
+
+        self.packed = tuple(PackedLinear(linear) for linear in
+                            (self.attention.qkv, self.attention.out, self.ffn_in, self.ffn_out))
 
 
 class BertEncoder(nn.Module):

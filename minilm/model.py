@@ -46,6 +46,8 @@ class SentenceEncoder(nn.Module):
         self.pooling_modes = tuple(pooling_modes)
         self.normalize = normalize
         self.source_dir = Path(source_dir) if source_dir else None
+        # encode on the CPU through oneDNN with packed weights (minilm/packed.py); False: plain nn.Linear.
+        self.packed_cpu_inference = True
         if encoder.pooler is not None:
             # Kept only to be saved again; sentence embeddings never use it, so it takes no gradient.
             encoder.pooler.requires_grad_(False)
@@ -83,11 +85,45 @@ class SentenceEncoder(nn.Module):
         """Texts -> packed batch on the CPU: input_ids [total_tokens], cu_seqlens [batch + 1], max_seqlen."""
         return self.tokenizer(_check_texts(texts))
 
-    def forward(self, batch: dict, normalize=None) -> torch.Tensor:
-        """Packed batch (on the model's device) -> sentence embeddings [batch, embedding_dim]."""
-        tokens = self.encoder(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"])  # [total, hidden]
+    def forward(self, batch: dict, normalize=None, encoder=None) -> torch.Tensor:
+        """Packed batch (on the model's device) -> sentence embeddings [batch, embedding_dim].
+
+        encoder: another copy of the encoder to run (encode's low-precision copy); pooling is always float32."""
+        encoder = self.encoder if encoder is None else encoder
+        tokens = encoder(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"])  # [total, hidden]
         normalize = self.normalize if normalize is None else normalize
+        tokens = tokens.float()  # a no-op unless encode's copy ran in bf16/fp16
         return pooling.pool(tokens, batch["cu_seqlens"], self.pooling_modes, normalize)
+
+    def _encoder_in(self, dtype):
+        """The encoder to run `encode` with: weights in `dtype` (None: float32), packed for oneDNN on the CPU.
+
+        A private inference copy, made when it pays: to cast the weights once (autocast would cast every
+        activation, and under inference_mode every weight, at every call) and to pack them for oneDNN
+        (minilm/packed.py). The copy is kept while the weights stay the same and rebuilt when any parameter is
+        replaced or changed in place (an optimizer step bumps a tensor's version). Without either reason, or
+        with `packed_cpu_inference = False`, encode runs the encoder itself."""
+        from minilm import packed
+
+        pack = self.packed_cpu_inference and packed.available(self.device, dtype or torch.float32)
+        if dtype is None and not pack:
+            return self.encoder
+        key = (dtype, pack, self.encoder.attention_backend,
+               tuple((p.data_ptr(), p._version) for p in self.encoder.parameters()))
+        cached = getattr(self, "_inference_copy", None)
+        if cached is None or cached[0] != key:
+            self._inference_copy = None  # free the old copy before making the new one
+            copy = BertEncoder(self.encoder.config, with_pooler=False).to(self.device, dtype or torch.float32)
+            weights = {name: value for name, value in self.encoder.state_dict().items()
+                       if not name.startswith("pooler.")}
+            copy.load_state_dict(weights)  # load_state_dict casts to the copy's dtype
+            copy.attention_backend = self.encoder.attention_backend
+            copy.eval()
+            if pack:
+                for layer in copy.layers:
+                    layer.pack()
+            self._inference_copy = (key, copy)
+        return self._inference_copy[1]
 
     @torch.inference_mode()
     def encode(self, sentences, batch_size=32, normalize=None, convert_to="numpy", show_progress=False,
@@ -118,13 +154,11 @@ class SentenceEncoder(nn.Module):
             from tqdm import tqdm
 
             starts = tqdm(starts, desc="encode", unit="batch")
-        dtype = PRECISIONS[precision]
-        # One autocast around all batches: it caches the low-precision weights for the whole call.
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            for start in starts:
-                indices = order[start:start + batch_size]
-                batch = batch_to(pack([id_lists[i] for i in indices]), self.device)
-                output[torch.tensor(indices, device=self.device)] = self(batch, normalize).float()
+        encoder = self._encoder_in(PRECISIONS[precision])
+        for start in starts:
+            indices = order[start:start + batch_size]
+            batch = batch_to(pack([id_lists[i] for i in indices]), self.device)
+            output[torch.tensor(indices, device=self.device)] = self(batch, normalize, encoder).float()
         self.train(was_training)
         if single:
             output = output[0]

@@ -41,6 +41,27 @@ def test_embeddings_equal_sentence_transformers(model, reference, backend, batch
     assert np.abs(got - expected).max() < 1e-5
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_packed_cpu_path_equals_plain_linear_path(model, reference, precision):
+    """encode's oneDNN fast path (minilm/packed.py) against its reference, the plain nn.Linear encoder."""
+    from minilm import packed
+
+    if not packed.available("cpu", minilm.model.PRECISIONS[precision] or torch.float32):
+        pytest.skip(f"oneDNN packed linears are not available here for {precision}")
+    sentences, expected = reference
+    fast = model.encode(sentences, batch_size=64, precision=precision)
+    assert model._inference_copy[1].layers[0].packed is not None  # the fast path really ran
+    model.packed_cpu_inference = False
+    try:
+        plain = model.encode(sentences, batch_size=64, precision=precision)
+    finally:
+        model.packed_cpu_inference = True
+    tolerance = 1e-5 if precision == "fp32" else 2e-2
+    assert np.abs(plain - fast).max() < tolerance
+    if precision == "fp32":
+        assert np.abs(plain - expected).max() < 1e-5
+
+
 def test_fixture_covers_long_and_odd_inputs(model_dir, reference):
     from tokenizers import Tokenizer
 
@@ -235,3 +256,27 @@ def test_other_bert_checkpoints_load_from_config(model_dir, tmp_path, sizes):
         expected = [reference(ids[None]).last_hidden_state[0].mean(0) for ids in tokens]
     assert torch.allclose(ours.encode(texts, convert_to="tensor"), torch.stack(expected), atol=1e-5)
     assert load_encoder(target).config.num_hidden_layers == sizes["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_encode_stays_close_to_fp32(model, reference, precision):
+    sentences, expected = reference
+    got = model.encode(sentences, precision=precision)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosine.min() > 0.99, cosine.min()
+    assert np.abs(got - expected).max() > 1e-6  # it really ran in low precision
+    with pytest.raises(ValueError, match="precision"):
+        model.encode(["x"], precision="int4")
+
+
+def test_low_precision_copy_follows_weight_changes(model_dir):
+    """encode keeps a cast copy of the weights; a change to the weights (an optimizer step) must reach it."""
+    model = minilm.load(model_dir)
+    before = model.encode("a sentence to follow", precision="bf16")
+    with torch.no_grad():
+        model.encoder.layers[0].ffn_out.bias.add_(0.5)  # in place, as optimizers do
+    after = model.encode("a sentence to follow", precision="bf16")
+    fp32_after = model.encode("a sentence to follow")
+    assert np.abs(after - before).max() > 1e-3
+    assert float(np.dot(after, fp32_after) / np.linalg.norm(after) / np.linalg.norm(fp32_after)) > 0.99
