@@ -6,12 +6,14 @@ sentence, and no backend ever attends to (or computes on) padding that the calle
 
 Backends:
 - "math":   the plain reference: pad, explicit softmax(q k^T / sqrt(d)) v in float32, unpad.
-- "sdpa":   torch's scaled_dot_product_attention; the tokens are padded only around that one call.
+- "sdpa":   torch's scaled_dot_product_attention: on the CPU once per run of equally long sentences (no
+            padding at all), elsewhere on a padded copy made only around that one call.
 - "triton": the fused flash-attention kernel of `minilm.kernels` (CUDA; CPU only under TRITON_INTERPRET=1).
 
 `pick_backend(device)` is the one place that chooses per device; `attention(..., backend="name")` forces one.
 """
 
+import itertools
 import logging
 import math
 
@@ -90,20 +92,22 @@ def math_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
 
 
 def sdpa_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
-    """torch's fused attention; it wants a rectangle, so pad around this call only.
-
-    Padding here is token-major ([batch * max_seqlen, heads, dim], one row per slot) so that it is a single
-    index_copy per tensor and unpadding a single index_select; SDPA reads the heads-first view it needs through
-    strides, without a copy. Tokens of a sentence are consecutive in both layouts.
+    """torch's fused attention. It wants rectangles [batch, heads, length, dim]:
+    - on the CPU, each run of consecutive, equally long sentences already is one inside the packed tensor, so
+      SDPA is called once per run on a view: nothing padded, masked or copied, no work on padding. (Sorted
+      encode batches hold a few runs; a random training batch of 32 up to 32, still faster than padding.)
+    - elsewhere (CUDA without Triton), many small calls would cost more than padding: pad around one call.
     """
+    if q.device.type == "cpu":
+        return _sdpa_per_length_run(q, k, v, cu_seqlens, dropout_p)
+    return _sdpa_padded(q, k, v, cu_seqlens, max_seqlen, dropout_p)
+
+
+def _sdpa_padded(q, k, v, cu_seqlens, max_seqlen, dropout_p):
     total, heads, head_dim = q.shape
     batch = len(cu_seqlens) - 1
-    if total == batch * max_seqlen:
-        # All sentences equally long (one sentence, or a length-sorted batch): the packed tensor already is the
-        # rectangle. No padding, no mask, and SDPA may take its fastest path.
-        q, k, v = (x.view(batch, max_seqlen, heads, head_dim).transpose(1, 2) for x in (q, k, v))  # [B, H, L, D]
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        return out.transpose(1, 2).reshape(total, heads, head_dim)
+    # Token-major padding ([batch * max_seqlen, heads, dim]: one index_copy per tensor, one index_select back);
+    # SDPA reads the heads-first view it needs through strides.
     sentence, position = token_coordinates(cu_seqlens)
     slots = sentence * max_seqlen + position  # each token's row in the padded layout
     padded = q.new_zeros(3, batch * max_seqlen, heads, head_dim)  # zeros: padded keys and values stay finite
@@ -113,6 +117,20 @@ def sdpa_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask(cu_seqlens, max_seqlen),
                                          dropout_p=dropout_p)
     return out.transpose(1, 2).reshape(batch * max_seqlen, heads, head_dim).index_select(0, slots)
+
+
+def _sdpa_per_length_run(q, k, v, cu_seqlens, dropout_p):
+    heads, head_dim = q.shape[1:]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    outputs, start = [], 0
+    for length, run in itertools.groupby(lengths):
+        count = len(list(run))
+        end = start + count * length
+        rectangle = [x[start:end].view(count, length, heads, head_dim).transpose(1, 2) for x in (q, k, v)]
+        out = F.scaled_dot_product_attention(*rectangle, dropout_p=dropout_p)  # [count, heads, length, dim]
+        outputs.append(out.transpose(1, 2).reshape(end - start, heads, head_dim))
+        start = end
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
 def triton_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
