@@ -94,12 +94,16 @@ def math_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
 def sdpa_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
     """torch's fused attention. It wants rectangles [batch, heads, length, dim]:
     - on the CPU, each run of consecutive, equally long sentences already is one inside the packed tensor, so
-      SDPA is called once per run on a view: nothing padded, masked or copied, no work on padding. (Sorted
-      encode batches hold a few runs; a random training batch of 32 up to 32, still faster than padding.)
-    - elsewhere (CUDA without Triton), many small calls would cost more than padding: pad around one call.
+      when a batch has few runs (encode sorts by length: a batch of 32 holds a handful), SDPA is called once
+      per run on a view: nothing padded, masked or copied, no work on padding;
+    - otherwise (random training batches with many lengths, or CUDA without Triton), many small calls would
+      cost more than padding: pad around one call.
     """
     if q.device.type == "cpu":
-        return _sdpa_per_length_run(q, k, v, cu_seqlens, dropout_p)
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        runs = [(length, len(list(run))) for length, run in itertools.groupby(lengths)]
+        if len(runs) <= max(1, len(lengths) // 4):
+            return _sdpa_per_length_run(q, k, v, runs)
     return _sdpa_padded(q, k, v, cu_seqlens, max_seqlen, dropout_p)
 
 
@@ -119,12 +123,11 @@ def _sdpa_padded(q, k, v, cu_seqlens, max_seqlen, dropout_p):
     return out.transpose(1, 2).reshape(batch * max_seqlen, heads, head_dim).index_select(0, slots)
 
 
-def _sdpa_per_length_run(q, k, v, cu_seqlens, dropout_p):
+def _sdpa_per_length_run(q, k, v, runs, dropout_p=0.0):
+    """runs: [(length, number of consecutive sentences that long)] in packing order."""
     heads, head_dim = q.shape[1:]
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     outputs, start = [], 0
-    for length, run in itertools.groupby(lengths):
-        count = len(list(run))
+    for length, count in runs:
         end = start + count * length
         rectangle = [x[start:end].view(count, length, heads, head_dim).transpose(1, 2) for x in (q, k, v)]
         out = F.scaled_dot_product_attention(*rectangle, dropout_p=dropout_p)  # [count, heads, length, dim]

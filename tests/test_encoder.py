@@ -104,11 +104,13 @@ def test_attention_backends_agree_on_random_inputs():
     assert torch.allclose(math_result[0].double(), expected, atol=1e-6)
     for a, b in zip(math_result, sdpa_result):
         assert torch.allclose(a.double(), b.double(), atol=1e-6)
-    # The padded SDPA path that non-CPU devices take, run here on the CPU.
-    padded = minilm.attention._sdpa_padded(q, k, v, cu_seqlens, max(lengths), 0.0)
-    padded_result = (padded, *torch.autograd.grad(padded, (q, k, v), grad_out))
-    for a, b in zip(math_result, padded_result):
-        assert torch.allclose(a.double(), b.double(), atol=1e-6)
+    # Both ways the sdpa backend can take: padding around one call, and one call per run of equal lengths.
+    runs = [(length, 1) for length in lengths]
+    for out in (minilm.attention._sdpa_padded(q, k, v, cu_seqlens, max(lengths), 0.0),
+                minilm.attention._sdpa_per_length_run(q, k, v, runs)):
+        result = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+        for a, b in zip(math_result, result):
+            assert torch.allclose(a.double(), b.double(), atol=1e-6)
     with pytest.raises(ValueError, match="unknown attention backend"):
         minilm.attention.attention(q, k, v, cu_seqlens, max(lengths), backend="flash")
 
