@@ -23,13 +23,31 @@ LOG2_E = 1.4426950408889634
 
 
 @triton.jit
+def _sequence_and_head(cu_seqlens, HEADS: tl.constexpr):
+    """This program's sentence (its first token and its length) and head, from grid axis 1."""
+    sequence_head = tl.program_id(1)
+    sequence = sequence_head // HEADS
+    start = tl.load(cu_seqlens + sequence)
+    return start, tl.load(cu_seqlens + sequence + 1) - start, sequence_head % HEADS
+
+
+@triton.jit
+def _tile_backward(q, k, v, d_out, lse, delta, row_ok, col_ok, scale_log2, PRECISION: tl.constexpr):
+    """Softmax backward on one [BLOCK_M, BLOCK_N] tile of one sentence and head: the probabilities recomputed
+    from the saved log-sum-exp, and the gradient of the scores, dS = P * (dP - delta) with dP = dO V^T."""
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+    probs = tl.exp2(scores - lse[:, None])
+    probs = tl.where(row_ok[:, None] & col_ok[None, :], probs, 0.0)
+    d_probs = tl.dot(d_out, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+    return probs, probs * (d_probs - delta[:, None])
+
+
+@triton.jit
 def _forward(Q, K, V, Out, LSE, cu_seqlens, scale_log2, stride_t, stride_h,
              HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    block_m, sequence_head = tl.program_id(0), tl.program_id(1)
-    sequence, head = sequence_head // HEADS, sequence_head % HEADS
-    start = tl.load(cu_seqlens + sequence)
-    length = tl.load(cu_seqlens + sequence + 1) - start
+    block_m = tl.program_id(0)
+    start, length, head = _sequence_and_head(cu_seqlens, HEADS)
     if block_m * BLOCK_M >= length:
         return
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -79,10 +97,8 @@ def _backward_dk_dv(Q, K, V, dOut, LSE, Delta, dK, dV, cu_seqlens, scale_log2, s
                     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """One block of keys: loop over the sentence's query blocks, accumulating dK and dV."""
-    block_n, sequence_head = tl.program_id(0), tl.program_id(1)
-    sequence, head = sequence_head // HEADS, sequence_head % HEADS
-    start = tl.load(cu_seqlens + sequence)
-    length = tl.load(cu_seqlens + sequence + 1) - start
+    block_n = tl.program_id(0)
+    start, length, head = _sequence_and_head(cu_seqlens, HEADS)
     if block_n * BLOCK_N >= length:
         return
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -101,12 +117,8 @@ def _backward_dk_dv(Q, K, V, dOut, LSE, Delta, dK, dV, cu_seqlens, scale_log2, s
         d_out = tl.load(dOut + q_offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
         lse = tl.load(LSE + (start + rows) * HEADS + head, mask=row_ok, other=0.0)
         delta = tl.load(Delta + (start + rows) * HEADS + head, mask=row_ok, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
-        probs = tl.exp2(scores - lse[:, None])
-        probs = tl.where(row_ok[:, None] & col_ok[None, :], probs, 0.0)
+        probs, d_scores = _tile_backward(q, k, v, d_out, lse, delta, row_ok, col_ok, scale_log2, PRECISION)
         dv += tl.dot(tl.trans(probs.to(d_out.dtype)), d_out, input_precision=PRECISION)
-        d_probs = tl.dot(d_out, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-        d_scores = probs * (d_probs - delta[:, None])
         dk += tl.dot(tl.trans(d_scores.to(q.dtype)), q, input_precision=PRECISION)
     tl.store(dK + kv_offsets, (dk * scale).to(dK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(dV + kv_offsets, dv.to(dV.dtype.element_ty), mask=col_ok[:, None])
@@ -117,10 +129,8 @@ def _backward_dq(Q, K, V, dOut, LSE, Delta, dQ, cu_seqlens, scale_log2, scale, s
                  HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """One block of queries: loop over the sentence's key blocks, accumulating dQ."""
-    block_m, sequence_head = tl.program_id(0), tl.program_id(1)
-    sequence, head = sequence_head // HEADS, sequence_head % HEADS
-    start = tl.load(cu_seqlens + sequence)
-    length = tl.load(cu_seqlens + sequence + 1) - start
+    block_m = tl.program_id(0)
+    start, length, head = _sequence_and_head(cu_seqlens, HEADS)
     if block_m * BLOCK_M >= length:
         return
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -138,11 +148,7 @@ def _backward_dq(Q, K, V, dOut, LSE, Delta, dQ, cu_seqlens, scale_log2, scale, s
         kv_offsets = (start + cols)[:, None] * stride_t + head * stride_h + dims[None, :]
         k = tl.load(K + kv_offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
         v = tl.load(V + kv_offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        probs = tl.exp2(scores - lse[:, None])
-        probs = tl.where(row_ok[:, None] & col_ok[None, :], probs, 0.0)
-        d_probs = tl.dot(d_out, tl.trans(v), input_precision=PRECISION)
-        d_scores = probs * (d_probs - delta[:, None])
+        _, d_scores = _tile_backward(q, k, v, d_out, lse, delta, row_ok, col_ok, scale_log2, PRECISION)
         dq += tl.dot(d_scores.to(k.dtype), k, input_precision=PRECISION)
     tl.store(dQ + q_offsets, (dq * scale).to(dQ.dtype.element_ty), mask=row_ok[:, None])
 
