@@ -1,6 +1,7 @@
 """train.py under torchrun: 2 CPU ranks (gloo) with gathered in-batch negatives equal 1 rank with the global batch."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -67,3 +68,37 @@ def test_without_gathering_each_rank_sees_only_its_own_negatives(no_dropout_mode
                          *map(str, common), "--batch-size", "8", "--out", str(tmp_path / "two")], tmp_path / "two")
     # Each anchor ranks its positive among 8 candidates instead of 16: a strictly smaller loss.
     assert two_losses[0] < single_losses[0] - 0.05, (single_losses, two_losses)
+
+
+def test_killed_two_rank_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    """--resume under torchrun: each rank restores its own random state (dropout is on) and data position."""
+    import os
+    import signal
+    import time
+
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+              "--no-progress"]
+    common = ["--loss", "mnrl", "--loss-params", json.dumps({"gather_across_devices": True}), "--data",
+              shared_data("stsb"), "--batch-size", "8", "--max-steps", "8", "--save-steps", "2", "--log-steps", "2"]
+    run(launch + common + ["--out", str(tmp_path / "straight")], tmp_path / "straight")
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(launch + common + ["--out", str(interrupted)], cwd=REPO, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (interrupted / "checkpoints" / "step-0000002").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks
+    process.wait()
+    assert not (interrupted / "model.safetensors").exists(), "the run finished before it could be killed"
+
+    result = subprocess.run(launch + ["--out", str(interrupted), "--resume"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    # Resumed, not restarted (a restart with the same seed would end with the same weights too).
+    assert re.search(r"resuming from .*step-000000[246]", result.stdout), result.stdout
+    resumed = load_file(interrupted / "model.safetensors")
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    for key in straight:
+        assert (straight[key] - resumed[key]).abs().max() <= 1e-6, key
