@@ -24,12 +24,32 @@ def similarity_matrix(a: torch.Tensor, b: torch.Tensor, similarity: str) -> torc
     return a @ b.T
 
 
-def gather_with_grad(embeddings: torch.Tensor) -> torch.Tensor:
-    """Every rank's [batch, dim] stacked into [world * batch, dim], in rank order. The backward pass sends each
-    rank the gradient that all ranks' losses put on its rows, so the loss sees the global batch."""
-    from torch.distributed.nn.functional import all_gather
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather that gradients flow back through.
 
-    return torch.cat(all_gather(embeddings.contiguous()), dim=0)
+    Forward: every rank's [batch, dim] stacked into [world * batch, dim], in rank order (every rank must hold
+    the same batch size: train.py gives each rank an equal slice of the global batch).
+    Backward: each rank's loss puts gradient on every rank's rows, so the gradients of the gathered tensor are
+    summed over ranks and each rank keeps its own rows: d(sum of all ranks' losses) / d(its embeddings).
+    DDP then averages parameter gradients over ranks: the gradient of the mean loss over the global batch."""
+
+    @staticmethod
+    def forward(ctx, embeddings):
+        parts = [torch.empty_like(embeddings) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, embeddings.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()  # all_reduce works in place; the incoming gradient is not ours to change
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
+
+
+def gather_with_grad(embeddings: torch.Tensor) -> torch.Tensor:
+    """[batch, dim] on each rank -> [world * batch, dim], differentiable (see GatherWithGrad)."""
+    return GatherWithGrad.apply(embeddings)
 
 
 class MultipleNegativesRankingLoss(nn.Module):
