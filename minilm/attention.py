@@ -56,20 +56,25 @@ def token_coordinates(cu_seqlens: torch.Tensor):
     return sentence, position
 
 
-def pad_heads(x: torch.Tensor, coordinates, batch: int, max_seqlen: int) -> torch.Tensor:
+def padding_slots(cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    """Each packed token's row in a padded [batch * max_seqlen] layout, int64 [total_tokens]."""
+    sentence, position = token_coordinates(cu_seqlens)
+    return sentence * max_seqlen + position
+
+
+def pad(x: torch.Tensor, slots: torch.Tensor, batch: int, max_seqlen: int) -> torch.Tensor:
     """[total_tokens, heads, dim] -> [batch, heads, max_seqlen, dim], zeros past each sentence's end.
 
-    Heads-first, so the batched matmuls below read it as it lies (a transposed view would be copied)."""
-    sentence, position = coordinates
-    padded = x.new_zeros(batch, x.shape[1], max_seqlen, x.shape[2])
-    padded[sentence, :, position] = x
-    return padded
+    Padded token-major (one index_copy) and returned as a heads-first view: SDPA reads it through strides."""
+    padded = x.new_zeros(batch * max_seqlen, *x.shape[1:])  # zeros: padded keys and values stay finite
+    padded.index_copy_(0, slots, x)
+    return padded.view(batch, max_seqlen, *x.shape[1:]).transpose(1, 2)
 
 
-def unpad_heads(padded: torch.Tensor, coordinates) -> torch.Tensor:
-    """[batch, heads, max_seqlen, dim] -> [total_tokens, heads, dim]: the inverse of `pad_heads`."""
-    sentence, position = coordinates
-    return padded[sentence, :, position]
+def unpad(padded: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, max_seqlen, dim] -> [total_tokens, heads, dim]: the inverse of `pad`."""
+    batch, heads, max_seqlen, dim = padded.shape
+    return padded.transpose(1, 2).reshape(batch * max_seqlen, heads, dim).index_select(0, slots)
 
 
 def key_padding_mask(cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
@@ -81,14 +86,14 @@ def key_padding_mask(cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
 
 def math_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
     """The reference: explicit softmax attention in float32 on the padded batch, masked per sentence."""
-    coordinates, batch = token_coordinates(cu_seqlens), len(cu_seqlens) - 1
-    q, k, v = (pad_heads(x.float(), coordinates, batch, max_seqlen) for x in (q, k, v))  # [batch, heads, L, dim]
+    slots, batch = padding_slots(cu_seqlens, max_seqlen), len(cu_seqlens) - 1
+    q, k, v = (pad(x.float(), slots, batch, max_seqlen) for x in (q, k, v))  # [batch, heads, L, dim]
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [batch, heads, L, L]
     scores = scores.masked_fill(~key_padding_mask(cu_seqlens, max_seqlen), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0:
         probs = F.dropout(probs, p=dropout_p)
-    return unpad_heads(probs @ v, coordinates)
+    return unpad(probs @ v, slots)
 
 
 def sdpa_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
@@ -108,19 +113,11 @@ def sdpa_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
 
 
 def _sdpa_padded(q, k, v, cu_seqlens, max_seqlen, dropout_p):
-    total, heads, head_dim = q.shape
-    batch = len(cu_seqlens) - 1
-    # Token-major padding ([batch * max_seqlen, heads, dim]: one index_copy per tensor, one index_select back);
-    # SDPA reads the heads-first view it needs through strides.
-    sentence, position = token_coordinates(cu_seqlens)
-    slots = sentence * max_seqlen + position  # each token's row in the padded layout
-    padded = q.new_zeros(3, batch * max_seqlen, heads, head_dim)  # zeros: padded keys and values stay finite
-    for index, x in enumerate((q, k, v)):
-        padded[index].index_copy_(0, slots, x)
-    q, k, v = (x.view(batch, max_seqlen, heads, head_dim).transpose(1, 2) for x in padded)  # [B, H, L, D]
+    slots, batch = padding_slots(cu_seqlens, max_seqlen), len(cu_seqlens) - 1
+    q, k, v = (pad(x, slots, batch, max_seqlen) for x in (q, k, v))  # [batch, heads, L, dim]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask(cu_seqlens, max_seqlen),
                                          dropout_p=dropout_p)
-    return out.transpose(1, 2).reshape(batch * max_seqlen, heads, head_dim).index_select(0, slots)
+    return unpad(out, slots)
 
 
 def _sdpa_per_length_run(q, k, v, runs, dropout_p=0.0):

@@ -158,7 +158,7 @@ class SentenceEncoder(nn.Module):
         for start in starts:
             indices = order[start:start + batch_size]
             batch = batch_to(pack([id_lists[i] for i in indices]), self.device)
-            output[torch.tensor(indices, device=self.device)] = self(batch, normalize, encoder).float()
+            output[torch.tensor(indices, device=self.device)] = self(batch, normalize, encoder)
         self.train(was_training)
         if single:
             output = output[0]

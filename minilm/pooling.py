@@ -113,13 +113,9 @@ def pool(tokens, cu_seqlens, modes=("mean",), normalize=False, fused=None):
     None picks it on CUDA when Triton is installed; the plain code below is its reference.
     """
     if tuple(modes) == ("mean",):
-        if fused is None:
-            from minilm import kernels
+        from minilm import kernels
 
-            fused = tokens.is_cuda and kernels.available()
-        if fused:
-            from minilm import kernels
-
+        if fused if fused is not None else tokens.is_cuda and kernels.available():
             return kernels.fused_mean_pool(tokens, cu_seqlens, normalize)
     pooled = torch.cat([POOLERS[mode](tokens, cu_seqlens) for mode in modes], dim=-1)
     return F.normalize(pooled, p=2, dim=-1) if normalize else pooled

@@ -32,6 +32,33 @@ def _sequence_and_head(cu_seqlens, HEADS: tl.constexpr):
 
 
 @triton.jit
+def _tile(start, first, length, head, stride_t, stride_h, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A block of BLOCK tokens of one sentence (from its token `first`) for one head: the token indices, which
+    of them are real (inside the sentence), and the [BLOCK, HEAD_DIM] element offsets."""
+    tokens = first + tl.arange(0, BLOCK)
+    offsets = (start + tokens)[:, None] * stride_t + head * stride_h + tl.arange(0, HEAD_DIM)[None, :]
+    return tokens, tokens < length, offsets
+
+
+@triton.jit
+def _load_query_side(Q, dOut, LSE, Delta, start, rows, row_ok, offsets, head, HEADS: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr):
+    """What the backward pass needs of a block of queries: q, dO, and the log-sum-exp and delta of each row."""
+    q = tl.load(Q + offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
+    d_out = tl.load(dOut + offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
+    lse = tl.load(LSE + (start + rows) * HEADS + head, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + (start + rows) * HEADS + head, mask=row_ok, other=0.0)
+    return q, d_out, lse, delta
+
+
+@triton.jit
+def _load_key_side(K, V, offsets, col_ok, DOT_DTYPE: tl.constexpr):
+    k = tl.load(K + offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
+    v = tl.load(V + offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
+    return k, v
+
+
+@triton.jit
 def _tile_backward(q, k, v, d_out, lse, delta, row_ok, col_ok, scale_log2, PRECISION: tl.constexpr):
     """Softmax backward on one [BLOCK_M, BLOCK_N] tile of one sentence and head: the probabilities recomputed
     from the saved log-sum-exp, and the gradient of the scores, dS = P * (dP - delta) with dP = dO V^T."""
@@ -50,21 +77,15 @@ def _forward(Q, K, V, Out, LSE, cu_seqlens, scale_log2, stride_t, stride_h,
     start, length, head = _sequence_and_head(cu_seqlens, HEADS)
     if block_m * BLOCK_M >= length:
         return
-    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, HEAD_DIM)
-    row_ok = rows < length
-    offsets = (start + rows)[:, None] * stride_t + head * stride_h + dims[None, :]
+    rows, row_ok, offsets = _tile(start, block_m * BLOCK_M, length, head, stride_t, stride_h, BLOCK_M, HEAD_DIM)
     q = tl.load(Q + offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)  # [BLOCK_M, D]
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for block_start in range(0, length, BLOCK_N):
-        cols = block_start + tl.arange(0, BLOCK_N)
-        col_ok = cols < length
-        kv_offsets = (start + cols)[:, None] * stride_t + head * stride_h + dims[None, :]
-        k = tl.load(K + kv_offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)  # [BLOCK_N, D]
-        v = tl.load(V + kv_offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
+        _, col_ok, kv_offsets = _tile(start, block_start, length, head, stride_t, stride_h, BLOCK_N, HEAD_DIM)
+        k, v = _load_key_side(K, V, kv_offsets, col_ok, DOT_DTYPE)  # [BLOCK_N, D] each
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         scores = tl.where(col_ok[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
@@ -101,22 +122,14 @@ def _backward_dk_dv(Q, K, V, dOut, LSE, Delta, dK, dV, cu_seqlens, scale_log2, s
     start, length, head = _sequence_and_head(cu_seqlens, HEADS)
     if block_n * BLOCK_N >= length:
         return
-    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, HEAD_DIM)
-    col_ok = cols < length
-    kv_offsets = (start + cols)[:, None] * stride_t + head * stride_h + dims[None, :]
-    k = tl.load(K + kv_offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
-    v = tl.load(V + kv_offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
+    _, col_ok, kv_offsets = _tile(start, block_n * BLOCK_N, length, head, stride_t, stride_h, BLOCK_N, HEAD_DIM)
+    k, v = _load_key_side(K, V, kv_offsets, col_ok, DOT_DTYPE)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for block_start in range(0, length, BLOCK_M):
-        rows = block_start + tl.arange(0, BLOCK_M)
-        row_ok = rows < length
-        q_offsets = (start + rows)[:, None] * stride_t + head * stride_h + dims[None, :]
-        q = tl.load(Q + q_offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
-        d_out = tl.load(dOut + q_offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
-        lse = tl.load(LSE + (start + rows) * HEADS + head, mask=row_ok, other=0.0)
-        delta = tl.load(Delta + (start + rows) * HEADS + head, mask=row_ok, other=0.0)
+        rows, row_ok, q_offsets = _tile(start, block_start, length, head, stride_t, stride_h, BLOCK_M, HEAD_DIM)
+        q, d_out, lse, delta = _load_query_side(Q, dOut, LSE, Delta, start, rows, row_ok, q_offsets, head, HEADS,
+                                                DOT_DTYPE)
         probs, d_scores = _tile_backward(q, k, v, d_out, lse, delta, row_ok, col_ok, scale_log2, PRECISION)
         dv += tl.dot(tl.trans(probs.to(d_out.dtype)), d_out, input_precision=PRECISION)
         dk += tl.dot(tl.trans(d_scores.to(q.dtype)), q, input_precision=PRECISION)
@@ -133,21 +146,13 @@ def _backward_dq(Q, K, V, dOut, LSE, Delta, dQ, cu_seqlens, scale_log2, scale, s
     start, length, head = _sequence_and_head(cu_seqlens, HEADS)
     if block_m * BLOCK_M >= length:
         return
-    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, HEAD_DIM)
-    row_ok = rows < length
-    q_offsets = (start + rows)[:, None] * stride_t + head * stride_h + dims[None, :]
-    q = tl.load(Q + q_offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
-    d_out = tl.load(dOut + q_offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
-    lse = tl.load(LSE + (start + rows) * HEADS + head, mask=row_ok, other=0.0)
-    delta = tl.load(Delta + (start + rows) * HEADS + head, mask=row_ok, other=0.0)
+    rows, row_ok, q_offsets = _tile(start, block_m * BLOCK_M, length, head, stride_t, stride_h, BLOCK_M, HEAD_DIM)
+    q, d_out, lse, delta = _load_query_side(Q, dOut, LSE, Delta, start, rows, row_ok, q_offsets, head, HEADS,
+                                            DOT_DTYPE)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for block_start in range(0, length, BLOCK_N):
-        cols = block_start + tl.arange(0, BLOCK_N)
-        col_ok = cols < length
-        kv_offsets = (start + cols)[:, None] * stride_t + head * stride_h + dims[None, :]
-        k = tl.load(K + kv_offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
-        v = tl.load(V + kv_offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
+        _, col_ok, kv_offsets = _tile(start, block_start, length, head, stride_t, stride_h, BLOCK_N, HEAD_DIM)
+        k, v = _load_key_side(K, V, kv_offsets, col_ok, DOT_DTYPE)
         _, d_scores = _tile_backward(q, k, v, d_out, lse, delta, row_ok, col_ok, scale_log2, PRECISION)
         dq += tl.dot(d_scores.to(k.dtype), k, input_precision=PRECISION)
     tl.store(dQ + q_offsets, (dq * scale).to(dQ.dtype.element_ty), mask=row_ok[:, None])
