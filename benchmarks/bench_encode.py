@@ -6,6 +6,12 @@
 Prints sentences/s of each path, their ratio to sentence-transformers (fp32) timed in the same run, the roofline
 (useful FLOPs of the real tokens / time / the GEMM GFLOP/s this machine reaches in that precision, measured in
 the same run), STS-B test Spearman from each path's embeddings, and the largest difference from the reference's.
+
+The paths take turns, one encode each per round, so that a slow spell of a shared machine hits all of them; each
+path's time is its median over the rounds, and the range of its per-round ratios to the reference is printed too.
+minilm's batches are encode's default (the first batch is the batch_size longest sentences, later batches fill
+the same number of tokens: see `length_sorted_batches` in minilm/model.py); the "fixed batches" row is minilm
+with exactly batch_size sentences per forward pass (token_budget=False), as sentence-transformers batches.
 """
 
 import argparse
@@ -26,6 +32,7 @@ from minilm.encoder import flops_per_token  # noqa: E402
 from minilm.evaluation import similarity_metrics  # noqa: E402
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+REFERENCE = "sentence-transformers"
 
 
 def measure_matmul_gflops(dtype, repeats: int = 20) -> float:
@@ -41,15 +48,17 @@ def measure_matmul_gflops(dtype, repeats: int = 20) -> float:
     return 2 * 4096 * 384 * 1536 / statistics.median(times) / 1e9
 
 
-def timed(fn, repeats: int):
-    """Median seconds of `repeats` calls after one warm-up call, and the last result."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def timed_in_turns(paths: dict, rounds: int):
+    """paths: {name: fn}. One warm-up call of each, then `rounds` rounds calling each once in turn.
+    Returns {name: (seconds of each round, last result)}."""
+    results = {name: fn() for name, fn in paths.items()}
+    times = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (times[name], results[name]) for name in paths}
 
 
 def main() -> None:
@@ -57,7 +66,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "stsb"), help="STS-B directory")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for both (default 2)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each; the median is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds; each path's median is reported")
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32", "bf16"],
                         help="minilm's precisions to time (default: fp32 bf16)")
     parser.add_argument("--no-reference", action="store_true", help="skip sentence-transformers")
@@ -76,31 +85,38 @@ def main() -> None:
           f"batch {args.batch_size}; {args.threads} threads; matmul peak measured here: "
           + ", ".join(f"{name} {peaks[name]:.0f} GFLOP/s" for name in ("fp32", "bf16")) + f"; torch {torch.__version__}")
 
-    results = []  # (name, precision, seconds, embeddings)
+    paths = {}  # name -> (precision, encode call)
     for precision in args.precisions:
-        seconds, embeddings = timed(lambda: model.encode(sentences, batch_size=args.batch_size, precision=precision),
-                                    args.repeats)
-        results.append((f"minilm {precision}", precision, seconds, embeddings))
+        paths[f"minilm {precision}"] = (precision, lambda precision=precision: model.encode(
+            sentences, batch_size=args.batch_size, precision=precision))
+        if precision == "fp32":
+            paths[f"minilm fp32, fixed batches of {args.batch_size}"] = ("fp32", lambda: model.encode(
+                sentences, batch_size=args.batch_size, token_budget=False))
     if not args.no_reference:
         from sentence_transformers import SentenceTransformer
 
         reference = SentenceTransformer(str(model.source_dir), device="cpu")
-        seconds, embeddings = timed(
-            lambda: reference.encode(sentences, batch_size=args.batch_size, convert_to_numpy=True), args.repeats)
-        results.append(("sentence-transformers", "fp32", seconds, embeddings))
+        paths[REFERENCE] = ("fp32", lambda: reference.encode(sentences, batch_size=args.batch_size,
+                                                              convert_to_numpy=True))
+    measured = timed_in_turns({name: fn for name, (_, fn) in paths.items()}, args.repeats)
 
-    reference_rate = len(sentences) / results[-1][2] if not args.no_reference else None
-    print("\n| path | sentences/s | x sentence-transformers fp32 | % of matmul peak (same precision) | "
-          "STS-B test Spearman | max abs diff vs sentence-transformers |")
+    print("\n| path | sentences/s | x sentence-transformers fp32 (range over rounds) | % of matmul peak (same "
+          "precision) | STS-B test Spearman | max abs diff vs sentence-transformers |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, precision, seconds, embeddings in results:
-        rate = len(sentences) / seconds
-        ratio = f"{rate / reference_rate:.2f}" if reference_rate else "-"
+    for name, (precision, _) in paths.items():
+        times, embeddings = measured[name]
+        seconds = statistics.median(times)
+        ratio = difference = "-"
+        if REFERENCE in measured:
+            reference_times, reference_embeddings = measured[REFERENCE]
+            per_round = [theirs / ours for ours, theirs in zip(times, reference_times)]
+            ratio = f"{statistics.median(reference_times) / seconds:.2f} ({min(per_round):.2f}-{max(per_round):.2f})"
+            difference = f"{np.abs(embeddings - reference_embeddings).max():.1e}"
         half = len(rows)
         metrics = similarity_metrics(torch.as_tensor(embeddings[:half]), torch.as_tensor(embeddings[half:]), scores)
-        difference = f"{np.abs(embeddings - results[-1][3]).max():.1e}" if reference_rate else "-"
-        print(f"| {name} | {rate:.0f} | {ratio} | {100 * useful_flops / seconds / 1e9 / peaks[precision]:.0f}% | "
-              f"{metrics['spearman_cosine']:.4f} | {difference} |")
+        print(f"| {name} | {len(sentences) / seconds:.0f} | {ratio} | "
+              f"{100 * useful_flops / seconds / 1e9 / peaks[precision]:.0f}% | {metrics['spearman_cosine']:.4f} | "
+              f"{difference} |")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("math", "sdpa", "triton")
+KEY_BLOCK = 16  # key lengths that the CPU SDPA kernel runs fastest in multiples of (see _sdpa_per_length_run)
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,9 @@ def math_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
 def sdpa_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
     """torch's fused attention. It wants rectangles [batch, heads, length, dim]:
     - on the CPU, each run of consecutive, equally long sentences already is one inside the packed tensor, so
-      when a batch has few runs (encode sorts by length: a batch of 32 holds a handful), SDPA is called once
-      per run on a view: nothing padded, masked or copied, no work on padding;
+      when a batch has few runs (encode sorts by length: a batch holds a handful), SDPA is called once per run
+      on a view: nothing padded or copied (in inference the keys are read a little past each sentence's end,
+      masked out, because the kernel is fastest at key lengths in multiples of 16);
     - otherwise (random training batches with many lengths, or CUDA without Triton), many small calls would
       cost more than padding: pad around one call.
     """
@@ -108,7 +110,7 @@ def sdpa_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         runs = [(length, len(list(run))) for length, run in itertools.groupby(lengths)]
         if len(runs) <= max(1, len(lengths) // 4):
-            return _sdpa_per_length_run(q, k, v, runs)
+            return _sdpa_per_length_run(q, k, v, runs, dropout_p)
     return _sdpa_padded(q, k, v, cu_seqlens, max_seqlen, dropout_p)
 
 
@@ -123,12 +125,36 @@ def _sdpa_padded(q, k, v, cu_seqlens, max_seqlen, dropout_p):
 def _sdpa_per_length_run(q, k, v, runs, dropout_p=0.0):
     """runs: [(length, number of consecutive sentences that long)] in packing order."""
     heads, head_dim = q.shape[1:]
+    total = q.shape[0]
+    # The CPU flash kernel runs keys in blocks of 16 and takes a slow path for the rest: a length of 14 costs
+    # twice what 16 does. In inference, the keys and values of a run are read as rows of the padded length
+    # straight from the packed tensor (each sentence's extra rows are the next sentence's, masked out): no copy.
+    # Not under autograd, whose backward of such an overlapping view would be slow; not in fp16, where a
+    # neighbour's overflowed (infinite) key would turn the masked score into NaN instead of nothing.
+    stretch = (q.device.type == "cpu" and q.dtype != torch.float16 and dropout_p == 0
+               and not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)))
     outputs, start = [], 0
     for length, count in runs:
         end = start + count * length
-        rectangle = [x[start:end].view(count, length, heads, head_dim).transpose(1, 2) for x in (q, k, v)]
-        out = F.scaled_dot_product_attention(*rectangle, dropout_p=dropout_p)  # [count, heads, length, dim]
-        outputs.append(out.transpose(1, 2).reshape(end - start, heads, head_dim))
+        query = q[start:end].view(count, length, heads, head_dim).transpose(1, 2)  # [count, heads, length, dim]
+        padded = -(-length // KEY_BLOCK) * KEY_BLOCK
+        # Sentences whose padded key rows stay inside the packed tensor (the last of the batch may not).
+        stretched = 0
+        if stretch and padded != length:
+            stretched = max(0, min(count, (total - start - padded) // length + 1))
+        if stretched:
+            keys, values = (x[start:].as_strided((stretched, heads, padded, head_dim),
+                                                  (length * x.stride(0), x.stride(1), x.stride(0), x.stride(2)))
+                            for x in (k, v))  # [stretched, heads, padded, dim]
+            mask = q.new_zeros(1, padded)
+            mask[:, length:] = float("-inf")
+            outputs.append(F.scaled_dot_product_attention(query[:stretched], keys, values, attn_mask=mask)
+                           .transpose(1, 2).reshape(stretched * length, heads, head_dim))
+        if stretched < count:
+            keys, values = (x[start:end].view(count, length, heads, head_dim)[stretched:].transpose(1, 2)
+                            for x in (k, v))
+            out = F.scaled_dot_product_attention(query[stretched:], keys, values, dropout_p=dropout_p)
+            outputs.append(out.transpose(1, 2).reshape((count - stretched) * length, heads, head_dim))
         start = end
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 

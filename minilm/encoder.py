@@ -124,13 +124,13 @@ class Layer(nn.Module):
         return self.ffn_norm(hidden + self.dropout(transformed))
 
     def forward_packed(self, hidden, cu_seqlens, max_seqlen, backend):
-        """`forward` for inference with the packed Linears; GELU runs inside the first FFN matmul."""
+        """`forward` for inference with the packed Linears; GELU and the residual adds run inside the matmuls."""
         qkv, out, ffn_in, ffn_out = self.packed
         total, heads, head_dim = hidden.shape[0], self.attention.heads, self.attention.head_dim
         q, k, v = qkv(hidden).view(total, 3, heads, head_dim).unbind(1)  # 3 x [total, heads, dim]
         context = attention(q, k, v, cu_seqlens, max_seqlen, backend=backend)
-        hidden = self.attention_norm(hidden + out(context.reshape(total, heads * head_dim)))
-        return self.ffn_norm(hidden + ffn_out(ffn_in(hidden, self.hidden_act)))
+        hidden = self.attention_norm(out(context.reshape(total, heads * head_dim), residual=hidden))
+        return self.ffn_norm(ffn_out(ffn_in(hidden, self.hidden_act), residual=hidden))
 
     def pack(self) -> None:
         """Pack the Linears for `forward_packed` (copies: repack after the weights change)."""

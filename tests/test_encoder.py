@@ -28,13 +28,13 @@ def reference():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("batch_size", [1, 7, 64])
-def test_embeddings_equal_sentence_transformers(model, reference, backend, batch_size):
+@pytest.mark.parametrize("batch_size, token_budget", [(1, True), (7, True), (64, True), (7, False)])
+def test_embeddings_equal_sentence_transformers(model, reference, backend, batch_size, token_budget):
     sentences, expected = reference
     assert len(sentences) >= 200
     model.attention_backend = backend
     try:
-        got = model.encode(sentences, batch_size=batch_size)
+        got = model.encode(sentences, batch_size=batch_size, token_budget=token_budget)
     finally:
         model.attention_backend = None
     assert got.dtype == np.float32 and got.shape == expected.shape
@@ -113,6 +113,64 @@ def test_attention_backends_agree_on_random_inputs():
             assert torch.allclose(a.double(), b.double(), atol=1e-6)
     with pytest.raises(ValueError, match="unknown attention backend"):
         minilm.attention.attention(q, k, v, cu_seqlens, max(lengths), backend="flash")
+
+
+@torch.no_grad()
+def test_stretched_keys_equal_math_attention(monkeypatch):
+    """Inference on the CPU reads each run's keys and values padded to a multiple of 16 straight from the packed
+    tensor (the next sentences' rows, masked out); the last sentences of a batch, without such rows after them,
+    take the plain call. Both against the reference, and no sentence may see another's keys or values."""
+    runs = [(30, 3), (21, 4), (16, 2), (14, 5), (5, 6), (3, 1)]  # sorted, as encode packs them
+    lengths = [length for length, count in runs for _ in range(count)]
+    cu_seqlens = torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32)
+    total, heads, dim = int(cu_seqlens[-1]), 12, 32
+    q, k, v = torch.randn(3, total, heads, dim).unbind(0)
+    key_lengths = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        key_lengths.append((query.shape[2], key.shape[2], query.shape[0]))
+        return sdpa(query, key, value, **kwargs)
+
+    monkeypatch.setattr(minilm.attention.F, "scaled_dot_product_attention", spy)
+    got = minilm.attention._sdpa_per_length_run(q, k, v, runs)
+    expected = minilm.attention.attention(q, k, v, cu_seqlens, max(lengths), backend="math")
+    assert torch.allclose(got, expected, atol=1e-5)
+    # Runs of 30, 21 and 14 read 32, 32 and 16 keys; 16 needs no padding; of the six 5s only the first four
+    # have 11 rows after them to read 16 keys (the batch ends 3 rows after the last 5), the other two go plain.
+    assert (30, 32, 3) in key_lengths and (21, 32, 4) in key_lengths and (14, 16, 5) in key_lengths
+    assert (16, 16, 2) in key_lengths and (3, 3, 1) in key_lengths
+    stretched_fives = [entry for entry in key_lengths if entry[:2] == (5, 16)]
+    plain_fives = [entry for entry in key_lengths if entry[:2] == (5, 5)]
+    assert stretched_fives and plain_fives and stretched_fives[0][2] + plain_fives[0][2] == 6
+    # Change one sentence's keys and values: every other sentence's output stays exactly the same.
+    a, b = int(cu_seqlens[7]), int(cu_seqlens[8])  # the first 16, whose rows the last 21 reads (masked out)
+    k2, v2 = k.clone(), v.clone()
+    k2[a:b], v2[a:b] = torch.randn(2, b - a, heads, dim).unbind(0)
+    changed = minilm.attention._sdpa_per_length_run(q, k2, v2, runs)
+    assert torch.equal(changed[:a], got[:a]) and torch.equal(changed[b:], got[b:])
+    assert not torch.equal(changed[a:b], got[a:b])
+
+
+def test_encode_batches_fill_the_first_batch_tokens():
+    lengths = [5, 40, 7, 7, 3, 12, 40, 2, 9, 9, 9, 6] * 5
+    for token_budget in (True, False):
+        batches = minilm.model.length_sorted_batches(lengths, 4, token_budget)
+        flat = [index for batch in batches for index in batch]
+        assert sorted(flat) == list(range(len(lengths)))  # every sentence once
+        assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)  # longest first
+        first = batches[0]
+        assert sorted(lengths[i] for i in first) == [40, 40, 40, 40]
+        if token_budget:
+            budget = sum(lengths[i] for i in first)
+            assert all(sum(lengths[i] for i in batch) <= budget for batch in batches)
+            assert len(batches[-1]) > 4  # short sentences share a batch
+            # each batch but the last closed only because the next sentence did not fit
+            for batch, following in zip(batches, batches[1:]):
+                assert sum(lengths[i] for i in batch) + lengths[following[0]] > budget
+        else:
+            assert [len(batch) for batch in batches] == [4] * (len(lengths) // 4)
+    assert minilm.model.length_sorted_batches([], 32) == []
 
 
 def test_packed_tokens_do_not_depend_on_batch_neighbours(model):
