@@ -5,7 +5,8 @@
 
 Prints sentences/s of each path, their ratio to sentence-transformers (fp32) timed in the same run, the roofline
 (useful FLOPs of the real tokens / time / the GEMM GFLOP/s this machine reaches in that precision, measured in
-the same run), STS-B test Spearman from each path's embeddings, and the largest difference from the reference's.
+the same run), STS-B test Spearman from each path's embeddings, the largest difference from the reference's, and
+the peak memory held by tensors during one more encode (torch.profiler's allocation records).
 
 The paths take turns, one encode each per round, so that a slow spell of a shared machine hits all of them; each
 path's time is its median over the rounds, and the range of its per-round ratios to the reference is printed too.
@@ -61,6 +62,21 @@ def timed_in_turns(paths: dict, rounds: int):
     return {name: (times[name], results[name]) for name in paths}
 
 
+def peak_tensor_mib(fn) -> float:
+    """Peak of the bytes held by live tensors during fn(), from torch.profiler's allocation records (MiB)."""
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as profiler:
+        fn()
+    events = sorted((event for event in profiler.events() if event.self_cpu_memory_usage),
+                    key=lambda event: event.time_range.start)
+    held = peak = 0
+    for event in events:
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "stsb"), help="STS-B directory")
@@ -99,10 +115,11 @@ def main() -> None:
         paths[REFERENCE] = ("fp32", lambda: reference.encode(sentences, batch_size=args.batch_size,
                                                               convert_to_numpy=True))
     measured = timed_in_turns({name: fn for name, (_, fn) in paths.items()}, args.repeats)
+    memory = {name: peak_tensor_mib(fn) for name, (_, fn) in paths.items()}  # after the timing: it slows them
 
     print("\n| path | sentences/s | x sentence-transformers fp32 (range over rounds) | % of matmul peak (same "
-          "precision) | STS-B test Spearman | max abs diff vs sentence-transformers |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "precision) | STS-B test Spearman | max abs diff vs sentence-transformers | peak tensor MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, (precision, _) in paths.items():
         times, embeddings = measured[name]
         seconds = statistics.median(times)
@@ -116,7 +133,7 @@ def main() -> None:
         metrics = similarity_metrics(torch.as_tensor(embeddings[:half]), torch.as_tensor(embeddings[half:]), scores)
         print(f"| {name} | {len(sentences) / seconds:.0f} | {ratio} | "
               f"{100 * useful_flops / seconds / 1e9 / peaks[precision]:.0f}% | {metrics['spearman_cosine']:.4f} | "
-              f"{difference} |")
+              f"{difference} | {memory[name]:.1f} |")
 
 
 if __name__ == "__main__":

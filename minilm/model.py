@@ -100,30 +100,31 @@ class SentenceEncoder(nn.Module):
 
         A private inference copy, made when it pays: to cast the weights once (autocast would cast every
         activation, and under inference_mode every weight, at every call) and to pack them for oneDNN
-        (minilm/packed.py). The copy is kept while the weights stay the same and rebuilt when any parameter is
-        replaced or changed in place (an optimizer step bumps a tensor's version). Without either reason, or
-        with `packed_cpu_inference = False`, encode runs the encoder itself."""
+        (minilm/packed.py). One copy is kept per precision asked for, so that switching between them costs
+        nothing; a copy is rebuilt when any parameter has been replaced or changed in place since it was made
+        (an optimizer step bumps a tensor's version). Without either reason, or with
+        `packed_cpu_inference = False`, encode runs the encoder itself."""
         from minilm import packed
 
         pack = self.packed_cpu_inference and packed.available(self.device, dtype or torch.float32)
         if dtype is None and not pack:
             return self.encoder
-        key = (dtype, pack, self.encoder.attention_backend,
-               tuple((p.data_ptr(), p._version) for p in self.encoder.parameters()))
-        cached = getattr(self, "_inference_copy", None)
-        if cached is None or cached[0] != key:
-            self._inference_copy = None  # free the old copy before making the new one
+        kind = (dtype, pack, self.encoder.attention_backend)
+        weights = tuple((p.data_ptr(), p._version) for p in self.encoder.parameters())
+        copies = self.__dict__.setdefault("_inference_copies", {})  # kind -> (weights, copy); not a submodule
+        if kind not in copies or copies[kind][0] != weights:
+            copies.pop(kind, None)  # free the stale copy before making the new one
             copy = BertEncoder(self.encoder.config, with_pooler=False).to(self.device, dtype or torch.float32)
-            weights = {name: value for name, value in self.encoder.state_dict().items()
-                       if not name.startswith("pooler.")}
-            copy.load_state_dict(weights)  # load_state_dict casts to the copy's dtype
+            state = {name: value for name, value in self.encoder.state_dict().items()
+                     if not name.startswith("pooler.")}
+            copy.load_state_dict(state)  # load_state_dict casts to the copy's dtype
             copy.attention_backend = self.encoder.attention_backend
             copy.eval()
             if pack:
                 for layer in copy.layers:
                     layer.pack()
-            self._inference_copy = (key, copy)
-        return self._inference_copy[1]
+            copies[kind] = (weights, copy)
+        return copies[kind][1]
 
     @torch.inference_mode()
     def encode(self, sentences, batch_size=32, normalize=None, convert_to="numpy", show_progress=False,

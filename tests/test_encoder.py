@@ -50,7 +50,8 @@ def test_packed_cpu_path_equals_plain_linear_path(model, reference, precision):
         pytest.skip(f"oneDNN packed linears are not available here for {precision}")
     sentences, expected = reference
     fast = model.encode(sentences, batch_size=64, precision=precision)
-    assert model._inference_copy[1].layers[0].packed is not None  # the fast path really ran
+    copy = model._encoder_in(minilm.model.PRECISIONS[precision])
+    assert copy.layers[0].packed is not None  # the fast path really ran
     model.packed_cpu_inference = False
     try:
         plain = model.encode(sentences, batch_size=64, precision=precision)
@@ -339,9 +340,16 @@ def test_low_precision_copy_follows_weight_changes(model_dir):
     """encode keeps a cast copy of the weights; a change to the weights (an optimizer step) must reach it."""
     model = minilm.load(model_dir)
     before = model.encode("a sentence to follow", precision="bf16")
+    fp32_before = model.encode("a sentence to follow")
+    bf16_copy = model._encoder_in(torch.bfloat16)
+    assert model._encoder_in(None) is not bf16_copy  # one copy per precision, kept across switches
+    assert model._encoder_in(torch.bfloat16) is bf16_copy
     with torch.no_grad():
-        model.encoder.layers[0].ffn_out.bias.add_(0.5)  # in place, as optimizers do
+        # in place, as optimizers do (not a constant added to a bias: the LayerNorm after it would cancel that)
+        model.encoder.layers[0].ffn_out.weight.mul_(2.0)
     after = model.encode("a sentence to follow", precision="bf16")
     fp32_after = model.encode("a sentence to follow")
-    assert np.abs(after - before).max() > 1e-3
+    assert np.abs(after - before).max() > 1e-3 and np.abs(fp32_after - fp32_before).max() > 1e-3
+    model.packed_cpu_inference = False  # the unpacked fp32 path runs the changed weights themselves
+    assert np.abs(model.encode("a sentence to follow") - fp32_after).max() < 1e-5
     assert float(np.dot(after, fp32_after) / np.linalg.norm(after) / np.linalg.norm(fp32_after)) > 0.99
