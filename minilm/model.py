@@ -137,9 +137,9 @@ class SentenceEncoder(nn.Module):
         CPUs with AVX-512 bf16 or AMX). Pooling and the returned embeddings stay float32.
         batch_size and token_budget: sentences are encoded longest first, and the first batch holds the
         batch_size longest. With token_budget (the default), each later batch takes as many of the shorter
-        sentences as fit in that first batch's number of tokens: peak memory stays that of batch_size sentences,
-        the matrix multiplies get more rows, and the embeddings are the same. token_budget=False: exactly
-        batch_size sentences per forward pass.
+        sentences as fit in that first batch's number of tokens: peak memory stays that of batch_size
+        sentences, the matrix multiplies get more rows, and the embeddings are the same (to float rounding,
+        ~1e-7). token_budget=False: exactly batch_size sentences per forward pass.
         Returns [n, embedding_dim], or [embedding_dim] for a single string. Text past max_seq_length is truncated.
         """
         if precision not in PRECISIONS:
