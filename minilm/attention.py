@@ -7,7 +7,7 @@ sentence, and no backend ever attends to (or computes on) padding that the calle
 Backends:
 - "math":   the plain reference: pad, explicit softmax(q k^T / sqrt(d)) v in float32, unpad.
 - "sdpa":   torch's scaled_dot_product_attention: on the CPU once per run of equally long sentences (no
-            padding at all), elsewhere on a padded copy made only around that one call.
+            padding copied), elsewhere on a padded copy made only around that one call.
 - "triton": the fused flash-attention kernel of `minilm.kernels` (CUDA; CPU only under TRITON_INTERPRET=1).
 
 `pick_backend(device)` is the one place that chooses per device; `attention(..., backend="name")` forces one.
