@@ -13,13 +13,19 @@ EPSILON = 1e-12  # as torch.nn.functional.normalize: norms below it are clamped
 
 
 @triton.jit
-def _pool_forward(Tokens, Out, Norm, cu_seqlens, dim, stride_t,
-                  NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _sentence(cu_seqlens, dim, BLOCK_D: tl.constexpr):
+    """This program's sentence: its index, first token, length, and the feature columns (with their mask)."""
     sequence = tl.program_id(0)
     start = tl.load(cu_seqlens + sequence)
     length = tl.load(cu_seqlens + sequence + 1) - start
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < dim
+    return sequence, start, length, dims, dims < dim
+
+
+@triton.jit
+def _pool_forward(Tokens, Out, Norm, cu_seqlens, dim, stride_t,
+                  NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    sequence, start, length, dims, dim_ok = _sentence(cu_seqlens, dim, BLOCK_D)
     total = tl.zeros([BLOCK_D], tl.float32)
     for block_start in range(0, length, BLOCK_T):
         rows = block_start + tl.arange(0, BLOCK_T)
@@ -36,11 +42,7 @@ def _pool_forward(Tokens, Out, Norm, cu_seqlens, dim, stride_t,
 @triton.jit
 def _pool_backward(dOut, Out, Norm, dTokens, cu_seqlens, dim, stride_t,
                    NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    sequence = tl.program_id(0)
-    start = tl.load(cu_seqlens + sequence)
-    length = tl.load(cu_seqlens + sequence + 1) - start
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < dim
+    sequence, start, length, dims, dim_ok = _sentence(cu_seqlens, dim, BLOCK_D)
     d_out = tl.load(dOut + sequence * dim + dims, mask=dim_ok, other=0.0).to(tl.float32)
     if NORMALIZE:
         # y = m / |m|  =>  dm = (dy - y * <dy, y>) / |m|   (with the clamped norm, as F.normalize)
