@@ -7,6 +7,7 @@
 """
 
 from minilm.model import SentenceEncoder, batch_to, load
+from minilm.similarity_search import search
 
 __version__ = "0.1.0"
-__all__ = ["SentenceEncoder", "batch_to", "load", "__version__"]
+__all__ = ["SentenceEncoder", "batch_to", "load", "search", "__version__"]
