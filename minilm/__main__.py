@@ -1,31 +1,188 @@
-"""Encode sentences and print their cosine similarities:  python -m minilm "A man eats." "Someone is eating."
+"""python -m minilm: compare sentences, embed a corpus to disk, search it.
+
+    python -m minilm "A man eats." "Someone is eating."       cosine similarity matrix (also: similarity ...)
+    python -m minilm encode INPUT --out DIR                     stream INPUT's texts into DIR (resumable; torchrun)
+    python -m minilm search DIR "a query" ...                   the top hits of each query in DIR
 """
 
 import argparse
-
-import minilm
+import os
+import sys
 
 EXAMPLES = ["A man is eating food.", "Someone is having a meal.", "A man is riding a horse.",
             "The stock market fell sharply today."]
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+COMMANDS = ("similarity", "encode", "search")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("sentences", nargs="*", help=f"sentences to compare (default: {len(EXAMPLES)} examples)")
-    parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="directory or hub id")
-    parser.add_argument("--device", default=None)
-    args = parser.parse_args()
+def similarity(args) -> None:
+    import minilm
+
     sentences = args.sentences or EXAMPLES
-    model = minilm.load(args.model, device=args.device)
+    model = _load(args.parser, args.model, args.device)
     embeddings = model.encode(sentences)
     print(f"{args.model}: {len(sentences)} sentences -> {embeddings.shape[1]}-d embeddings "
           f"(device {model.device}, attention backend {model.attention_backend or 'auto'})\n")
-    similarities = model.similarity(embeddings, embeddings)
+    similarities = minilm.SentenceEncoder.similarity(embeddings, embeddings)
     for i, sentence in enumerate(sentences):
         print(f"[{i}] {sentence}")
     print("\ncosine similarity\n      " + "".join(f"[{j}]    " for j in range(len(sentences))))
     for i, row in enumerate(similarities.tolist()):
         print(f"[{i}]  " + "".join(f"{value:6.3f} " for value in row))
+
+
+def encode(args) -> None:
+    from minilm import corpus
+
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device is None:
+        import torch
+
+        if torch.cuda.is_available():  # one GPU per process under torchrun
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+    model = _load(args.parser, args.model, device, args.max_seq_length)
+    try:
+        manifest = corpus.encode_corpus(
+            model, args.input, args.out, model_name=args.model, fmt=args.format, field=args.field,
+            id_field=args.id_field, dtype=args.dtype, precision=args.precision, normalize=args.normalize,
+            batch_size=args.batch_size, window=args.window, calibration_size=args.calibration_size,
+            overwrite=args.overwrite, progress=not args.no_progress, log=_rank0_print)
+    except corpus.CorpusError as error:
+        _fail(args.parser, str(error))
+    _rank0_print(f"{args.out}: {manifest['count']} texts -> embeddings.npy {manifest['shape']} {manifest['dtype']}, "
+                 "ids.txt, offsets.npy, manifest.json")
+
+
+def search(args) -> None:
+    from minilm import corpus
+
+    try:
+        data = corpus.Corpus(args.dir)
+    except corpus.CorpusError as error:
+        _fail(args.parser, str(error))
+    manifest = data.manifest
+    if args.rescore is not None and manifest["dtype"] != "binary":
+        _fail(args.parser, f"--rescore is for binary corpora; {args.dir} is {manifest['dtype']}")
+    model = _load(args.parser, args.model or manifest["model"], args.device, manifest["settings"]["max_seq_length"])
+    if corpus.model_fingerprint(model) != manifest["settings"]["model_fingerprint"]:
+        _fail(args.parser, f"the model {args.model or manifest['model']} is not the one that encoded {args.dir} "
+                           "(its weights or tokenizer differ); pass that model with --model")
+    queries = model.encode(args.queries, normalize=manifest["normalize"], precision=manifest["precision"])
+    indices, scores = data.search(queries, top_k=args.top_k, rescore=args.rescore)
+    for query, rows, row_scores in zip(args.queries, indices.tolist(), scores.tolist()):
+        print(f"\nquery: {query}")
+        texts, ids = data.texts(rows), data.ids(rows)
+        if texts and texts[0] is None:
+            print(f"  ({manifest['input']['path']} is gone or changed since encoding: texts not shown)")
+        for rank, (score, record_id, text) in enumerate(zip(row_scores, ids, texts), 1):
+            shown = "" if text is None else "  " + (text if len(text) <= 160 else text[:157] + "...")
+            print(f"{rank:4d}. {score:.4f}  {record_id}{shown}")
+
+
+def _load(parser, name, device, max_seq_length=None):
+    import minilm
+
+    try:
+        return minilm.load(name, device=device, max_seq_length=max_seq_length)
+    except (OSError, ValueError) as error:
+        _fail(parser, f"--model {name}: {error}")
+
+
+def _rank0_print(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, flush=True)
+
+
+def _fail(parser, message: str):
+    """One line, from one process (under torchrun every rank fails the same way), exit status 2."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        parser.error(message)
+    sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m minilm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="{similarity,encode,search}")
+
+    p = commands.add_parser("similarity", help="print the cosine similarity matrix of sentences (the default)",
+                            description="Encode sentences and print their cosine similarities. Also the bare "
+                                        "form: python -m minilm \"A man eats.\" \"Someone is eating.\"")
+    p.add_argument("sentences", nargs="*", help=f"sentences to compare (default: {len(EXAMPLES)} examples)")
+    p.add_argument("--model", default=MODEL, help="directory or hub id (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    p.set_defaults(run=similarity, parser=p)
+
+    p = commands.add_parser(
+        "encode", help="embed every text of a file into DIR (streaming, resumable, shardable with torchrun)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Embed every text of INPUT into DIR, one window of texts at a time, so memory does not grow "
+                    "with the corpus.\n\nDIR/embeddings.npy [count, dim] (np.load(..., mmap_mode='r')), "
+                    "DIR/ids.txt (one id per row), DIR/offsets.npy (each row's byte offset in INPUT), "
+                    "DIR/manifest.json.\nKilled at any point, the same command continues from the last window "
+                    "written; the result is byte-identical to an uninterrupted run.\nUnder torchrun (any number "
+                    "of processes and machines sharing DIR's filesystem) each process encodes its share of the "
+                    "windows into the same files.\n\nInput: .jsonl (--field, --id-field), .tsv/.csv with a header "
+                    "line (--column, --id-column), else plain text, one text per line (ids: line numbers; an empty "
+                    "line is kept as the empty text). UTF-8; one record per line.",
+        epilog="examples:\n  python -m minilm encode corpus.jsonl --field text --id-field _id --out emb\n"
+               "  torchrun --nproc_per_node=4 -m minilm encode texts.txt --out emb --dtype int8")
+    p.add_argument("input", help="the texts: .txt (one per line), .jsonl, .tsv or .csv")
+    p.add_argument("--out", required=True, help="output directory (new, empty, or one this command started)")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "tsv", "csv"],
+                   help="input format (default: by extension; anything not .jsonl/.json/.tsv/.csv is text)")
+    p.add_argument("--field", "--column", dest="field", default=None,
+                   help="JSONL field / TSV-CSV column holding the text (default: text)")
+    p.add_argument("--id-field", "--id-column", dest="id_field", default=None,
+                   help="JSONL field / TSV-CSV column holding the id (default: the record's line number)")
+    p.add_argument("--model", default=MODEL, help="directory or hub id (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8", "binary"],
+                   help="stored precision: int8 with per-dimension ranges calibrated on the first "
+                        "--calibration-size texts (in the manifest), binary = 1 bit per dimension (> 0), 8 per "
+                        "byte (default: float32)")
+    p.add_argument("--calibration-size", type=int, default=1000,
+                   help="int8: texts from the start of INPUT to calibrate the ranges on (default: %(default)s)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="the encoder's compute precision (default: fp32)")
+    p.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction,
+                   help="unit-length embeddings (default: as the model, Normalize in modules.json)")
+    p.add_argument("--batch-size", type=int, default=32, help="encode batch size (default: %(default)s)")
+    p.add_argument("--max-seq-length", type=int, default=None, help="truncate texts at this many tokens "
+                   "(default: the model's)")
+    p.add_argument("--window", type=int, default=10000,
+                   help="texts read, length-sorted, encoded and written at a time; the unit of resume and of "
+                        "sharding (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available; under "
+                   "torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in a DIR that holds another (or a finished) run of this command")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=encode, parser=p)
+
+    p = commands.add_parser("search", help="print the top hits of queries in a DIR made by encode",
+                            description="Encode the queries with DIR's model and print the exact top hits (score, "
+                                        "id, text read back from INPUT).")
+    p.add_argument("dir", help="a finished DIR of python -m minilm encode")
+    p.add_argument("queries", nargs="+", help="query texts")
+    p.add_argument("--top-k", type=int, default=10, help="hits per query (default: %(default)s)")
+    p.add_argument("--rescore", type=int, default=None, metavar="M",
+                   help="binary DIR: rescore the M * top-k best by Hamming distance with the float query "
+                        "(suggested: 4)")
+    p.add_argument("--model", default=None, help="the model that encoded DIR (default: the manifest's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    p.set_defaults(run=search, parser=p)
+    return parser
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["similarity", *argv]  # the bare form: python -m minilm "one sentence" "another"
+    args = build_parser().parse_args(argv)
+    if args.command == "search" and args.top_k < 1:
+        _fail(args.parser, f"--top-k must be at least 1, not {args.top_k}")
+    args.run(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,532 @@
+"""Embed a corpus of any size to disk, resumably, over any number of processes:  python -m minilm encode ...
+
+    DIR/embeddings.npy  [count, dim] float32/float16/int8, or [count, ceil(dim / 8)] uint8 packed bits: a plain
+                        .npy (np.load(path, mmap_mode="r") opens it without reading it)
+    DIR/ids.txt         one id per row (the --id-field/--id-column value, else the record's line number in INPUT)
+    DIR/offsets.npy     [count] int64: the byte offset of each row's record in INPUT (search prints the text)
+    DIR/manifest.json   model, its fingerprint, settings, dtype, calibration, input fingerprint, state
+    DIR/done.bin        while encoding: one byte per window, 1 once its rows are on disk
+
+The run has two phases. Prepare (rank 0 alone): one cheap pass over INPUT validates every record (so bad input
+fails before any encoding, naming its line), hashes the file, writes ids.txt and offsets.npy, encodes the int8
+calibration sample (the first `calibration_size` texts), and creates embeddings.npy at its full size: counting
+first, rather than growing the file, is what lets every process write its own rows into one file from the start.
+Encode: the input is cut into windows of `window` records; the windows not yet done are dealt round-robin to the
+processes, and each process reads its windows by offset, encodes them with `model.encode` (which sorts a window
+by length into batches), and writes the rows at their place in input order with pwrite. Memory holds one window.
+
+Resume: a window's byte in done.bin is set only after its rows are written and fsynced, and every window is
+encoded the same way whoever encodes it, so a run killed anywhere (kill -9 included) continues from the windows
+not marked done and ends byte-identical to an uninterrupted run; so does a run over N processes. (Same model,
+settings and kind of hardware: float rounding differs between CPU and GPU.) pwrite rather than a shared
+memory map: a page holding the rows of two windows is then never written back whole by two machines.
+"""
+
+import csv
+import hashlib
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minilm.similarity_search import calibrate_int8, pack_binary, quantize_int8
+
+FORMAT = "minilm-corpus/1"
+DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "binary": np.uint8}
+INPUT_FORMATS = ("text", "jsonl", "tsv", "csv")
+FILES = ("manifest.json", "embeddings.npy", "ids.txt", "offsets.npy", "done.bin")
+PARTIAL = ".partial"  # files being written; a finished file is renamed to its name
+# Settings that change the bytes of embeddings.npy: a resumed run must use the same ones.
+SETTINGS = ("model_fingerprint", "dtype", "precision", "normalize", "max_seq_length", "batch_size", "window",
+            "calibration_size", "input_path", "input_format", "field", "id_field")
+# Test hook: MINILM_CORPUS_CRASH="point:window" ends the process like kill -9 at that point (points: prepare,
+# rows = half of the window's rows written, flushed = rows fsynced but the window not marked done, marked).
+CRASH = os.environ.get("MINILM_CORPUS_CRASH", "")
+
+
+class CorpusError(Exception):
+    """Bad input, a DIR that does not match, or a write that failed: one line for the user."""
+
+
+def _crash(point: str, window: int = -1) -> None:
+    if CRASH and CRASH in (point, f"{point}:{window}"):
+        _die()
+
+
+def _die() -> None:
+    os._exit(137)  # no cleanup, no flush: what kill -9 leaves
+
+
+# --- input ----------------------------------------------------------------------------------------------------
+def input_format(path: Path, fmt: str = "auto") -> str:
+    """The reader for INPUT: --format, else by extension (.jsonl/.json, .tsv, .csv; anything else: text)."""
+    if fmt != "auto":
+        return fmt
+    suffix = path.suffix.lower()
+    if suffix in (".gz", ".bz2", ".xz", ".zst", ".zip"):
+        raise CorpusError(f"{path}: compressed input is not supported (records are read back by byte offset); "
+                          "decompress it first")
+    return {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".csv": "csv"}.get(suffix, "text")
+
+
+class Reader:
+    """Records of INPUT: one per line. text: every line is a text (an empty line is the empty text, kept so that
+    row i is line i + 1); jsonl: one object per line, blank lines skipped; tsv/csv: a header line, then one row
+    per line (a quoted field may not hold a line break), blank lines skipped."""
+
+    def __init__(self, path, fmt: str = "auto", field=None, id_field=None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CorpusError(f"{self.path}: no such file")
+        self.format = input_format(self.path, fmt)
+        self.field, self.id_field = field, id_field
+        self.body_start, self.body_line = 0, 1  # byte offset and line number of the first record
+        if self.format == "text":
+            if field or id_field:
+                raise CorpusError(f"{self.path} is read as plain text (one text per line): --field/--id-field are "
+                                  "for .jsonl/.tsv/.csv input (or pass --format)")
+        elif self.format == "jsonl":
+            self.field = field or "text"
+        else:
+            self.delimiter = "\t" if self.format == "tsv" else ","
+            with open(self.path, "rb") as file:
+                header = file.readline()
+            self.body_start, self.body_line = len(header), 2
+            columns = self._row(header, 1)
+            self.field = field or "text"
+            for flag, name in (("--column", self.field), ("--id-column", id_field)):
+                if name is not None and name not in columns:
+                    raise CorpusError(f"{self.path} line 1: no column {name!r} (columns: {', '.join(columns)}); "
+                                      f"pass {flag}")
+            self.text_index = columns.index(self.field)
+            self.id_index = columns.index(id_field) if id_field else None
+            self.num_columns = len(columns)
+
+    def _decode(self, line: bytes, where) -> str:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise CorpusError(f"{self.path} {where}: not UTF-8 ({error.reason} at byte {error.start} of the "
+                              "line); minilm reads UTF-8 text") from None
+        if text.endswith("\n"):
+            text = text[:-1]
+        if text.endswith("\r"):
+            text = text[:-1]
+        return text.lstrip("\ufeff") if where == "line 1" else text
+
+    def _row(self, line: bytes, where) -> list:
+        try:
+            return next(csv.reader([self._decode(line, f"line {where}")], delimiter=self.delimiter, strict=True))
+        except csv.Error as error:
+            raise CorpusError(f"{self.path} line {where}: not a {self.format.upper()} row ({error}); a quoted "
+                              "field may not hold a line break") from None
+
+    def records(self, offset=None, line_number=None):
+        """Yield (byte offset, line number or None, text, id or None) from `offset` (default: the first record)."""
+        if offset is None:
+            offset, line_number = self.body_start, self.body_line
+        with open(self.path, "rb") as file:
+            file.seek(offset)
+            for line in file:
+                where = f"line {line_number}" if line_number is not None else f"byte {offset}"
+                record = self._parse(line, where)
+                if record is not None:
+                    yield (offset, line_number, *record)
+                offset += len(line)
+                line_number = line_number + 1 if line_number is not None else None
+
+    def _parse(self, line: bytes, where):
+        if self.format == "text":
+            return self._decode(line, where), None
+        if not line.strip():
+            return None
+        if self.format == "jsonl":
+            try:
+                value = json.loads(self._decode(line, where))
+            except json.JSONDecodeError as error:
+                raise CorpusError(f"{self.path} {where}: not JSON ({error.msg} at column {error.colno}); "
+                                  "JSONL holds one object per line") from None
+            if not isinstance(value, dict):
+                raise CorpusError(f"{self.path} {where}: a JSON {type(value).__name__}, not an object")
+            keys = ", ".join(map(repr, list(value)[:10]))
+            for flag, name in (("--field", self.field), ("--id-field", self.id_field)):
+                if name is not None and name not in value:
+                    raise CorpusError(f"{self.path} {where}: no field {name!r} (fields: {keys}); pass {flag}")
+            text, record_id = value[self.field], value.get(self.id_field) if self.id_field else None
+            if not isinstance(text, str):
+                raise CorpusError(f"{self.path} {where}: field {self.field!r} is {type(text).__name__}, not a "
+                                  "string")
+            if record_id is not None and not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
+                raise CorpusError(f"{self.path} {where}: field {self.id_field!r} is {type(record_id).__name__}; "
+                                  "ids are strings or whole numbers")
+            return text, None if record_id is None else str(record_id)
+        row = self._row(line, where.removeprefix("line "))
+        if len(row) != self.num_columns:
+            raise CorpusError(f"{self.path} {where}: {len(row)} fields, the header has {self.num_columns}")
+        return row[self.text_index], row[self.id_index] if self.id_index is not None else None
+
+    def read(self, offset: int, count: int) -> list:
+        """The texts of `count` records from the one at byte `offset` (a window)."""
+        texts = []
+        for _, _, text, _ in self.records(offset):
+            texts.append(text)
+            if len(texts) == count:
+                return texts
+        raise CorpusError(f"{self.path} ends {len(texts)} records after byte {offset}, {count} were expected: "
+                          "the input changed during the run")
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of what decides a model's embeddings: weights, tokenizer, pooling, normalization."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.encoder.state_dict().items()):
+        if name.startswith("pooler."):
+            continue  # never used by sentence embeddings
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    digest.update(model.tokenizer.tokenizer.to_str().encode())
+    digest.update(json.dumps([model.pooling_modes, bool(model.normalize), model.tokenizer.do_lower_case]).encode())
+    return digest.hexdigest()
+
+
+# --- files ----------------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, value) -> None:
+    """Atomically: a reader (or a crash) sees the old file or the new one, never half of one."""
+    partial = path.with_name(path.name + PARTIAL)
+    with open(partial, "w") as file:
+        file.write(json.dumps(value, indent=1) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)
+    _fsync_dir(path.parent)
+
+
+def _pwrite(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def read_manifest(out: Path):
+    """DIR's manifest, None for a new or empty DIR; refuses a DIR holding files minilm did not write."""
+    if out.exists() and not out.is_dir():
+        raise CorpusError(f"--out {out} is a file, not a directory")
+    names = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    manifest = None
+    if "manifest.json" in names:
+        try:
+            manifest = json.loads((out / "manifest.json").read_text())
+        except (OSError, ValueError) as error:
+            raise CorpusError(f"{out / 'manifest.json'}: unreadable ({error}); not touching {out}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise CorpusError(f"{out / 'manifest.json'} is not a minilm corpus manifest ({FORMAT}); choose an "
+                              "empty or new --out")
+    ours = set(FILES) | {name + PARTIAL for name in FILES}
+    foreign = [name for name in names if name not in ours]
+    if foreign or (names and manifest is None):
+        shown = ", ".join((foreign or names)[:5])
+        raise CorpusError(f"--out {out} holds files minilm did not write ({shown}); choose an empty or new --out "
+                          "(minilm never deletes files it did not write)")
+    return manifest
+
+
+def _remove_ours(out: Path, keep=()) -> None:
+    for name in FILES:
+        for path in (out / name, out / (name + PARTIAL)):
+            if path.name not in keep and path.exists():
+                path.unlink()
+
+
+def _differences(old: dict, new: dict) -> str:
+    changed = [key for key in SETTINGS if old["settings"].get(key) != new["settings"].get(key)]
+    if old.get("input", {}).get("sha256") not in (None, new["input"]["sha256"]):
+        changed.append("input")
+    return ", ".join(f"{key} {_short(old['settings'].get(key) if key != 'input' else old['input']['sha256'])} -> "
+                     f"{_short(new['settings'].get(key) if key != 'input' else new['input']['sha256'])}"
+                     for key in changed)
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text[:17] + "...\"" if isinstance(value, str) and len(value) > 20 else text
+
+
+# --- the run --------------------------------------------------------------------------------------------------
+def _distributed():
+    """(rank, world size) under torchrun, initializing the process group (gloo on CPU, nccl on GPU); (0, 1) alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # Long timeout: the other ranks wait while rank 0 reads, validates and hashes all of INPUT.
+        dist.init_process_group(backend, timeout=timedelta(hours=6))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _broadcast(value, rank: int, world: int):
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0, device=torch.device("cuda", torch.cuda.current_device())
+                               if dist.get_backend() == "nccl" else None)
+    return box[0]
+
+
+def encode_corpus(model, input_path, out, model_name: str, fmt: str = "auto", field=None, id_field=None,
+                  dtype: str = "float32", precision: str = "fp32", normalize=None, batch_size: int = 32,
+                  window: int = 10000, calibration_size: int = 1000, overwrite: bool = False,
+                  progress: bool = True, log=print) -> dict:
+    """Encode INPUT into DIR (see the module docstring); under torchrun each process does its share.
+
+    Returns the manifest. Raises CorpusError with one line for bad input or a DIR that does not match."""
+    if dtype not in DTYPES:
+        raise CorpusError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if window < 1 or batch_size < 1 or calibration_size < 1:
+        raise CorpusError("--window, --batch-size and --calibration-size must be at least 1")
+    rank, world = _distributed()
+    out, input_path = Path(out), Path(input_path).resolve()
+    normalize = bool(model.normalize if normalize is None else normalize)
+    settings = {"model_fingerprint": model_fingerprint(model), "dtype": dtype, "precision": precision,
+                "normalize": normalize, "max_seq_length": model.max_seq_length, "batch_size": batch_size,
+                "window": window, "calibration_size": calibration_size if dtype == "int8" else None,
+                "input_path": str(input_path), "input_format": None, "field": field, "id_field": id_field}
+    encode = dict(batch_size=batch_size, normalize=normalize, precision=precision)
+    result = None
+    if rank == 0:
+        try:
+            result = _prepare(model, model_name, input_path, out, fmt, settings, encode, overwrite, log)
+        except CorpusError as error:
+            result = error
+        except OSError as error:
+            result = CorpusError(f"cannot write {out}: {error.strerror or error} ({error.filename or out})")
+    result = _broadcast(result, rank, world)
+    if isinstance(result, CorpusError):
+        raise result
+    manifest = result
+    if manifest["state"] == "finished":
+        return manifest
+    if rank != 0 and manifest["settings"]["model_fingerprint"] != settings["model_fingerprint"]:
+        raise CorpusError(f"rank {rank}: its --model is not the one rank 0 loaded (fingerprints differ)")
+    _encode_windows(model, manifest, out, rank, world, encode, progress and rank == 0)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if rank == 0:
+        done = np.fromfile(out / "done.bin", dtype=np.uint8)
+        if not done.all():  # only if a rank skipped a window: a bug, never silently a hole
+            raise CorpusError(f"{out}: windows {np.flatnonzero(done == 0)[:5].tolist()} were not written; rerun")
+        manifest["state"] = "finished"
+        _write_json(out / "manifest.json", manifest)
+        (out / "done.bin").unlink()
+    if world > 1:
+        dist.barrier()
+    return manifest
+
+
+def _prepare(model, model_name, input_path, out, fmt, settings, encode, overwrite, log) -> dict:
+    """Rank 0: check DIR against this run, and for a new run validate INPUT and lay out all files."""
+    manifest = read_manifest(out)
+    reader = Reader(input_path, fmt, settings["field"], settings["id_field"])
+    settings["input_format"] = reader.format
+    if manifest is not None and not overwrite:
+        # A killed prepare never hashed the input: compare the settings only, then prepare again.
+        sha = file_sha256(input_path) if manifest["state"] != "preparing" else None
+        differences = _differences(manifest, {"settings": settings, "input": {"sha256": sha}})
+        if differences:
+            raise CorpusError(f"--out {out} was encoded with other settings or input ({differences}); use another "
+                              "--out, or --overwrite to start again")
+        if manifest["state"] == "finished":
+            log(f"{out} is finished ({manifest['count']} texts, {manifest['dtype']}): nothing to do "
+                "(--overwrite encodes it again)")
+            return manifest
+        if manifest["state"] == "encoding":
+            return manifest
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_ours(out)
+    manifest = {"format": FORMAT, "state": "preparing", "model": model_name, "settings": settings}
+    _write_json(out / "manifest.json", manifest)  # first: from now on the DIR's files are known to be minilm's
+
+    # One pass over INPUT: validate every record (bad input fails here, before any encoding), write the ids and
+    # the record offsets, keep the calibration sample. Offsets go raw to a scratch file: the count is unknown.
+    count, empty, sample = 0, 0, []
+    want_sample = settings["calibration_size"] if settings["dtype"] == "int8" else 0
+    scratch = out / ("done.bin" + PARTIAL)
+    with open(out / ("ids.txt" + PARTIAL), "w", encoding="utf-8", newline="\n") as ids, open(scratch, "wb") as raw:
+        block = []
+        for offset, line_number, text, record_id in reader.records():
+            record_id = str(line_number) if record_id is None else record_id
+            if not record_id or any(c in record_id for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"):
+                raise CorpusError(f"{input_path} line {line_number}: id {record_id!r} is empty or holds a line "
+                                  "break; ids.txt holds one id per line")
+            ids.write(record_id + "\n")
+            block.append(offset)
+            if len(block) == 65536:
+                raw.write(np.asarray(block, dtype="<i8").tobytes())
+                block = []
+            count += 1
+            empty += not text.strip()
+            if len(sample) < want_sample:
+                sample.append(text)
+        raw.write(np.asarray(block, dtype="<i8").tobytes())
+    if count == 0:
+        raise CorpusError(f"{input_path} holds no records")
+    with open(out / ("offsets.npy" + PARTIAL), "wb") as target, open(scratch, "rb") as source:
+        np.lib.format.write_array_header_1_0(target, {"descr": "<i8", "fortran_order": False, "shape": (count,)})
+        while chunk := source.read(1 << 20):
+            target.write(chunk)
+    sha = file_sha256(input_path)
+    _crash("prepare")
+
+    calibration = None
+    if settings["dtype"] == "int8":
+        calibration = calibrate_int8(model.encode(sample, **encode))
+    dim = model.embedding_dim
+    columns = (dim + 7) // 8 if settings["dtype"] == "binary" else dim
+    embeddings = np.lib.format.open_memmap(out / ("embeddings.npy" + PARTIAL), mode="w+",
+                                           dtype=DTYPES[settings["dtype"]], shape=(count, columns))
+    del embeddings  # a sparse file of the full size: each window's rows are written into it
+    windows = (count + settings["window"] - 1) // settings["window"]
+    scratch.write_bytes(bytes(windows))
+    for name in ("ids.txt", "offsets.npy", "embeddings.npy", "done.bin"):
+        path = out / (name + PARTIAL)
+        with open(path, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(path, out / name)
+    stat = input_path.stat()
+    manifest.update(state="encoding", count=count, dim=dim, dtype=settings["dtype"], shape=[count, columns],
+                    normalize=settings["normalize"], precision=settings["precision"], calibration=calibration,
+                    empty_texts=empty, windows=windows,
+                    input={"path": str(input_path), "format": reader.format, "size": stat.st_size,
+                           "mtime_ns": stat.st_mtime_ns, "sha256": sha})
+    _write_json(out / "manifest.json", manifest)  # last: the DIR is laid out
+    if empty:
+        log(f"note: {empty} of {count} texts in {input_path} are empty or blank; they are kept (embedded as "
+            "the empty text) so that rows stay aligned with the input")
+    return manifest
+
+
+def _encode_windows(model, manifest, out, rank, world, encode, progress) -> None:
+    """Encode this process's share of the windows not yet done; each is marked done once its rows are on disk."""
+    window, count, dtype = manifest["settings"]["window"], manifest["count"], manifest["dtype"]
+    done = np.fromfile(out / "done.bin", dtype=np.uint8)
+    remaining = np.flatnonzero(done == 0)
+    mine = remaining[rank::world]  # every rank read the same done.bin: they agree on the split
+    offsets = np.load(out / "offsets.npy", mmap_mode="r")
+    header = np.load(out / "embeddings.npy", mmap_mode="r").offset
+    row_bytes = manifest["shape"][1] * np.dtype(DTYPES[dtype]).itemsize
+    reader = Reader(manifest["input"]["path"], manifest["input"]["format"], manifest["settings"]["field"],
+                    manifest["settings"]["id_field"])
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        finished = lambda marks: int(sum(min(window, count - w * window) for w in np.flatnonzero(marks)))  # noqa
+        bar = tqdm(total=count, initial=finished(done), unit="text", unit_scale=True, dynamic_ncols=True,
+                   desc=f"encode {out.name}" + (f" ({world} processes)" if world > 1 else ""), smoothing=0.1)
+    start, tokens = time.perf_counter(), 0
+    embeddings_fd = os.open(out / "embeddings.npy", os.O_WRONLY)
+    done_fd = os.open(out / "done.bin", os.O_WRONLY)
+    try:
+        for w in map(int, mine):
+            first = w * window
+            texts = reader.read(int(offsets[first]), min(window, count - first))
+            rows = model.encode(texts, **encode)  # [n, dim] float32, in the window's order
+            if dtype == "int8":
+                rows = quantize_int8(rows, manifest["calibration"])
+            elif dtype == "binary":
+                rows = pack_binary(rows)
+            data = np.ascontiguousarray(rows.astype(DTYPES[dtype], copy=False)).tobytes()
+            if CRASH.startswith("rows"):
+                _pwrite(embeddings_fd, data[:len(data) // 2], header + first * row_bytes)
+                _crash("rows", w)
+            _pwrite(embeddings_fd, data, header + first * row_bytes)
+            os.fsync(embeddings_fd)  # the rows are on disk before the window is marked done
+            _crash("flushed", w)
+            _pwrite(done_fd, b"\x01", w)
+            os.fsync(done_fd)
+            _crash("marked", w)
+            if bar is not None:
+                tokens += sum(map(len, model.tokenizer.encode_ids(texts)))
+                before = bar.n
+                bar.update(finished(np.fromfile(out / "done.bin", dtype=np.uint8)) - before)
+                # tokens/s over all processes, from this one's tokens per text
+                rate = tokens / max(time.perf_counter() - start, 1e-9) * world
+                bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
+    except OSError as error:
+        raise CorpusError(f"cannot write {out}: {error.strerror or error}; nothing is lost: rerun the same "
+                          "command to continue from the windows not yet written") from None
+    finally:
+        os.close(embeddings_fd)
+        os.close(done_fd)
+        if bar is not None:
+            bar.close()
+
+
+# --- reading a corpus back ------------------------------------------------------------------------------------
+class Corpus:
+    """A finished DIR: embeddings (memory-mapped), ids, texts read back from INPUT by offset, and search."""
+
+    def __init__(self, out):
+        self.dir = Path(out)
+        if not (self.dir / "manifest.json").is_file():
+            raise CorpusError(f"{self.dir}: no manifest.json; not a corpus made by python -m minilm encode")
+        self.manifest = read_manifest(self.dir)
+        if self.manifest["state"] != "finished":
+            raise CorpusError(f"{self.dir} is not finished ({self.manifest['state']}): rerun its encode command "
+                              "to continue")
+        self.embeddings = np.load(self.dir / "embeddings.npy", mmap_mode="r")
+        self.offsets = np.load(self.dir / "offsets.npy", mmap_mode="r")
+
+    def ids(self, rows) -> list:
+        wanted, found = set(int(row) for row in rows), {}
+        with open(self.dir / "ids.txt", encoding="utf-8") as file:  # one pass, for a handful of rows
+            for row, line in enumerate(file):
+                if row in wanted:
+                    found[row] = line.rstrip("\n")
+                    if len(found) == len(wanted):
+                        break
+        return [found[int(row)] for row in rows]
+
+    def texts(self, rows) -> list:
+        """Texts of `rows`, read from INPUT at the recorded offsets; None if INPUT changed since encoding."""
+        info = self.manifest["input"]
+        path = Path(info["path"])
+        if not path.is_file() or path.stat().st_size != info["size"] or path.stat().st_mtime_ns != info["mtime_ns"]:
+            return [None] * len(rows)
+        reader = Reader(path, info["format"], self.manifest["settings"]["field"], self.manifest["settings"]["id_field"])
+        return [next(reader.records(int(self.offsets[int(row)])))[2] for row in rows]
+
+    def search(self, query_embeddings, top_k: int = 10, rescore=None):
+        from minilm.similarity_search import search
+
+        return search(query_embeddings, self.embeddings, top_k=top_k, calibration=self.manifest["calibration"],
+                      rescore=rescore)
