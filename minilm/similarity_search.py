@@ -27,7 +27,9 @@ import torch.nn.functional as F
 
 def _as_float_tensor(rows, device) -> torch.Tensor:
     if not torch.is_tensor(rows):
-        rows = torch.from_numpy(np.ascontiguousarray(rows))
+        rows = np.ascontiguousarray(rows)
+        # a read-only memory map: copy the chunk (it is being read anyway) rather than alias read-only memory
+        rows = torch.from_numpy(rows if rows.flags.writeable else rows.copy())
     return rows.to(device=device, dtype=torch.float32)
 
 

@@ -1,0 +1,107 @@
+"""minilm.search equals brute force on float, int8 and binary corpora, in small chunks; python -m minilm search."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minilm
+from minilm.__main__ import main
+from minilm.similarity_search import calibrate_int8, dequantize_int8, pack_binary, quantize_int8, unpack_binary
+
+from test_corpus import run, tiny, tiny_dir  # noqa: F401 (session fixtures)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    corpus = rng.standard_normal((700, 40)).astype(np.float32)
+    queries = rng.standard_normal((9, 40)).astype(np.float32)
+    return queries, corpus
+
+
+def brute_force(queries, corpus, similarity="cos"):
+    """The full score matrix [num_queries, corpus_size]."""
+    q, c = torch.from_numpy(queries), torch.from_numpy(corpus)
+    if similarity == "cos":
+        q, c = F.normalize(q, dim=-1), F.normalize(c, dim=-1)
+    return q @ c.T
+
+
+def assert_same_ranking(got, all_scores, k, atol=1e-5):
+    """The k best scores, and each returned row really has its score (ties may come in any order)."""
+    indices, scores = got
+    assert torch.allclose(scores, all_scores.topk(k, dim=1).values, atol=atol)
+    assert torch.allclose(all_scores.gather(1, indices), scores, atol=atol)
+    assert all(len(set(row)) == k for row in indices.tolist())
+
+
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+def test_float_equals_brute_force(data, similarity):
+    queries, corpus = data
+    got = minilm.search(queries, corpus, top_k=7, similarity=similarity, query_chunk=4, corpus_chunk=64)
+    assert_same_ranking(got, brute_force(queries, corpus, similarity), 7)
+    indices, _ = minilm.search(queries, corpus[:3], top_k=10)
+    assert indices.shape == (9, 3)  # k = min(top_k, corpus size)
+
+
+def test_int8_equals_brute_force_on_the_decoded_vectors(data):
+    queries, corpus = data
+    calibration = calibrate_int8(corpus[:100])
+    codes = quantize_int8(corpus, calibration)
+    got = minilm.search(queries, codes, top_k=7, query_chunk=4, corpus_chunk=64, calibration=calibration)
+    assert_same_ranking(got, brute_force(queries, dequantize_int8(codes, calibration)), 7)
+    # and it keeps most of the float ranking
+    float_top = brute_force(queries, corpus).topk(7, dim=1).indices
+    overlap = (got[0][:, :, None] == float_top[:, None, :]).any(-1).float().mean()
+    assert overlap > 0.8
+    with pytest.raises(ValueError, match="needs its calibration"):
+        minilm.search(queries, codes)
+
+
+def test_binary_hamming_and_rescoring_equal_brute_force(data):
+    queries, corpus = data
+    bits = pack_binary(corpus)
+    signs = unpack_binary(bits, 40)
+    # Hamming: score 1 - 2 hamming / dim = cosine of the +-1 vectors
+    got = minilm.search(queries, bits, top_k=7, query_chunk=4, corpus_chunk=64)
+    assert_same_ranking(got, brute_force(np.where(queries > 0, 1.0, -1.0).astype(np.float32), signs), 7)
+    hamming = (np.unpackbits(pack_binary(queries)[:, None] ^ bits[None], axis=2, count=40)).sum(-1)  # [q, n]
+    assert np.allclose(got[1].numpy(), 1 - 2 * np.sort(hamming, axis=1)[:, :7] / 40)
+    # Rescoring every row is brute force of the float query against the +-1 vectors.
+    got = minilm.search(queries, bits, top_k=7, corpus_chunk=64, rescore=100)
+    assert_same_ranking(got, brute_force(queries, signs), 7)
+    # Rescoring few candidates: the best of the Hamming top 4 * 7, reordered by the float query.
+    hamming_top, _ = minilm.search(queries, bits, top_k=28, corpus_chunk=64)
+    got = minilm.search(queries, bits, top_k=7, corpus_chunk=64, rescore=4)
+    assert all(set(row) <= set(candidates) for row, candidates in zip(got[0].tolist(), hamming_top.tolist()))
+    with pytest.raises(ValueError, match="rescore is for binary"):
+        minilm.search(queries, corpus, rescore=4)
+    with pytest.raises(ValueError, match="uint8 columns"):
+        minilm.search(queries, bits[:, :3])
+
+
+def test_search_reads_a_memory_mapped_corpus(data, tmp_path):
+    queries, corpus = data
+    np.save(tmp_path / "e.npy", pack_binary(corpus))
+    mapped = np.load(tmp_path / "e.npy", mmap_mode="r")
+    assert torch.equal(minilm.search(queries, mapped, top_k=5, rescore=3)[0],
+                       minilm.search(queries, pack_binary(corpus), top_k=5, rescore=3)[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "binary"])
+def test_cli_search_prints_ids_and_texts(tiny, tiny_dir, tmp_path, capsys, dtype):  # noqa: F811
+    texts = ["a dog runs in the park", "the stock market fell", "a cat sleeps on the sofa", "rain over the city"]
+    (tmp_path / "docs.jsonl").write_text("".join(f'{{"_id": "d{i}", "text": "{t}"}}\n' for i, t in enumerate(texts)))
+    run(tiny, tmp_path / "docs.jsonl", tmp_path / "out", id_field="_id", dtype=dtype)
+    main(["search", str(tmp_path / "out"), "a dog runs in the park", "--top-k", "2", "--device", "cpu"]
+         + (["--rescore", "2"] if dtype == "binary" else []))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "query: a dog runs in the park"
+    expected = minilm.search(tiny.encode(["a dog runs in the park"]),
+                             np.load(tmp_path / "out" / "embeddings.npy"), top_k=2,
+                             rescore=2 if dtype == "binary" else None)[0][0].tolist()
+    for line, row in zip(lines[1:], expected):
+        assert line.split()[2:] == [f"d{row}", *texts[row].split()], lines
+    if dtype == "float32":
+        assert lines[1].split()[1] == "1.0000"  # the query is the first text
