@@ -50,6 +50,11 @@ def encode(args) -> None:
             overwrite=args.overwrite, progress=not args.no_progress, log=_rank0_print)
     except corpus.CorpusError as error:
         _fail(args.parser, str(error))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     _rank0_print(f"{args.out}: {manifest['count']} texts -> embeddings.npy {manifest['shape']} {manifest['dtype']}, "
                  "ids.txt, offsets.npy, manifest.json")
 

@@ -276,3 +276,15 @@ def test_a_window_that_cannot_be_written_loses_nothing(tiny, texts_file, straigh
     assert np.fromfile(out / "done.bin", dtype=np.uint8).tolist() == [1, 0, 0, 0, 0, 0]
     run(tiny, texts_file, out)
     assert_same_files(straight, out)
+
+
+def test_cli_similarity_forms_and_help(tiny_dir, capsys):
+    """The bare form (run.sh and the README call it) and `similarity` print the same matrix."""
+    main(["--model", str(tiny_dir), "--device", "cpu", "A man eats.", "Someone is eating."])
+    bare = capsys.readouterr().out
+    main(["similarity", "--model", str(tiny_dir), "--device", "cpu", "A man eats.", "Someone is eating."])
+    assert capsys.readouterr().out == bare and "[1] Someone is eating." in bare and " 1.000 " in bare
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert all(command in help_text for command in ("similarity", "encode", "search"))
