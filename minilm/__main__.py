@@ -100,9 +100,10 @@ def _rank0_print(message: str) -> None:
 
 
 def _fail(parser, message: str):
-    """One line, from one process (under torchrun every rank fails the same way), exit status 2."""
+    """One line (no usage: the flags parsed), from one process (under torchrun every rank fails the same way),
+    exit status 2."""
     if int(os.environ.get("RANK", "0")) == 0:
-        parser.error(message)
+        print(f"{parser.prog}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  python -m minilm encode corpus.jsonl --field text --id-field _id --out emb\n"
                "  torchrun --nproc_per_node=4 -m minilm encode texts.txt --out emb --dtype int8")
     p.add_argument("input", help="the texts: .txt (one per line), .jsonl, .tsv or .csv")
-    p.add_argument("--out", required=True, help="output directory (new, empty, or one this command started)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (new, empty, or one this command started)")
     p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "tsv", "csv"],
                    help="input format (default: by extension; anything not .jsonl/.json/.tsv/.csv is text)")
     p.add_argument("--field", "--column", dest="field", default=None,
