@@ -253,20 +253,23 @@ def read_manifest(out: Path):
     return manifest
 
 
-def _remove_ours(out: Path, keep=()) -> None:
+def _remove_ours(out: Path) -> None:
     for name in FILES:
         for path in (out / name, out / (name + PARTIAL)):
-            if path.name not in keep and path.exists():
+            if path.exists():
                 path.unlink()
 
 
-def _differences(old: dict, new: dict) -> str:
-    changed = [key for key in SETTINGS if old["settings"].get(key) != new["settings"].get(key)]
-    if old.get("input", {}).get("sha256") not in (None, new["input"]["sha256"]):
-        changed.append("input")
-    return ", ".join(f"{key} {_short(old['settings'].get(key) if key != 'input' else old['input']['sha256'])} -> "
-                     f"{_short(new['settings'].get(key) if key != 'input' else new['input']['sha256'])}"
-                     for key in changed)
+def _differences(old: dict, settings: dict, sha) -> str:
+    """What differs between DIR's run and this one, as "key old -> new, ..." ("" if nothing)."""
+    pairs = [(key, old["settings"].get(key), settings.get(key)) for key in SETTINGS
+             if old["settings"].get(key) != settings.get(key)]
+    if sha is not None and old.get("input", {}).get("sha256") not in (None, sha):
+        pairs.append(("input sha256", old["input"]["sha256"], sha))
+    text = ", ".join(f"{key} {_short(before)} -> {_short(after)}" for key, before, after in pairs)
+    if old["settings"].get("model_fingerprint") != settings.get("model_fingerprint"):
+        text += f"; DIR's model was {old.get('model')}"
+    return text
 
 
 def _short(value) -> str:
@@ -360,7 +363,7 @@ def _prepare(model, model_name, input_path, out, fmt, settings, encode, overwrit
     if manifest is not None and not overwrite:
         # A killed prepare never hashed the input: compare the settings only, then prepare again.
         sha = file_sha256(input_path) if manifest["state"] != "preparing" else None
-        differences = _differences(manifest, {"settings": settings, "input": {"sha256": sha}})
+        differences = _differences(manifest, settings, sha)
         if differences:
             raise CorpusError(f"--out {out} was encoded with other settings or input ({differences}); use another "
                               "--out, or --overwrite to start again")
@@ -449,7 +452,8 @@ def _encode_windows(model, manifest, out, rank, world, encode, progress) -> None
     if progress:
         from tqdm import tqdm
 
-        finished = lambda marks: int(sum(min(window, count - w * window) for w in np.flatnonzero(marks)))  # noqa
+        sizes = np.minimum(window, count - np.arange(len(done)) * window)  # texts per window
+        finished = lambda marks: int(sizes[marks.astype(bool)].sum())  # noqa: E731
         bar = tqdm(total=count, initial=finished(done), unit="text", unit_scale=True, dynamic_ncols=True,
                    desc=f"encode {out.name}" + (f" ({world} processes)" if world > 1 else ""), smoothing=0.1)
     start, tokens = time.perf_counter(), 0
