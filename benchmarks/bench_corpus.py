@@ -1,16 +1,18 @@
 """Corpus encoding at scale: streaming `python -m minilm encode` vs in-memory `encode()`, and SciFact NDCG@10 of
 float32 / int8 / binary(+rescore) embeddings.
 
-    python benchmarks/bench_corpus.py --sizes 100000,1000000      # the full run (~1 h on 2 cores)
-    python benchmarks/bench_corpus.py --sizes 5000,20000 --scifact-docs 600    # a quick check of the script
+    python benchmarks/bench_corpus.py --sizes 100000,1000000      # the full run (~50 min on 2 quiet cores)
+    python benchmarks/bench_corpus.py --sizes 100000 --rounds 3 --scifact-docs 0    # speed ratio, in turns
+    python benchmarks/bench_corpus.py --sizes 5000,20000 --scifact-docs 300    # a quick check of the script
 
 1. Builds a corpus of max(--sizes) texts, each with an id, from the shared data's sentences (STS-B, SICK, Quora,
    SNLI dev/test, SciFact queries and titles; ~70k distinct sentences, repeated in reshuffled passes to reach the
    size), as JSONL {"id", "text"} in --work.
 2. For each size (the first `size` lines): the streaming encoder (minilm.corpus.encode_corpus, the code behind
    python -m minilm encode, default window 10,000) and, at --compare-size texts (default: the largest size),
-   in-memory model.encode() on the same texts; each in its own process, timed after the model is loaded,
-   with that process's peak RSS (ru_maxrss). Streaming time includes its validation pass over the input.
+   in-memory model.encode() on the same texts (--rounds times, in turns with streaming, median ratio printed);
+   each in its own process, timed after the model is loaded, with that process's peak RSS (ru_maxrss).
+   Streaming time includes its validation pass over the input.
 3. SciFact test: the corpus (title + " " + text) streamed to float32 once, int8 (ranges calibrated on the first
    1,000 documents, as --dtype int8 does) and binary (np.packbits(> 0), as --dtype binary does) derived from it
    with the same functions the encoder uses, queries searched exactly with minilm.search; NDCG@10 computed here
@@ -26,6 +28,7 @@ import math
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -194,6 +197,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_corpus",
                         help="where the corpus and outputs are written (default: %(default)s)")
     parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="in-memory / streaming comparisons, taken in turns (a shared machine: 3)")
     parser.add_argument("--window", type=int, default=10000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--child", choices=["stream", "memory"], help=argparse.SUPPRESS)
@@ -216,10 +221,16 @@ def main() -> None:
         rows[size] = measure(args, "stream", head(full, size, args.work / f"corpus-{size}.jsonl"), size)
     compare = sizes[-1] if args.compare_size is None else args.compare_size
     if compare:
+        # In turns (in-memory, streaming, in-memory, ...) so that a slow spell of a shared machine hits both.
         source = head(full, compare, args.work / f"corpus-{compare}.jsonl")
-        memory = measure(args, "memory", source, compare)
-        stream = rows.get(compare) or measure(args, "stream", source, compare)
-        print(f"streaming / in-memory texts/s at {compare:,}: {stream['texts_per_s'] / memory['texts_per_s']:.3f}")
+        ratios = []
+        for round_ in range(args.rounds):
+            memory = measure(args, "memory", source, compare)
+            stream = rows.get(compare) if round_ == 0 and compare in rows else measure(args, "stream", source,
+                                                                                        compare)
+            ratios.append(stream["texts_per_s"] / memory["texts_per_s"])
+        print(f"streaming / in-memory texts/s at {compare:,}: median {statistics.median(ratios):.3f} "
+              f"(rounds: {', '.join(f'{ratio:.3f}' for ratio in ratios)})")
     if len(sizes) > 1:
         print(f"streaming peak RSS {sizes[0]:,} -> {sizes[-1]:,} texts: {rows[sizes[0]]['peak_rss_mb']:.0f} -> "
               f"{rows[sizes[-1]]['peak_rss_mb']:.0f} MB")

@@ -329,7 +329,8 @@ def encode_corpus(model, input_path, out, model_name: str, fmt: str = "auto", fi
         except CorpusError as error:
             result = error
         except OSError as error:
-            result = CorpusError(f"cannot write {out}: {error.strerror or error} ({error.filename or out})")
+            result = CorpusError(f"{error.filename or out}: {error.strerror or error} (preparing {out}; nothing "
+                                 "was encoded yet)")
     result = _broadcast(result, rank, world)
     if isinstance(result, CorpusError):
         raise result
