@@ -135,7 +135,8 @@ def ndcg_at_10(indices, relevant: list) -> float:
     total = 0.0
     for rows, grades in zip(indices, relevant):
         dcg = sum(grades.get(row, 0) / math.log2(rank + 2) for rank, row in enumerate(rows[:10]))
-        ideal = sum(grade / math.log2(rank + 2) for rank, grade in enumerate(sorted(grades.values(), reverse=True)[:10]))
+        best = sorted(grades.values(), reverse=True)[:10]
+        ideal = sum(grade / math.log2(rank + 2) for rank, grade in enumerate(best))
         total += dcg / ideal
     return total / len(relevant)
 

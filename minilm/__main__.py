@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  python -m minilm encode corpus.jsonl --field text --id-field _id --out emb\n"
                "  torchrun --nproc_per_node=4 -m minilm encode texts.txt --out emb --dtype int8")
     p.add_argument("input", help="the texts: .txt (one per line), .jsonl, .tsv or .csv")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (new, empty, or one this command started)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory (new, empty, or one this command started)")
     p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "tsv", "csv"],
                    help="input format (default: by extension; anything not .jsonl/.json/.tsv/.csv is text)")
     p.add_argument("--field", "--column", dest="field", default=None,

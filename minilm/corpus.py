@@ -26,7 +26,6 @@ import csv
 import hashlib
 import json
 import os
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path

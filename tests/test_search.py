@@ -9,7 +9,7 @@ import minilm
 from minilm.__main__ import main
 from minilm.similarity_search import calibrate_int8, dequantize_int8, pack_binary, quantize_int8, unpack_binary
 
-from test_corpus import run, tiny, tiny_dir  # noqa: F401 (session fixtures)
+from test_corpus import one_thread, run, tiny, tiny_dir  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
