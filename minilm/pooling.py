@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from minilm import fast_paths
-from minilm.errors import InputError
+from minilm.errors import InputError, MissingFileError
 from minilm.packing import lengths, sequence_ids, token_coordinates
 
 # The sentence-transformers mode names, in the order their vectors are concatenated when several are on.
@@ -84,7 +84,7 @@ def read_pooling_config(path, dim=None) -> tuple:
     dim: the encoder's width, checked against the file's word_embedding_dimension when it gives one."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such file; modules.json names a Pooling module there")
+        raise MissingFileError(f"{path}: no such file; modules.json names a Pooling module there")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
