@@ -8,9 +8,8 @@ Backends:
 - "math":   the plain reference: pad, explicit softmax(q k^T / sqrt(d)) v in float32, unpad.
 - "sdpa":   torch's scaled_dot_product_attention: on the CPU once per run of equally long sentences (no
             padding copied), elsewhere on a padded copy made only around that one call.
+- "sdpa_padded": "sdpa", always on a padded copy around one call.
 - "triton": the fused flash-attention kernel of `minilm.kernels` (CUDA; CPU only under TRITON_INTERPRET=1).
-
-- "sdpa_padded": "sdpa" always padded around one call.
 
 minilm/fast_paths.py chooses the backend per device (and the sdpa layout per batch); `attention(..., backend=)`
 forces one. The conversions between the packed and the padded layout are in minilm/packing.py.
@@ -68,7 +67,7 @@ def _sdpa_per_length_run(q, k, v, runs, dropout_p=0.0):
     heads, head_dim = q.shape[1:]
     total = q.shape[0]
     # The CPU flash kernel runs keys in blocks of 16 and takes a slow path for the rest: a length of 14 costs
-    # twice what 16 does. In inference, the keys and values of a run are read as rows of the padded length
+    # more than 16 does (benchmarks/README.md). In inference, the keys and values of a run are read as rows of the padded length
     # straight from the packed tensor (each sentence's extra rows are the next sentence's, masked out): no copy.
     # When this is safe is decided in minilm/fast_paths.py (stretch_keys).
     stretch = fast_paths.stretch_keys(q, k, v, dropout_p)

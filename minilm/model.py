@@ -221,7 +221,7 @@ def length_sorted_batches(lengths: list, batch_size: int, token_budget: bool = T
     batch has batch_size sentences. token_budget=True: a batch closes before the sentence that would take it
     past the first batch's token count, so batches of short sentences hold more of them. In the packed layout
     a batch costs what its tokens cost, so this keeps memory bounded and gives the matrix multiplies more rows
-    (on the STS-B test sentences, ~6% more sentences/s on a 2-core CPU; see benchmarks/README.md).
+    (the figures are in benchmarks/README.md).
     """
     order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
     if not token_budget:
