@@ -12,11 +12,13 @@ default that cannot run falls back to the plain path, and that is logged once.
 
 - attention: "math" is the float32 reference; "sdpa" is torch's fused attention, which on the CPU runs once per run of
   equally long sentences when a batch has few such runs (`sdpa_runs`) and else pads around one call
-  ("sdpa_padded" forces the latter); "triton" is the kernel in minilm/kernels. See minilm/attention.py.
+  ("sdpa_padded" forces the latter), and per run reads keys padded to a multiple of 16 in place where
+  `stretch_keys` says that is safe; "triton" is the kernel in minilm/kernels. See minilm/attention.py.
 - pooling: "triton" is minilm/kernels/pooling.py (mean pooling and normalization in one pass; mean mode only).
 - linear: the Linear modules of encode's private inference copy. "plain" keeps nn.Linear (the reference);
   "onednn" swaps in minilm/onednn.py's OneDNNLinear (weights prepacked once, the FFN's activation inside the matmul);
-  "int8" swaps in minilm/quantize.py's Int8Linear. Training always runs the model's own nn.Linear.
+  "int8" swaps in minilm/quantize.py's Int8Linear (only when forced by name). Training always runs the model's
+  own nn.Linear.
 """
 
 import logging
@@ -85,8 +87,8 @@ def linear_kind(device, dtype, forced=None) -> str:
 
     name = _forced("linear", forced)
     if name == "onednn" and not onednn.available(device, dtype):
-        raise InputError(f"linear 'onednn' cannot run {dtype} on {device} here; expected one of {LINEAR[:1]}"
-                         f" or 'int8' (oneDNN runs on CPUs only, bf16/fp16 where the CPU supports them)")
+        raise InputError(f"linear 'onednn' cannot run {dtype} on {device} here; expected 'plain' or 'int8' "
+                         "(oneDNN runs on CPUs only, bf16/fp16 where the CPU supports them)")
     if name is not None:
         return name
     if torch.device(device).type == "cpu":
