@@ -67,8 +67,9 @@ def _sdpa_per_length_run(q, k, v, runs, dropout_p=0.0):
     heads, head_dim = q.shape[1:]
     total = q.shape[0]
     # The CPU flash kernel runs keys in blocks of 16 and takes a slow path for the rest: a length of 14 costs
-    # more than 16 does (benchmarks/README.md). In inference, the keys and values of a run are read as rows of the padded length
-    # straight from the packed tensor (each sentence's extra rows are the next sentence's, masked out): no copy.
+    # more than 16 does (benchmarks/README.md). In inference, the keys and values of a run are read as rows of
+    # the padded length straight from the packed tensor (each sentence's extra rows are the next sentence's,
+    # masked out): no copy.
     # When this is safe is decided in minilm/fast_paths.py (stretch_keys).
     stretch = fast_paths.stretch_keys(q, k, v, dropout_p)
     outputs, start = [], 0

@@ -1,4 +1,4 @@
-"""Text -> token ids (packed by minilm/packing.py), with the `tokenizers` library and sentence-transformers' conventions.
+"""Text -> token ids, with the `tokenizers` library and sentence-transformers' conventions (packing: packing.py).
 
 tokenizer.json may switch on padding (all-MiniLM-L6-v2's pads to 128) and truncation at another length;
 sentence-transformers pads nothing and truncates at `max_seq_length` from sentence_bert_config.json. So do we.
