@@ -137,10 +137,11 @@ def pooling_rows(args, device, dtype):
             cu_seqlens = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32,
                                       device=device)
             tokens = torch.randn(sum(lengths), 384, generator=generator).to(device=device, dtype=dtype)
-            expected = pool(tokens.float(), cu_seqlens, ("mean",), True, fused=False)
+            expected = pool(tokens.float(), cu_seqlens, ("mean",), True, kernel="plain")
             for fused in (False, True):
-                error = float((pool(tokens, cu_seqlens, ("mean",), True, fused=fused).float() - expected).abs().max())
-                seconds = timed(lambda: pool(tokens, cu_seqlens, ("mean",), True, fused=fused), device, 20)
+                kernel = "triton" if fused else "plain"
+                error = float((pool(tokens, cu_seqlens, ("mean",), True, kernel=kernel).float() - expected).abs().max())
+                seconds = timed(lambda: pool(tokens, cu_seqlens, ("mean",), True, kernel=kernel), device, 20)
                 rows.append({"batch": batch, "length": length, "fused": fused, "ms": seconds * 1e3,
                              "max_abs_error": error, "gbps": tokens.numel() * tokens.element_size() / seconds / 1e9})
     return rows, []

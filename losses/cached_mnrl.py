@@ -3,7 +3,7 @@
 import torch
 
 from losses.mnrl import MultipleNegativesRankingLoss
-from minilm.tokenizer import split_packed
+from minilm.packing import split as split_packed
 
 CITATION = """@misc{gao2021scaling,
     title={Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup},

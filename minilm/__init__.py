@@ -6,8 +6,9 @@
     print(model.similarity(embeddings, embeddings))
 """
 
+from minilm.errors import InputError
 from minilm.model import SentenceEncoder, batch_to, load
 from minilm.similarity_search import search
 
 __version__ = "0.1.0"
-__all__ = ["SentenceEncoder", "batch_to", "load", "search", "__version__"]
+__all__ = ["InputError", "SentenceEncoder", "batch_to", "load", "search", "__version__"]

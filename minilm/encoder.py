@@ -2,7 +2,8 @@
 
 The encoder never sees padding: `input_ids` is `[total_tokens]`, all sentences end to end, and `cu_seqlens`
 (int32, `[batch + 1]`) says where each one starts. Linear layers, LayerNorms and GELUs run on real tokens only;
-only attention needs to know where sentences end (see minilm/attention.py).
+only attention needs to know where sentences end (see minilm/attention.py; the layout: minilm/packing.py).
+`Layer.forward` is the only block forward: fast paths are modules swapped in from outside (minilm/fast_paths.py).
 
 Weights are read from a checkpoint's `model.safetensors` with the Hugging Face BERT key names (with or without a
 "bert." prefix) through one explicit key map; q, k and v are fused into one Linear, as gpt-fast does.
@@ -14,17 +15,20 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minilm.attention import attention, token_coordinates
+from minilm import fast_paths
+from minilm.attention import attention
+from minilm.errors import InputError, MissingFileError
+from minilm.packing import token_coordinates
 
+# hidden_act -> the activation module (a module, so that it can be swapped like any other piece)
 ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),  # exact, erf-based: what BERT checkpoints were trained with
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
+    "gelu": lambda: nn.GELU(),  # exact, erf-based: what BERT checkpoints were trained with
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": lambda: nn.ReLU(),
 }
 
 
@@ -44,27 +48,59 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path) -> "BertConfig":
-        """Read a transformers `config.json`; keys this encoder does not use are ignored."""
+        """Read a transformers `config.json`; keys this encoder does not use are ignored, the ones it uses are
+        checked (an error names the file and the field, and says what is accepted)."""
         path = Path(path)
+        if not path.is_file():
+            raise MissingFileError(f"{path}: no such file; a BERT checkpoint needs its config.json")
         try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read the model config {path}: {error}") from None
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise InputError(f"cannot read the model config {path}: {error}") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: expected a JSON object of BERT settings, got a {type(raw).__name__}")
         if raw.get("model_type", "bert") != "bert":
-            raise ValueError(f"{path}: model_type is {raw['model_type']!r}; minilm encodes BERT checkpoints only")
+            raise InputError(f"{path}: model_type is {raw['model_type']!r}; minilm encodes BERT checkpoints only")
         if raw.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} is not supported")
-        known = {f.name for f in fields(cls)}
-        config = cls(**{key: value for key, value in raw.items() if key in known})
-        if config.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"{path}: hidden_act {config.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+            raise InputError(f"{path}: field 'position_embedding_type' is {raw['position_embedding_type']!r}; "
+                             "expected 'absolute'")
+        missing = [name for name in SIZE_FIELDS if name not in raw]
+        if missing:
+            raise InputError(f"{path}: missing field {missing[0]!r}; a BERT config.json names all of {SIZE_FIELDS}")
+        for name, value in raw.items():
+            if name in FIELD_RULES and not FIELD_RULES[name][0](value):
+                raise InputError(f"{path}: field {name!r} is {value!r}; expected {FIELD_RULES[name][1]}")
+        config = cls(**{name: value for name, value in raw.items() if name in FIELD_RULES})
         if config.hidden_size % config.num_attention_heads:
-            raise ValueError(f"{path}: hidden_size {config.hidden_size} is not divisible by the number of heads")
+            raise InputError(f"{path}: field 'hidden_size' {config.hidden_size} is not divisible by "
+                             f"'num_attention_heads' {config.num_attention_heads}")
         return config
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _probability(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+
+
+# The sizes every BERT config.json names (the weights' shapes follow from them).
+SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings")
+# field -> (check, what is accepted)
+FIELD_RULES = {
+    **{name: (_count, "an integer >= 1") for name in SIZE_FIELDS + ("type_vocab_size",)},
+    "layer_norm_eps": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1,
+                       "a number between 0 and 1"),
+    "hidden_act": (lambda v: isinstance(v, str) and v in ACTIVATIONS, f"one of {sorted(ACTIVATIONS)}"),
+    "hidden_dropout_prob": (_probability, "a number in [0, 1)"),
+    "attention_probs_dropout_prob": (_probability, "a number in [0, 1)"),
+}
 
 
 class Embeddings(nn.Module):
@@ -110,34 +146,14 @@ class Layer(nn.Module):
         self.ffn_in = nn.Linear(config.hidden_size, config.intermediate_size)
         self.ffn_out = nn.Linear(config.intermediate_size, config.hidden_size)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.activation = ACTIVATIONS[config.hidden_act]
-        self.hidden_act = config.hidden_act
+        self.activation = ACTIVATIONS[config.hidden_act]()
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.packed = None  # oneDNN copies of the four Linears (minilm/packed.py), on inference copies only
 
     def forward(self, hidden, cu_seqlens, max_seqlen, backend):
-        if self.packed is not None and not self.training and not torch.is_grad_enabled():
-            return self.forward_packed(hidden, cu_seqlens, max_seqlen, backend)
         attended = self.attention(hidden, cu_seqlens, max_seqlen, backend)
         hidden = self.attention_norm(hidden + self.dropout(attended))
         transformed = self.ffn_out(self.activation(self.ffn_in(hidden)))  # [total, intermediate] -> [total, hidden]
         return self.ffn_norm(hidden + self.dropout(transformed))
-
-    def forward_packed(self, hidden, cu_seqlens, max_seqlen, backend):
-        """`forward` for inference with the packed Linears; GELU and the residual adds run inside the matmuls."""
-        qkv, out, ffn_in, ffn_out = self.packed
-        total, heads, head_dim = hidden.shape[0], self.attention.heads, self.attention.head_dim
-        q, k, v = qkv(hidden).view(total, 3, heads, head_dim).unbind(1)  # 3 x [total, heads, dim]
-        context = attention(q, k, v, cu_seqlens, max_seqlen, backend=backend)
-        hidden = self.attention_norm(out(context.reshape(total, heads * head_dim), residual=hidden))
-        return self.ffn_norm(ffn_out(ffn_in(hidden, self.hidden_act), residual=hidden))
-
-    def pack(self) -> None:
-        """Pack the Linears for `forward_packed` (copies: repack after the weights change)."""
-        from minilm.packed import PackedLinear
-
-        self.packed = tuple(PackedLinear(linear) for linear in
-                            (self.attention.qkv, self.attention.out, self.ffn_in, self.ffn_out))
 
 
 class BertEncoder(nn.Module):
@@ -153,14 +169,15 @@ class BertEncoder(nn.Module):
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if with_pooler else None
-        self.attention_backend = None  # None: chosen per device by minilm.attention.pick_backend
+        self.attention_backend = None  # a name forces one; None: minilm/fast_paths.py chooses per device
 
     def forward(self, input_ids, cu_seqlens, max_seqlen):
         """input_ids: [total_tokens] int64; cu_seqlens: [batch + 1] int32. -> [total_tokens, hidden]."""
         _, positions = token_coordinates(cu_seqlens)  # 0, 1, ... restarting at every sentence
+        backend = fast_paths.attention_backend(input_ids.device, self.attention_backend)
         hidden = self.embeddings(input_ids, positions)
         for layer in self.layers:
-            hidden = layer(hidden, cu_seqlens, max_seqlen, self.attention_backend)
+            hidden = layer(hidden, cu_seqlens, max_seqlen, backend)
         return hidden
 
 
@@ -227,7 +244,7 @@ def read_safetensors(path) -> dict:
             for key in file.keys():
                 tensors[key.removeprefix("bert.")] = file.get_tensor(key)
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"cannot read weights from {path}: the file is damaged or truncated ({error})") from None
+        raise InputError(f"cannot read weights from {path}: the file is damaged or truncated ({error})") from None
     return tensors
 
 
@@ -240,7 +257,7 @@ def load_encoder(model_dir) -> BertEncoder:
     if not weights_path.is_file():
         found = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
         hint = f" (found {', '.join(found)}; minilm reads safetensors only)" if found else ""
-        raise FileNotFoundError(f"no model.safetensors in {model_dir}{hint}")
+        raise MissingFileError(f"no model.safetensors in {model_dir}{hint}")
     tensors = read_safetensors(weights_path)
     for key in IGNORED_KEYS:
         tensors.pop(key, None)
@@ -255,21 +272,25 @@ def load_encoder(model_dir) -> BertEncoder:
             names = [QKV_KEY.format(layer, part, kind) for part in QKV_PARTS]
             missing = [name for name in names if name not in tensors]
             if missing:
-                raise ValueError(f"{weights_path}: missing tensor {missing[0]!r}")
+                raise InputError(f"{weights_path}: missing tensor {missing[0]!r}")
             state[f"layers.{layer}.attention.qkv.{kind}"] = torch.cat([tensors.pop(name) for name in names])
     for theirs, mine in _expanded_key_map(config.num_hidden_layers).items():
         if mine not in expected:
             continue  # the pooler of a checkpoint saved without one
         if theirs not in tensors:
-            raise ValueError(f"{weights_path}: missing tensor {theirs!r}")
+            raise InputError(f"{weights_path}: missing tensor {theirs!r}")
         state[mine] = tensors.pop(theirs)
     if tensors:
-        raise ValueError(f"{weights_path}: unexpected tensor(s) {sorted(tensors)[:5]} for a "
+        raise InputError(f"{weights_path}: unexpected tensor(s) {sorted(tensors)[:5]} for a "
                          f"{config.num_hidden_layers}-layer BERT (see {model_dir / 'config.json'})")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise ValueError(f"{weights_path}: tensor for {name!r} has shape {tuple(tensor.shape)}, "
+            raise InputError(f"{weights_path}: tensor for {name!r} has shape {tuple(tensor.shape)}, "
                              f"config.json implies {tuple(expected[name].shape)}")
+        if not tensor.is_floating_point():
+            raise InputError(f"{weights_path}: tensor for {name!r} is {tensor.dtype}; expected floating point")
+        if not torch.isfinite(tensor).all():
+            raise InputError(f"{weights_path}: tensor for {name!r} holds NaN or infinite values; refusing to load it")
     encoder.load_state_dict({name: tensor.float() for name, tensor in state.items()}, strict=True)
     return encoder
 

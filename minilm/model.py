@@ -5,19 +5,25 @@ a Pooling (`1_Pooling/config.json`) and optionally Normalize; `sentence_bert_con
 `save` writes the same layout back, so sentence-transformers and transformers load what minilm trained.
 """
 
+import copy
 import json
 import logging
+import numbers
 import shutil
+import weakref
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minilm import pooling
+from minilm import fast_paths, pooling
 from minilm.encoder import BertEncoder, load_encoder, save_encoder
+from minilm.errors import InputError
 from minilm.hub import resolve_model_dir
-from minilm.tokenizer import SentenceTokenizer, pack
+from minilm.packing import pack
+from minilm.tokenizer import SentenceTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,7 @@ TRANSFORMER_MODULE = "sentence_transformers.models.Transformer"
 POOLING_MODULE = "sentence_transformers.models.Pooling"
 NORMALIZE_MODULE = "sentence_transformers.models.Normalize"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CONVERT_TO = ("numpy", "tensor")
 
 
 def batch_to(batch: dict, device) -> dict:
@@ -46,8 +53,10 @@ class SentenceEncoder(nn.Module):
         self.pooling_modes = tuple(pooling_modes)
         self.normalize = normalize
         self.source_dir = Path(source_dir) if source_dir else None
-        # encode on the CPU through oneDNN with packed weights (minilm/packed.py); False: plain nn.Linear.
-        self.packed_cpu_inference = True
+        # Force a fast path by name (minilm/fast_paths.py); None: chosen per device and dtype. The attention
+        # backend lives on the encoder (`attention_backend` below).
+        self.pooling_kernel = None  # "plain" or "triton"
+        self.linear_kind = None  # the Linears of encode's inference copy: "plain", "onednn" or "int8"
         if encoder.pooler is not None:
             # Kept only to be saved again; sentence embeddings never use it, so it takes no gradient.
             encoder.pooler.requires_grad_(False)
@@ -67,10 +76,11 @@ class SentenceEncoder(nn.Module):
 
     @max_seq_length.setter
     def max_seq_length(self, value: int) -> None:
-        if value > self.encoder.config.max_position_embeddings:
-            raise ValueError(f"max_seq_length {value} exceeds the model's "
-                             f"{self.encoder.config.max_position_embeddings} position embeddings")
-        self.tokenizer.max_seq_length = value
+        if _is_int(value) and value > self.encoder.config.max_position_embeddings:
+            raise InputError(f"max_seq_length {value} exceeds the model's "
+                             f"{self.encoder.config.max_position_embeddings} position embeddings; expected 2 to "
+                             f"{self.encoder.config.max_position_embeddings}")
+        self.tokenizer.max_seq_length = value  # checks the type and the lower bound
 
     @property
     def attention_backend(self):
@@ -78,6 +88,8 @@ class SentenceEncoder(nn.Module):
 
     @attention_backend.setter
     def attention_backend(self, backend) -> None:
+        if backend is not None and backend not in fast_paths.ATTENTION:
+            raise InputError(f"unknown attention backend {backend!r}; expected None or one of {fast_paths.ATTENTION}")
         self.encoder.attention_backend = backend
 
     # --- forward ---------------------------------------------------------------------------------------------
@@ -88,50 +100,46 @@ class SentenceEncoder(nn.Module):
     def forward(self, batch: dict, normalize=None, encoder=None) -> torch.Tensor:
         """Packed batch (on the model's device) -> sentence embeddings [batch, embedding_dim].
 
-        encoder: another copy of the encoder to run (encode's low-precision copy); pooling is always float32."""
+        encoder: another copy of the encoder to run (encode's inference copy); pooling is always float32."""
         encoder = self.encoder if encoder is None else encoder
         tokens = encoder(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"])  # [total, hidden]
         normalize = self.normalize if normalize is None else normalize
         tokens = tokens.float()  # a no-op unless encode's copy ran in bf16/fp16
-        return pooling.pool(tokens, batch["cu_seqlens"], self.pooling_modes, normalize)
+        return pooling.pool(tokens, batch["cu_seqlens"], self.pooling_modes, normalize, kernel=self.pooling_kernel)
 
-    def _encoder_in(self, dtype):
-        """The encoder to run `encode` with: weights in `dtype` (None: float32), packed for oneDNN on the CPU.
+    def _inference_encoder(self, dtype, linear: str):
+        """The encoder to run `encode` with: weights in `dtype` (None: float32), Linears of kind `linear`.
 
-        A private inference copy, made when it pays: to cast the weights once (autocast would cast every
-        activation, and under inference_mode every weight, at every call) and to pack them for oneDNN
-        (minilm/packed.py). One copy is kept per precision asked for, so that switching between them costs
-        nothing; a copy is rebuilt when any parameter has been replaced or changed in place since it was made
-        (an optimizer step bumps a tensor's version). Without either reason, or with
-        `packed_cpu_inference = False`, encode runs the encoder itself."""
-        from minilm import packed
-
-        pack = self.packed_cpu_inference and packed.available(self.device, dtype or torch.float32)
-        if dtype is None and not pack:
+        The model's own encoder where nothing changes (float32, plain nn.Linear). Otherwise a private inference
+        copy, made when it pays: to cast the weights once (autocast would cast every activation, and under
+        inference_mode every weight, at every call) and to swap in prepacked Linears (minilm/fast_paths.py).
+        The copy is a deepcopy of the live encoder, so every edit a user made carries into it: replaced
+        submodules, instance-level forward overrides, hooks; class-level patches reach it as they reach the
+        encoder. One copy is kept per (dtype, linear), so switching precision costs nothing; it is rebuilt when
+        a parameter or buffer changed (replaced, or changed in place: an optimizer step bumps a tensor's
+        version) or the module structure changed (see `_inference_key`)."""
+        if dtype is None and linear == "plain":
             return self.encoder
-        kind = (dtype, pack, self.encoder.attention_backend)
-        weights = tuple((p.data_ptr(), p._version) for p in self.encoder.parameters())
-        copies = self.__dict__.setdefault("_inference_copies", {})  # kind -> (weights, copy); not a submodule
-        if kind not in copies or copies[kind][0] != weights:
-            copies.pop(kind, None)  # free the stale copy before making the new one
-            copy = BertEncoder(self.encoder.config, with_pooler=False).to(self.device, dtype or torch.float32)
-            state = {name: value for name, value in self.encoder.state_dict().items()
-                     if not name.startswith("pooler.")}
-            copy.load_state_dict(state)  # load_state_dict casts to the copy's dtype
-            copy.attention_backend = self.encoder.attention_backend
-            copy.eval()
-            if pack:
-                for layer in copy.layers:
-                    layer.pack()
-            copies[kind] = (weights, copy)
-        return copies[kind][1]
+        key = _inference_key(self.encoder)
+        copies = self.__dict__.setdefault("_inference_copies", {})  # (dtype, linear) -> (key, copy); not submodules
+        if (dtype, linear) not in copies or copies[(dtype, linear)][0] != key:
+            copies.pop((dtype, linear), None)  # free the stale copy before making the new one
+            with torch.inference_mode(False), torch.no_grad():
+                inference = copy.deepcopy(self.encoder)
+                inference.pooler = None  # kept only to be saved: encode never runs it
+                inference.eval().requires_grad_(False).to(dtype or torch.float32)
+                fast_paths.swap_linears(inference, linear)
+            copies[(dtype, linear)] = (key, inference)
+        inference = copies[(dtype, linear)][1]
+        inference.attention_backend = self.encoder.attention_backend
+        return inference
 
     @torch.inference_mode()
     def encode(self, sentences, batch_size=32, normalize=None, convert_to="numpy", show_progress=False,
                precision="fp32", token_budget=True):
         """Embed sentences in batches of similar length, returned in the input order.
 
-        sentences: a string or a list of strings. normalize: None follows the model (Normalize in modules.json),
+        sentences: a string or a sequence of strings. normalize: None follows the model (Normalize in modules.json),
         True/False forces it. convert_to: "numpy" (float32 ndarray) or "tensor" (float32 on the model's device).
         precision: "fp32", or "bf16"/"fp16" to run the encoder on a copy with weights in that type (bf16 pays on
         CPUs with AVX-512 bf16 or AMX). Pooling and the returned embeddings stay float32.
@@ -141,13 +149,10 @@ class SentenceEncoder(nn.Module):
         sentences, the matrix multiplies get more rows, and the embeddings are the same (to float rounding,
         ~1e-7). token_budget=False: exactly batch_size sentences per forward pass.
         Returns [n, embedding_dim], or [embedding_dim] for a single string. Text past max_seq_length is truncated.
+        A bad argument is an InputError (a ValueError) that names it and says what is accepted.
+        The fast paths (attention backend, pooling kernel, Linear kind) are chosen in minilm/fast_paths.py.
         """
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
-        if convert_to not in ("numpy", "tensor"):
-            raise ValueError(f"convert_to must be 'numpy' or 'tensor', not {convert_to!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        _check_encode_arguments(batch_size, normalize, convert_to, show_progress, precision, token_budget)
         single = isinstance(sentences, str)
         texts = _check_texts([sentences] if single else sentences)
         was_training = self.training
@@ -159,7 +164,9 @@ class SentenceEncoder(nn.Module):
             from tqdm import tqdm
 
             batches = tqdm(batches, desc="encode", unit="batch")
-        encoder = self._encoder_in(PRECISIONS[precision])
+        dtype = PRECISIONS[precision]
+        encoder = self._inference_encoder(dtype, fast_paths.linear_kind(self.device, dtype or torch.float32,
+                                                                        self.linear_kind))
         for indices in batches:
             batch = batch_to(pack([id_lists[i] for i in indices]), self.device)
             output[torch.tensor(indices, device=self.device)] = self(batch, normalize, encoder)
@@ -214,7 +221,7 @@ def length_sorted_batches(lengths: list, batch_size: int, token_budget: bool = T
     batch has batch_size sentences. token_budget=True: a batch closes before the sentence that would take it
     past the first batch's token count, so batches of short sentences hold more of them. In the packed layout
     a batch costs what its tokens cost, so this keeps memory bounded and gives the matrix multiplies more rows
-    (on the STS-B test sentences, ~6% more sentences/s on a 2-core CPU; see benchmarks/README.md).
+    (the figures are in benchmarks/README.md).
     """
     order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
     if not token_budget:
@@ -233,26 +240,33 @@ def length_sorted_batches(lengths: list, batch_size: int, token_budget: bool = T
 def load(name_or_path, device=None, max_seq_length=None, attention_backend=None) -> SentenceEncoder:
     """Load a sentence-transformers BERT checkpoint: a local directory or a hub id (see minilm/hub.py).
 
-    device: "cpu", "cuda", ... (None: CUDA when available). max_seq_length: overrides sentence_bert_config.json.
-    attention_backend: "math", "sdpa" or "triton" (None: chosen per device).
+    device: "cpu", "cuda", ... (None: CUDA when available). max_seq_length: overrides sentence_bert_config.json
+    (at most the model's position embeddings). attention_backend: one of minilm.fast_paths.ATTENTION (None:
+    chosen per device). A malformed file is an InputError (a ValueError) naming the file and the field.
     """
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise InputError(f"device {device!r} is not a torch device; expected e.g. 'cpu' or 'cuda'") from None
     model_dir = resolve_model_dir(name_or_path)
     modules = _read_modules(model_dir)
+    encoder = load_encoder(model_dir)
+    positions = encoder.config.max_position_embeddings
     pooling_modes = ("mean",)
     if POOLING_MODULE in modules:
-        pooling_modes = pooling.read_pooling_config(model_dir / modules[POOLING_MODULE] / "config.json")
-    unknown = set(modules) - {TRANSFORMER_MODULE, POOLING_MODULE, NORMALIZE_MODULE}
-    if unknown:
-        raise ValueError(f"{model_dir / 'modules.json'}: modules {sorted(unknown)} are not supported by minilm "
-                         "(it supports Transformer, Pooling and Normalize)")
-    encoder = load_encoder(model_dir)
+        pooling_modes = pooling.read_pooling_config(model_dir / modules[POOLING_MODULE] / "config.json",
+                                                    encoder.config.hidden_size)
+    if max_seq_length is not None and not (_is_int(max_seq_length) and 2 <= max_seq_length <= positions):
+        raise InputError(f"max_seq_length={max_seq_length!r}: expected an integer from 2 to {positions} (the "
+                         f"model's position embeddings, {model_dir / 'config.json'})")
     tokenizer = SentenceTokenizer.from_dir(model_dir, max_seq_length)
+    if tokenizer.max_seq_length > positions:
+        raise InputError(f"{model_dir / 'sentence_bert_config.json'}: field 'max_seq_length' is "
+                         f"{tokenizer.max_seq_length}, more than the model's {positions} position embeddings "
+                         f"({model_dir / 'config.json'}); expected at most {positions}")
     model = SentenceEncoder(encoder, tokenizer, pooling_modes, normalize=NORMALIZE_MODULE in modules,
                             source_dir=model_dir)
-    if model.max_seq_length > encoder.config.max_position_embeddings:
-        model.max_seq_length = encoder.config.max_position_embeddings
     model.attention_backend = attention_backend
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval()
 
 
@@ -262,24 +276,93 @@ def _read_modules(model_dir: Path) -> dict:
     if not path.is_file():
         log.warning("%s has no modules.json: using mean pooling without normalization", model_dir)
         return {TRANSFORMER_MODULE: ""}
-    entries = json.loads(path.read_text())
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"cannot read {path}: {error}") from None
+    if not isinstance(entries, list):
+        raise InputError(f"{path}: expected a JSON list of modules, got a {type(entries).__name__}")
     # Newer sentence-transformers name modules by their new package path; match by the class name.
+    known = {"Transformer": TRANSFORMER_MODULE, "Pooling": POOLING_MODULE, "Normalize": NORMALIZE_MODULE}
     by_type = {}
-    for entry in entries:
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+            raise InputError(f"{path}: module {index} has no field 'type'; expected an object like "
+                             '{"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"}')
         class_name = entry["type"].rsplit(".", 1)[-1]
-        known = {TRANSFORMER_MODULE: "Transformer", POOLING_MODULE: "Pooling", NORMALIZE_MODULE: "Normalize"}
-        kind = next((full for full, short in known.items() if short == class_name), entry["type"])
-        by_type[kind] = entry.get("path", "")
+        if class_name not in known:
+            raise InputError(f"{path}: module {index} has type {entry['type']!r}, which minilm does not support "
+                             f"(it supports {', '.join(known)})")
+        kind, folder = known[class_name], entry.get("path", "")
+        if kind in by_type:
+            raise InputError(f"{path}: module {index} is a second {class_name} module; expected one of each")
+        if not isinstance(folder, str):
+            raise InputError(f"{path}: module {index} field 'path' is {folder!r}; expected a folder name")
+        if kind == TRANSFORMER_MODULE and folder:
+            raise InputError(f"{path}: module {index} (Transformer) field 'path' is {folder!r}; minilm reads the "
+                             'Transformer from the model folder itself (expected "")')
+        if kind == POOLING_MODULE and (not folder or not (model_dir / folder).resolve().is_relative_to(
+                model_dir.resolve()) or (model_dir / folder).resolve() == model_dir.resolve()):
+            raise InputError(f"{path}: module {index} (Pooling) field 'path' is {folder!r}; expected the folder of "
+                             "its config.json inside the model folder, e.g. '1_Pooling'")
+        by_type[kind] = folder
+    if TRANSFORMER_MODULE not in by_type:
+        raise InputError(f"{path}: no Transformer module; expected one, with path \"\"")
     return by_type
 
 
+def _inference_key(encoder: BertEncoder) -> tuple:
+    """What encode's inference copy depends on: every module (which object, its class, the class's and any
+    instance-level forward, its hooks) and every parameter and buffer (which tensor, its storage, its version:
+    an in-place change bumps it). Weak references tell whether the objects are still the same ones: an id is
+    only unique among live objects."""
+    objects, details = [], []
+    for name, module in encoder.named_modules():
+        objects.append(module)
+        details.append((name, type(module), type(module).forward, module.__dict__.get("forward"),
+                        tuple(module._forward_pre_hooks), tuple(module._forward_hooks)))
+    for name, tensor in [*encoder.named_parameters(), *encoder.named_buffers()]:
+        objects.append(tensor)
+        details.append((name, tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device, tensor.shape))
+    return _LiveKey(tuple(id(obj) for obj in objects), tuple(details), [weakref.ref(obj) for obj in objects])
+
+
+class _LiveKey:
+    def __init__(self, ids, details, references):
+        self.ids, self.details, self.references = ids, details, references
+
+    def __eq__(self, other) -> bool:
+        return (self.ids == other.ids and self.details == other.details
+                and all(reference() is not None for reference in self.references))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_encode_arguments(batch_size, normalize, convert_to, show_progress, precision, token_budget) -> None:
+    if not _is_int(batch_size) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, not {batch_size!r}")
+    if normalize is not None and not isinstance(normalize, bool):
+        raise InputError(f"normalize must be None (follow the model), True or False, not {normalize!r}")
+    if not isinstance(convert_to, str) or convert_to not in CONVERT_TO:
+        raise InputError(f"convert_to must be one of {CONVERT_TO}, not {convert_to!r}")
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {tuple(PRECISIONS)}, not {precision!r}")
+    for name, value in (("token_budget", token_budget), ("show_progress", show_progress)):
+        if not isinstance(value, bool):
+            raise InputError(f"{name} must be True or False, not {value!r}")
+
+
 def _check_texts(texts) -> list:
-    if isinstance(texts, str) or not hasattr(texts, "__iter__"):
-        raise TypeError(f"expected a list of strings, got {type(texts).__name__}")
+    """A sequence of strings -> a list of them; anything else is an InputError naming what and where."""
+    if isinstance(texts, (str, bytes, bytearray, Mapping, set, frozenset)) or not isinstance(texts, Iterable):
+        raise InputError(f"sentences must be a sequence of strings (a list or a tuple; encode also takes one "
+                         f"string), not {type(texts).__name__}")
     texts = list(texts)
     for index, text in enumerate(texts):
         if not isinstance(text, str):
-            raise TypeError(f"sentence {index} is {type(text).__name__}, not a string: {text!r:.60}")
+            raise InputError(f"sentence {index} is {type(text).__name__}, not a string: {text!r:.60}")
     return texts
 
 

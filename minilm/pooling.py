@@ -9,6 +9,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from minilm import fast_paths
+from minilm.errors import InputError, MissingFileError
+from minilm.packing import lengths, sequence_ids, token_coordinates
+
 # The sentence-transformers mode names, in the order their vectors are concatenated when several are on.
 MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 # Older configs switch modes on with one boolean key each.
@@ -22,19 +26,12 @@ LEGACY_KEYS = {
 }
 
 
-def _sequence_ids(cu_seqlens, total_tokens):
-    """[total_tokens]: the index of the sentence each token belongs to."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths,
-                                   output_size=total_tokens)
-
-
-def _lengths(cu_seqlens, dtype):
-    return (cu_seqlens[1:] - cu_seqlens[:-1]).to(dtype).unsqueeze(1)  # [batch, 1]
+def _lengths(cu_seqlens):
+    return lengths(cu_seqlens).float().unsqueeze(1)  # [batch, 1]
 
 
 def _sum(tokens, cu_seqlens, weights=None):
-    sequence = _sequence_ids(cu_seqlens, tokens.shape[0])
+    sequence = sequence_ids(cu_seqlens, tokens.shape[0])
     values = tokens.float() if weights is None else tokens.float() * weights[:, None]
     return values.new_zeros(len(cu_seqlens) - 1, tokens.shape[1]).index_add_(0, sequence, values)
 
@@ -48,25 +45,25 @@ def lasttoken_pool(tokens, cu_seqlens):
 
 
 def mean_pool(tokens, cu_seqlens):
-    return (_sum(tokens, cu_seqlens) / _lengths(cu_seqlens, torch.float32)).to(tokens.dtype)
+    return (_sum(tokens, cu_seqlens) / _lengths(cu_seqlens)).to(tokens.dtype)
 
 
 def mean_sqrt_len_pool(tokens, cu_seqlens):
     """The sum divided by sqrt(length): longer sentences get longer vectors."""
-    return (_sum(tokens, cu_seqlens) / _lengths(cu_seqlens, torch.float32).sqrt()).to(tokens.dtype)
+    return (_sum(tokens, cu_seqlens) / _lengths(cu_seqlens).sqrt()).to(tokens.dtype)
 
 
 def weightedmean_pool(tokens, cu_seqlens):
     """Mean weighted by position (1, 2, ... n): later tokens count more (as in SGPT)."""
-    sequence = _sequence_ids(cu_seqlens, tokens.shape[0])
-    weights = (torch.arange(tokens.shape[0], device=tokens.device) - cu_seqlens[:-1].long()[sequence] + 1).float()
-    lengths = _lengths(cu_seqlens, torch.float32)
-    weight_sums = lengths * (lengths + 1) / 2
+    _, position = token_coordinates(cu_seqlens)
+    weights = (position + 1).float()  # [total_tokens]
+    count = _lengths(cu_seqlens)
+    weight_sums = count * (count + 1) / 2
     return (_sum(tokens, cu_seqlens, weights) / weight_sums).to(tokens.dtype)
 
 
 def max_pool(tokens, cu_seqlens):
-    sequence = _sequence_ids(cu_seqlens, tokens.shape[0])[:, None].expand_as(tokens)
+    sequence = sequence_ids(cu_seqlens, tokens.shape[0])[:, None].expand_as(tokens)
     start = tokens.new_full((len(cu_seqlens) - 1, tokens.shape[1]), float("-inf"))
     return start.scatter_reduce(0, sequence, tokens, reduce="amax", include_self=True)
 
@@ -81,21 +78,37 @@ POOLERS = {
 }
 
 
-def read_pooling_config(path) -> tuple:
-    """The pooling modes named by a `1_Pooling/config.json`, legacy boolean keys or the `pooling_mode` key."""
+def read_pooling_config(path, dim=None) -> tuple:
+    """The pooling modes named by a `1_Pooling/config.json`, legacy boolean keys or the `pooling_mode` key.
+
+    dim: the encoder's width, checked against the file's word_embedding_dimension when it gives one."""
     path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such file; modules.json names a Pooling module there")
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read the pooling config {path}: {error}") from None
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"cannot read the pooling config {path}: {error}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a JSON object of pooling settings, got a {type(raw).__name__}")
     if "pooling_mode" in raw:
         modes = raw["pooling_mode"]
-        modes = (modes,) if isinstance(modes, str) else tuple(modes)
+        modes = (modes,) if isinstance(modes, str) else modes
+        if not isinstance(modes, (list, tuple)) or not all(isinstance(mode, str) for mode in modes):
+            raise InputError(f"{path}: field 'pooling_mode' is {raw['pooling_mode']!r}; expected a mode name or a "
+                             f"list of them, from {MODES}")
+        modes = tuple(modes)
     else:
+        for key in LEGACY_KEYS:
+            if key in raw and not isinstance(raw[key], bool):
+                raise InputError(f"{path}: field {key!r} is {raw[key]!r}; expected true or false")
         modes = tuple(mode for key, mode in LEGACY_KEYS.items() if raw.get(key))
     unknown = [mode for mode in modes if mode not in POOLERS]
     if unknown or not modes:
-        raise ValueError(f"{path}: pooling mode(s) {unknown or 'none'} not understood; expected some of {MODES}")
+        raise InputError(f"{path}: pooling mode(s) {unknown or 'none'} not understood; expected some of {MODES}")
+    width = raw.get("word_embedding_dimension")
+    if dim is not None and width is not None and width != dim:
+        raise InputError(f"{path}: field 'word_embedding_dimension' is {width!r}; the encoder's hidden_size is {dim}")
     return modes
 
 
@@ -105,17 +118,16 @@ def pooling_config(modes, dim) -> dict:
             "include_prompt": True}
 
 
-def pool(tokens, cu_seqlens, modes=("mean",), normalize=False, fused=None):
+def pool(tokens, cu_seqlens, modes=("mean",), normalize=False, kernel=None):
     """Pool each sentence with every mode in `modes` (concatenated in that order), then L2-normalize if asked.
 
     tokens: [total_tokens, dim]; cu_seqlens: [batch + 1]. -> [batch, len(modes) * dim].
-    fused: use the Triton kernel that does mean pooling and normalization in one pass (mean mode only).
-    None picks it on CUDA when Triton is installed; the plain code below is its reference.
+    kernel: "triton" for the kernel that does mean pooling and normalization in one pass (mean mode only), "plain"
+    for the code below (its reference), None for minilm/fast_paths.py's choice.
     """
-    if tuple(modes) == ("mean",):
+    if fast_paths.pooling_kernel(tokens.device, modes, kernel) == "triton":
         from minilm import kernels
 
-        if fused if fused is not None else tokens.is_cuda and kernels.available():
-            return kernels.fused_mean_pool(tokens, cu_seqlens, normalize)
+        return kernels.fused_mean_pool(tokens, cu_seqlens, normalize)
     pooled = torch.cat([POOLERS[mode](tokens, cu_seqlens) for mode in modes], dim=-1)
     return F.normalize(pooled, p=2, dim=-1) if normalize else pooled

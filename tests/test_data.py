@@ -87,7 +87,7 @@ def test_random_sampler_and_round_robin():
 
 
 def test_collate_packs_each_column():
-    from minilm.tokenizer import pack
+    from minilm.packing import pack
 
     rows = [{"sentence1": "a b", "sentence2": "c", "score": 0.5}, {"sentence1": "d", "sentence2": "e f g", "score": 1.0}]
     fake_tokenize = lambda texts: pack([[len(word) for word in text.split()] for text in texts])  # noqa: E731

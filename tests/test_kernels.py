@@ -98,8 +98,8 @@ def test_pool_uses_the_fused_kernel_equal_to_plain_pooling(normalize):
     lengths = [1, 9, 30]
     cu_seqlens = torch.tensor([0, 1, 10, 40], dtype=torch.int32, device=DEVICE)
     tokens = torch.randn(40, 384, device=DEVICE)
-    fused = pool(tokens, cu_seqlens, ("mean",), normalize, fused=True)
-    plain = pool(tokens, cu_seqlens, ("mean",), normalize, fused=False)
+    fused = pool(tokens, cu_seqlens, ("mean",), normalize, kernel="triton")
+    plain = pool(tokens, cu_seqlens, ("mean",), normalize, kernel="plain")
     assert fused.shape == (len(lengths), 384)
     assert relative_error(fused, plain) < 1e-5
 

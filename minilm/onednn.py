@@ -1,0 +1,72 @@
+"""CPU inference fast path: nn.Linear through oneDNN with the weight prepacked once, as a swappable module.
+
+torch's CPU `F.linear` re-lays out the weight for the GEMM kernel at every call; with the few hundred tokens of
+an encode batch that costs as much as a good part of the multiply itself. oneDNN (bundled with torch) can take
+the weight prepacked once into its own blocked layout, and can apply GELU inside the matmul instead of in a
+separate pass over the output (benchmarks/README.md has the figures).
+
+`use_onednn(encoder)` swaps the Linears of an inference copy from outside the model (as gpt-fast's quantize.py
+rewrites Linears): `Layer.forward` stays the only block forward. Inference only: the prepacked weights are
+copies, take no gradients and go stale when the weights change, so `SentenceEncoder.encode` applies this to its
+private copy of the encoder and rebuilds that copy on any change. nn.Linear is the reference; tests hold the two
+equal. The ops are torch's own (the ones torch.compile emits for CPU inference), reached through `torch.ops`.
+"""
+
+import torch
+import torch.nn as nn
+
+from minilm.fast_paths import is_plain, replace_linears
+
+
+def available(device, dtype) -> bool:
+    """oneDNN prepacked linears can run here: a CPU torch build with oneDNN and, for bf16/fp16, CPU support."""
+    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        ops = torch.ops.mkldnn
+        ops._linear_pointwise, ops._reorder_linear_weight  # noqa: B018  (raise if this build lacks them)
+        if dtype == torch.bfloat16:
+            return bool(ops._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(ops._is_mkldnn_fp16_supported())
+        return dtype == torch.float32
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class OneDNNLinear(nn.Module):
+    """`activation(linear(x))` with the weight prepacked once for oneDNN; activation None, nn.GELU or nn.ReLU.
+
+    x: [tokens, in_features] -> [tokens, out_features], in the weight's dtype. The prepacked weight is a plain
+    attribute, not a buffer: it cannot be moved or saved, only rebuilt from the nn.Linear."""
+
+    def __init__(self, linear: nn.Linear, activation: nn.Module = None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)  # any number of tokens
+        self.bias = linear.bias.detach() if linear.bias is not None else None
+        if activation is None:
+            self.post_op, self.algorithm = "none", ""
+        elif isinstance(activation, nn.GELU):
+            self.post_op, self.algorithm = "gelu", activation.approximate  # "none" (erf) or "tanh"
+        else:
+            self.post_op, self.algorithm = "relu", ""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.post_op, [], self.algorithm)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.post_op}"
+
+
+def use_onednn(encoder: nn.Module) -> nn.Module:
+    """Swap the plain nn.Linear layers of an inference copy for OneDNNLinear, in place.
+
+    Where a block's `ffn_in` is a plain Linear and its `activation` a plain nn.GELU or nn.ReLU, the activation
+    moves into the matmul: `ffn_in` becomes Linear+activation and `activation` nn.Identity. A module the user
+    replaced, subclassed, patched or hooked is left as it is (see fast_paths.is_plain)."""
+    for block in encoder.modules():
+        ffn_in, activation = getattr(block, "ffn_in", None), getattr(block, "activation", None)
+        if is_plain(ffn_in, nn.Linear) and any(is_plain(activation, kind) for kind in (nn.GELU, nn.ReLU)):
+            block.ffn_in, block.activation = OneDNNLinear(ffn_in, activation), nn.Identity()
+    return replace_linears(encoder, OneDNNLinear)
