@@ -126,9 +126,10 @@ RETRIEVAL_KS = {"accuracy": (1, 3, 5, 10), "precision": (1, 3, 5, 10), "recall":
 
 
 def ranked_hits(query_embeddings, corpus_embeddings, depth: int, query_chunk: int = 1024,
-                corpus_chunk: int = 65536) -> list:
+                corpus_chunk: int = 65536, skip=None) -> list:
     """The `depth` best corpus indices of each query by cosine, best first; equal scores rank the lower corpus
-    index first (sentence-transformers' evaluator: corpus ordered by id, ties by id).
+    index first (sentence-transformers' evaluator: corpus ordered by id, ties by id). skip: None, or for each
+    query one corpus index never to return (-1: none), e.g. the query itself when queries are in the corpus.
 
     Uses minilm.search (exact, chunked: memory query_chunk x (corpus_chunk + depth), never query x corpus).
     search breaks ties arbitrarily, so it fetches one extra hit: a query whose depth-th and (depth+1)-th
@@ -137,22 +138,25 @@ def ranked_hits(query_embeddings, corpus_embeddings, depth: int, query_chunk: in
     from minilm.similarity_search import search
 
     corpus_size = corpus_embeddings.shape[0]
-    k = min(depth, corpus_size)
-    fetch = min(k + 1, corpus_size)
+    skip = [-1] * query_embeddings.shape[0] if skip is None else list(skip)
+    k = min(depth, corpus_size - (1 if any(s >= 0 for s in skip) and corpus_size > 1 else 0))
+    fetch = min(k + 1 + (1 if any(s >= 0 for s in skip) else 0), corpus_size)
     indices, scores = search(query_embeddings, corpus_embeddings, top_k=fetch, query_chunk=query_chunk,
                              corpus_chunk=corpus_chunk)
     indices, scores = indices.numpy(), scores.numpy()
     hits = []
     for row in range(indices.shape[0]):
-        if fetch > k and scores[row, k - 1] == scores[row, k]:
-            hits.append(_ranked_alone(query_embeddings[row:row + 1], corpus_embeddings, k, corpus_chunk))
+        kept = indices[row] != skip[row]
+        row_indices, row_scores = indices[row][kept], scores[row][kept]
+        if len(row_scores) > k and row_scores[k - 1] == row_scores[k]:
+            hits.append(_ranked_alone(query_embeddings[row:row + 1], corpus_embeddings, k, corpus_chunk, skip[row]))
         else:
-            order = np.lexsort((indices[row], -scores[row]))[:k]  # by score, high first, then by index
-            hits.append(indices[row, order].tolist())
+            order = np.lexsort((row_indices, -row_scores))[:k]  # by score, high first, then by index
+            hits.append(row_indices[order].tolist())
     return hits
 
 
-def _ranked_alone(query, corpus_embeddings, k: int, corpus_chunk: int) -> list:
+def _ranked_alone(query, corpus_embeddings, k: int, corpus_chunk: int, skip: int) -> list:
     """One query against every corpus row ([corpus_size] scores), sorted by (-score, index)."""
     query = F.normalize(torch.as_tensor(np.asarray(query), dtype=torch.float32), dim=-1)
     parts = []
@@ -160,20 +164,21 @@ def _ranked_alone(query, corpus_embeddings, k: int, corpus_chunk: int) -> list:
         chunk = torch.as_tensor(np.asarray(corpus_embeddings[start:start + corpus_chunk]), dtype=torch.float32)
         parts.append((query @ F.normalize(chunk, dim=-1).T)[0])
     scores = torch.cat(parts).numpy()
-    return np.lexsort((np.arange(len(scores)), -scores))[:k].tolist()
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    return [int(i) for i in order if i != skip][:k]
 
 
 def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.Tensor, relevant: list,
-                      query_chunk: int = 1024, corpus_chunk: int = 65536) -> dict:
+                      query_chunk: int = 1024, corpus_chunk: int = 65536, skip=None) -> dict:
     """Rank the corpus for each query by cosine similarity (ties: lower corpus index first).
 
     relevant: for each query, the set of corpus indices that answer it (relevance is binary, as in
     sentence-transformers' evaluator). Returns accuracy@k, precision@k, recall@k, mrr@10, ndcg@10 and map@100,
-    averaged over queries, keyed like "cosine_ndcg@10". Memory: see ranked_hits.
+    averaged over queries, keyed like "cosine_ndcg@10". Memory and skip: see ranked_hits.
     """
     depth = max(max(ks) for ks in RETRIEVAL_KS.values())
     totals = {f"cosine_{name}@{k}": 0.0 for name, ks in RETRIEVAL_KS.items() for k in ks}
-    top = ranked_hits(query_embeddings, corpus_embeddings, depth, query_chunk, corpus_chunk)
+    top = ranked_hits(query_embeddings, corpus_embeddings, depth, query_chunk, corpus_chunk, skip)
     for hits, wanted in zip(top, relevant):
         found = [hit in wanted for hit in hits]
         for k in RETRIEVAL_KS["accuracy"]:
@@ -297,6 +302,14 @@ def load_beir(folder, split: str):
     return queries, corpus, relevant
 
 
+def beir_pairs(folder, split: str) -> list:
+    """Training rows {anchor: query text, positive: document text}, one per relevant judgement of the split
+    (qrels order), e.g. SciFact train's (claim, abstract) pairs."""
+    queries, corpus, relevant = load_beir(folder, split)
+    return [{"anchor": queries[query_id], "positive": corpus[doc_id]}
+            for query_id, docs in relevant.items() for doc_id in docs]
+
+
 class EmbeddingSimilarityEvaluator:
     """Pearson/Spearman of cosine similarity against gold similarity scores (STS)."""
 
@@ -337,10 +350,13 @@ class InformationRetrievalEvaluator:
 
     primary_metric = "cosine_ndcg@10"
 
-    def __init__(self, queries: dict, corpus: dict, relevant_docs: dict, name="", batch_size=32):
+    def __init__(self, queries: dict, corpus: dict, relevant_docs: dict, name="", batch_size=32,
+                 ignore_identical_ids: bool = False):
         """queries: id -> text; corpus: id -> text; relevant_docs: query id -> set of corpus ids (or a dict
         corpus id -> grade: relevance is binary, as in sentence-transformers). Queries without any relevant
-        document are skipped (said once, on stderr)."""
+        document are skipped (said once, on stderr). ignore_identical_ids: a corpus entry whose id is the
+        query's own id is never ranked for it (BEIR's and MTEB's convention, for corpora that contain the
+        queries, e.g. duplicate questions; sentence-transformers' evaluator does not do this)."""
         self.query_ids = [qid for qid in queries if relevant_docs.get(qid)]
         skipped = len(queries) - len(self.query_ids)
         if skipped:
@@ -352,6 +368,7 @@ class InformationRetrievalEvaluator:
         self.queries = [queries[qid] for qid in self.query_ids]
         self.corpus = [corpus[cid] for cid in self.corpus_ids]
         self.relevant = [{index[cid] for cid in relevant_docs[qid]} for qid in self.query_ids]
+        self.skip = [index.get(qid, -1) for qid in self.query_ids] if ignore_identical_ids else None
         self.name, self.batch_size = name, batch_size
 
     @classmethod
@@ -367,12 +384,12 @@ class InformationRetrievalEvaluator:
     @classmethod
     def from_beir(cls, folder, split: str, name=""):
         queries, corpus, relevant = load_beir(folder, split)
-        return cls(queries, corpus, relevant, name or f"{Path(folder).name}-{split}")
+        return cls(queries, corpus, relevant, name or f"{Path(folder).name}-{split}", ignore_identical_ids=True)
 
     def __call__(self, model) -> dict:
         queries = _embed(model, self.queries, self.batch_size)
         corpus = _embed(model, self.corpus, self.batch_size)
-        return retrieval_metrics(queries, corpus, self.relevant)
+        return retrieval_metrics(queries, corpus, self.relevant, skip=self.skip)
 
 
 class LabelAccuracyEvaluator:

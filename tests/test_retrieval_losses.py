@@ -10,9 +10,33 @@ import textwrap
 import pytest
 import torch
 
-from losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
-from losses.mnrl import text_ids
+try:  # the losses' home after the train branch's move (minilm/losses/), or before it
+    from minilm.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
+    from minilm.losses.mnrl import text_ids
+except ImportError:
+    from losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
+    from losses.mnrl import text_ids
 from minilm.tokenizer import pack
+
+
+@pytest.fixture(scope="module")
+def tiny_model(model_dir, tmp_path_factory):
+    """A tiny random BERT (2 layers, width 64) with the real tokenizer and no dropout, saved and loaded the
+    way a user's model is (the same as conftest's tiny_model_dir on the train branch)."""
+    import torch
+
+    import minilm
+    from minilm.encoder import BertConfig, BertEncoder
+    from minilm.model import SentenceEncoder
+    from minilm.tokenizer import SentenceTokenizer
+
+    torch.manual_seed(1234)
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                        max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    tokenizer = SentenceTokenizer.from_dir(model_dir, max_seq_length=128)
+    tiny = SentenceEncoder(BertEncoder(config), tokenizer, ("mean",), normalize=True, source_dir=model_dir)
+    path = tiny.save(tmp_path_factory.mktemp("tiny-bert") / "tiny-bert")
+    return minilm.load(str(path), device="cpu")
 
 
 def test_text_ids_equal_exactly_for_equal_token_lists():
@@ -98,8 +122,9 @@ def test_masking_off_is_the_plain_loss():
     assert not torch.equal(duplicated, masked_unique)
 
 
-def test_cached_loss_masks_like_the_plain_loss(model):
-    """Same duplicates, the real model: cached (mini-batches of 3) and plain losses and gradients agree."""
+def test_cached_loss_masks_like_the_plain_loss(tiny_model):
+    model = tiny_model
+    """Same duplicates, a tiny model: cached (mini-batches of 3) and plain losses and gradients agree."""
     anchors = ["a cat sits", "a dog runs", "a cat sits", "rain falls", "the sun shines", "a dog runs"]
     positives = ["a cat is sitting", "a dog is running", "a cat is sitting", "it rains", "a dog runs",
                  "a dog is running"]
@@ -118,14 +143,17 @@ def test_cached_loss_masks_like_the_plain_loss(model):
     unmasked_loss, _ = loss_and_grads(MultipleNegativesRankingLoss(model, mask_duplicates=False))
     model.zero_grad()
     assert abs(plain_loss - cached_loss) < 1e-5 and abs(plain_loss - unmasked_loss) > 1e-2
-    assert plain_grads.keys() == cached_grads.keys() and len(plain_grads) > 50
+    assert plain_grads.keys() == cached_grads.keys() and len(plain_grads) > 20
     for name in plain_grads:
         assert (plain_grads[name] - cached_grads[name]).abs().max() < 1e-5, name
 
 
 RANK_SCRIPT = textwrap.dedent('''
     import json, sys, torch, torch.distributed as dist
-    from losses import MultipleNegativesRankingLoss
+    try:
+        from minilm.losses import MultipleNegativesRankingLoss
+    except ImportError:
+        from losses import MultipleNegativesRankingLoss
     rank, init, out, symmetric = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     full = torch.load(sys.argv[5], weights_only=True)
