@@ -209,16 +209,17 @@ def _jsonl_records(path: Path, what: str):
     if not path.is_file():
         raise data.DataError(f"{path}: no such file (a BEIR folder holds corpus.jsonl, queries.jsonl and "
                              f"qrels/<split>.tsv)")
-    with path.open(encoding="utf-8", newline="") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise data.DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
             except UnicodeDecodeError as error:
                 raise data.DataError(f"{path}:{number}: bytes that are not UTF-8 ({error.reason})") from None
+            except json.JSONDecodeError as error:
+                raise data.DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
             if not isinstance(record, dict):
                 raise data.DataError(f"{path}:{number}: expected a JSON object with _id and text, got "
                                      f"{type(record).__name__}")
@@ -263,9 +264,12 @@ def read_qrels(path, queries: dict, corpus: dict) -> dict:
     if not path.is_file():
         found = sorted(p.stem for p in path.parent.glob("*.tsv")) if path.parent.is_dir() else []
         raise data.DataError(f"{path}: no such file (splits found: {', '.join(found) or 'none'})")
-    with path.open(encoding="utf-8", newline="") as lines:
-        for number, line in enumerate(lines, 1):
-            line = line.rstrip("\r\n")
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                raise data.DataError(f"{path}:{number}: bytes that are not UTF-8 ({error.reason})") from None
             if not line.strip():
                 continue
             fields = line.split("\t")

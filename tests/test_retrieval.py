@@ -95,6 +95,8 @@ def test_chunked_ranking_equals_brute_force_with_ties_and_skipped_self():
      "corpus.jsonl:2: a document without the field '_id'"),
     (lambda f: f.joinpath("corpus.jsonl").write_text('{"_id": "d001", "text": "x"}\n{"_id": "d001", "text": "y"}\n'),
      "corpus.jsonl:2: the _id 'd001' appears twice"),
+    (lambda f: f.joinpath("queries.jsonl").write_bytes(b'{"_id": "q1", "text": "x"}\n{"_id": "q2", "text": "\xff"}\n'),
+     "queries.jsonl:2: bytes that are not UTF-8"),
 ])
 def test_reader_errors_name_the_file_and_line(tmp_path, damage, message):
     folder = small_beir(tmp_path / "beir", np.random.default_rng(1))
