@@ -4,6 +4,7 @@
     python benchmarks/retrieval_recipes.py --toy --max-steps 2 --out runs/retrieval-toy   # the pipeline, in minutes
 
 Recipes (recipes/): 000 SciFact (claim -> abstract, max_seq_length 512, no Normalize; NDCG@10 on SciFact test),
+the same with one hard negative per pair mined by mine.py with the untouched model (scifact-hard),
 001 Quora (duplicates, a fixed 10% held out by recipes/split_pairs.py; NDCG@10, each held-out question against
 all held-out questions), 003 SNLI (SoftmaxLoss trained on SNLI dev; accuracy on SNLI test). Both trainers get
 the same rows (minilm's readers), the recipe's hyperparameters, the same seed and the same schedule (the recipe's
@@ -25,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
 RECIPES = {"scifact": ("recipes/000_scifact_mnrl.json", "cosine_ndcg@10"),
+           "scifact-hard": ("recipes/000_scifact_mnrl_hard_negatives.json", "cosine_ndcg@10"),
            "quora": ("recipes/001_quora_mnrl.json", "cosine_ndcg@10"),
            "snli": ("recipes/003_snli_softmax.json", "accuracy")}
 
@@ -71,8 +73,20 @@ def toy_data(out: Path) -> dict:
     quora_lines = (SHARED / "quora" / "duplicates.tsv").read_text().splitlines()[:301]
     (quora / "duplicates.tsv").write_text("\n".join(quora_lines) + "\n")
     run([sys.executable, "recipes/split_pairs.py", str(quora / "duplicates.tsv"), "--out", str(quora)])
-    return {"scifact": ([str(scifact)], str(scifact)), "quora": ([str(quora / "train.tsv")], str(quora / "test")),
+    mine_hard_negatives(str(scifact), out / "scifact-hard-negatives.jsonl")
+    return {"scifact": ([str(scifact)], str(scifact)),
+            "scifact-hard": ([str(out / "scifact-hard-negatives.jsonl")], str(scifact)), "quora": ([str(quora / "train.tsv")], str(quora / "test")),
             "snli": ([str(snli / "snli_1.0_dev.jsonl.gz")], str(snli / "snli_1.0_test.jsonl.gz"))}
+
+
+def mine_hard_negatives(folder: str, out: Path) -> None:
+    """SciFact train pairs with one mined negative each (the command in recipe 000_scifact_mnrl_hard_negatives),
+    mined by the untouched model once, shared by both trainers."""
+    if not out.is_file():
+        run([sys.executable, "mine.py", "--model", "sentence-transformers/all-MiniLM-L6-v2", "--data", folder,
+             "--split", "train", "--corpus", str(Path(folder) / "corpus.jsonl"), "--num-negatives", "1",
+             "--range-min", "3", "--range-max", "50", "--relative-margin", "0.05", "--max-seq-length", "512",
+             "--out", str(out)])
 
 
 def final_metrics(run_dir: Path) -> dict:
@@ -98,6 +112,9 @@ def main() -> None:
         if "quora" in args.recipes and not (REPO / "runs/data/quora/train.tsv").is_file():
             run([sys.executable, "recipes/split_pairs.py", str(SHARED / "quora" / "duplicates.tsv"),
                  "--out", "runs/data/quora"])
+        if "scifact-hard" in args.recipes:
+            (REPO / "runs" / "data").mkdir(parents=True, exist_ok=True)
+            mine_hard_negatives(str(SHARED / "scifact"), REPO / "runs/data/scifact-hard-negatives.jsonl")
         locations = {}
     schedule = (["--max-steps", str(args.max_steps)] if args.max_steps else []) + (
         ["--epochs", str(args.epochs)] if args.epochs else [])
