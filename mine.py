@@ -20,9 +20,11 @@ anchor's positive, any other positive of the same anchor, and any text equal to 
 n eligible negatives are dropped (said once).
 
 Memory: besides the model and the texts, the embeddings of the distinct texts (4 x dim bytes each: 1.5 KB for
-MiniLM, ~300 MB for 200,000 texts) and one block of scores at a time: --query-chunk x --corpus-chunk float32
-(1024 x 16384 x 4 B = 64 MB by default; the top-k merge adds at most twice that), never the full
-anchors x corpus matrix. Texts are tokenized and encoded --encode-window at a time, on encode's fast path.
+MiniLM, ~300 MB for 200,000 texts) and, at any moment of the search, one block of scores (--query-chunk x
+--corpus-chunk float32: 1024 x 16384 x 4 B = 64 MB by default) plus two float copies of one corpus chunk
+(2 x 16384 x dim x 4 B = 48 MB for MiniLM) and the running top-k (small): never the full anchors x corpus
+matrix. Texts are tokenized and encoded --encode-window at a time, on encode's fast path (its activations for
+one batch come on top).
 The output is written to a temporary file beside --out and renamed into place: an interrupted run leaves no
 partial file, and an existing --out is kept unless --overwrite.
 """
@@ -100,29 +102,31 @@ def mine(model, pairs: list, corpus=None, num_negatives: int = 1, range_min: int
     anchor_embeddings = extra_embeddings[[extra_position[a] for a in anchors]]
     indices, scores = minilm.search(anchor_embeddings, corpus_embeddings, top_k=depth, query_chunk=query_chunk,
                                     corpus_chunk=corpus_chunk)
-    indices, scores = indices.tolist(), scores.tolist()
-    ranked = {}  # anchor -> (candidate indices, scores) best first, exclusions removed, window applied
-    for row, anchor in enumerate(anchors):
-        kept = [(i, s) for i, s in zip(indices[row], scores[row]) if i not in excluded[anchor]]
-        ranked[anchor] = kept[range_min:range_max]
-
+    indices, scores = indices.numpy(), scores.numpy()
+    pairs_of = {}
+    for number, (anchor, _) in enumerate(pairs):
+        pairs_of.setdefault(anchor, []).append(number)
     rng = np.random.default_rng(seed)
-    rows, dropped = [], 0
-    for anchor, positive in pairs:
-        a, p = embedding(anchor), embedding(positive)
-        positive_score = float(np.dot(a, p) / (np.linalg.norm(a) * np.linalg.norm(p)))
-        eligible = [index for index, score in ranked[anchor]
-                    if (absolute_margin is None or score <= positive_score - absolute_margin)
-                    and (relative_margin is None or score <= positive_score * (1 - relative_margin))]
-        if len(eligible) < num_negatives:
-            dropped += 1
-            continue
-        if sampling == "random":
-            chosen = sorted(rng.choice(len(eligible), num_negatives, replace=False).tolist())
-            eligible = [eligible[i] for i in chosen]
-        row = {"anchor": anchor, "positive": positive}
-        row.update({f"negative_{n + 1}": candidates[index] for n, index in enumerate(eligible[:num_negatives])})
-        rows.append(row)
+    chosen = [None] * len(pairs)  # per pair: its negatives' candidate indices, or None (too few eligible)
+    for row, anchor in enumerate(anchors):  # one anchor's ranking at a time (Python lists of one row)
+        kept = [(i, s) for i, s in zip(indices[row].tolist(), scores[row].tolist()) if i not in excluded[anchor]]
+        window = kept[range_min:range_max]
+        a = embedding(anchor)
+        for number in pairs_of[anchor]:
+            p = embedding(pairs[number][1])
+            positive_score = float(np.dot(a, p) / (np.linalg.norm(a) * np.linalg.norm(p)))
+            eligible = [index for index, score in window
+                        if (absolute_margin is None or score <= positive_score - absolute_margin)
+                        and (relative_margin is None or score <= positive_score * (1 - relative_margin))]
+            if len(eligible) < num_negatives:
+                continue
+            if sampling == "random":
+                eligible = [eligible[i] for i in sorted(rng.choice(len(eligible), num_negatives, replace=False))]
+            chosen[number] = eligible[:num_negatives]
+    rows = [{"anchor": anchor, "positive": positive,
+             **{f"negative_{n + 1}": candidates[index] for n, index in enumerate(negatives)}}
+            for (anchor, positive), negatives in zip(pairs, chosen) if negatives is not None]
+    dropped = chosen.count(None)
     return rows, dropped
 
 

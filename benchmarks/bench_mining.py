@@ -125,7 +125,9 @@ def main() -> None:
     total = time.perf_counter() - start
     dim = model.embedding_dim
     distinct = len(set(corpus)) + len({a for a, _ in pairs} | {p for _, p in pairs})
-    bound_mb = (4 * dim * distinct + 3 * 4 * args.query_chunk * (args.corpus_chunk + args.range_max + 2)) / 2**20
+    # mine.py's statement: the embeddings, one block of scores, two copies of a corpus chunk, the running top-k
+    bound_mb = (4 * dim * distinct + 4 * args.query_chunk * args.corpus_chunk + 8 * args.corpus_chunk * dim
+                + 2 * 12 * args.query_chunk * (args.range_max + 2)) / 2**20
     print(json.dumps({
         "corpus_texts": len(corpus), "pairs": len(pairs), "rows": len(rows), "dropped": dropped,
         "precision": args.precision, "encode_seconds": round(timings["encode"], 1),
