@@ -23,8 +23,9 @@ Memory: besides the model and the texts, the embeddings of the distinct texts (4
 MiniLM, ~300 MB for 200,000 texts) and, at any moment of the search, one block of scores (--query-chunk x
 --corpus-chunk float32: 1024 x 16384 x 4 B = 64 MB by default) plus two float copies of one corpus chunk
 (2 x 16384 x dim x 4 B = 48 MB for MiniLM) and the running top-k (small): never the full anchors x corpus
-matrix. Texts are tokenized and encoded --encode-window at a time, on encode's fast path (its activations for
-one batch come on top).
+matrix. Texts are tokenized and encoded --encode-window at a time, on encode's fast path (the token ids of one
+window and the activations of one batch come on top). Measured (benchmarks/bench_mining.py, bf16): peak RSS
+grows by the embeddings and ~470 MB more, the same at 100,000 and 200,000 corpus texts (1.07 / 1.28 GB in all).
 The output is written to a temporary file beside --out and renamed into place: an interrupted run leaves no
 partial file, and an existing --out is kept unless --overwrite.
 """
