@@ -135,7 +135,7 @@ def test_cached_loss_masks_like_the_plain_loss(tiny_model):
         model.zero_grad()
         loss = loss_fn(features)
         loss.backward()
-        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain_loss, plain_grads = loss_and_grads(MultipleNegativesRankingLoss(model, false_negative_margin=0.3))
     cached_loss, cached_grads = loss_and_grads(
