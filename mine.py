@@ -192,8 +192,9 @@ def main(argv=None) -> int:
         pairs = read_pairs(args.data, args.split)
         corpus = read_corpus_texts(args.corpus) if args.corpus else None
         model = minilm.load(args.model, device=args.device, max_seq_length=args.max_seq_length)
-    except (FileNotFoundError, ValueError) as error:  # DataError is a ValueError
-        parser.error(str(error))
+    except (FileNotFoundError, ValueError) as error:  # DataError is a ValueError: one line, no usage block
+        print(f"mine.py: error: {error}", file=sys.stderr)
+        return 2
     with torch.inference_mode():
         rows, dropped = mine(model, pairs, corpus, args.num_negatives, args.range_min, args.range_max,
                              args.absolute_margin, args.relative_margin, args.sampling, args.seed, args.batch_size,
@@ -202,8 +203,9 @@ def main(argv=None) -> int:
         print(f"mine.py: {dropped} of {len(pairs)} pairs had fewer than {args.num_negatives} eligible negatives "
               f"and were dropped", file=sys.stderr)
     if not rows:
-        parser.error("no pair has enough eligible negatives: widen --range-max, lower the margins or "
-                     "--num-negatives")
+        print("mine.py: error: no pair has enough eligible negatives: widen --range-max, lower the margins or "
+              "--num-negatives", file=sys.stderr)
+        return 2
     write_atomically(out, rows)
     print(f"wrote {len(rows)} rows with {args.num_negatives} negative(s) each to {out}")
     return 0
