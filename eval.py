@@ -2,16 +2,19 @@
 
     python eval.py --model sentence-transformers/all-MiniLM-L6-v2 --task stsb --data ../shared/data/stsb
     python eval.py --model runs/cosine --task sick --data ../shared/data/sick/SICK.tsv --json metrics.json
+    python eval.py --model sentence-transformers/all-MiniLM-L6-v2 --task retrieval --data ../shared/data/scifact
 
 Tasks:
   stsb      STS benchmark: Pearson/Spearman of cosine similarity vs gold scores (--data: the stsb directory)
   stsb-binary  STS-B pairs as similar (score >= 3/5) or not: binary-classification metrics
   sick      SICK relatedness: the same metrics on SICK's relatedness scores (--data: SICK.tsv)
-  nli       SICK 3-way entailment: accuracy of the softmax classifier saved with a SoftmaxLoss model
+  nli       3-way entailment: accuracy of the softmax classifier saved with a SoftmaxLoss model
+            (--data: SICK.tsv with --split, or an SNLI file such as ../shared/data/snli/snli_1.0_test.jsonl.gz)
   pairs     any TSV/CSV/JSONL with sentence1, sentence2, score (0..1): Pearson/Spearman
   binary    any file with sentence1, sentence2, label (0/1): accuracy, F1, precision, recall, AP, thresholds
-  retrieval any file with anchor, positive: each anchor must find its positive among all positives
-            (MRR@10, NDCG@10, Recall@k, MAP@100)
+  retrieval a BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), e.g. --data
+            ../shared/data/scifact --split test; or any file with anchor, positive: each anchor must find its
+            positive among all positives (accuracy/precision/recall@k, MRR@10, NDCG@10, MAP@100)
 """
 
 import argparse
@@ -24,7 +27,7 @@ import torch
 
 import minilm
 from losses.softmax import SoftmaxLoss
-from minilm import evaluation
+from minilm import data, evaluation
 
 SPLITS = {"stsb": ("train", "dev", "test"), "stsb-binary": ("train", "dev", "test"),
           "sick": ("train", "trial", "test"), "nli": ("train", "trial", "test")}
@@ -35,13 +38,14 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True, help="a model directory or a hub id")
     parser.add_argument("--task", required=True, choices=evaluation.TASKS)
     parser.add_argument("--data", required=True, help="the data file or directory of the task (see above)")
-    parser.add_argument("--split", default="test", help="split of stsb/sick/nli (default: test)")
+    parser.add_argument("--split", default="test", help="split of stsb/sick/nli or of a BEIR folder's qrels "
+                        "(default: test)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
 
-    if args.task in SPLITS and args.split not in SPLITS[args.task]:
+    if args.task in SPLITS and args.split not in SPLITS[args.task] and not data.is_snli(args.data):
         parser.error(f"--split for {args.task} must be one of {SPLITS[args.task]}, not {args.split!r}")
     try:
         model = minilm.load(args.model, device=args.device)

@@ -101,6 +101,10 @@ def load_training_rows(location: str, split: str) -> list:
     path = Path(location)
     if path.is_dir() and (path / f"{split}.tsv").is_file():
         return data.load_stsb(path, split)
+    if path.is_dir() and (path / "corpus.jsonl").is_file():  # BEIR layout: (query, relevant document) pairs
+        return evaluation.beir_pairs(path, split)
+    if data.is_snli(path):
+        return data.load_snli(path)
     if path.is_file() and path.name.lower().startswith("sick"):
         return data.load_sick(path, split)
     return data.read_dataset(path).rows

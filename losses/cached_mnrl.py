@@ -43,8 +43,10 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
     citation = CITATION
 
     def __init__(self, model, scale: float = 20.0, similarity: str = "cos", symmetric: bool = False,
-                 gather_across_devices: bool = False, mini_batch_size: int = 32):
-        super().__init__(model, scale, similarity, symmetric, gather_across_devices)
+                 gather_across_devices: bool = False, mini_batch_size: int = 32, mask_duplicates: bool = True,
+                 false_negative_margin=None):
+        super().__init__(model, scale, similarity, symmetric, gather_across_devices, mask_duplicates,
+                         false_negative_margin)
         self.mini_batch_size = mini_batch_size
 
     def forward(self, features: list, labels=None) -> torch.Tensor:
@@ -62,7 +64,7 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
                 embeddings.append(torch.cat(outputs).float())
         leaves = [e.detach().requires_grad_() for e in embeddings]
         with torch.enable_grad(), torch.autocast(device.type, enabled=False):  # step 2
-            loss = self.compute_loss_from_embeddings(leaves, labels)
+            loss = self.compute_loss_from_embeddings(leaves, labels, self.text_ids(features))
             cache = torch.autograd.grad(loss, leaves)
         result = loss.detach().requires_grad_()
         result.register_hook(lambda grad: self._replay(pieces, states, cache, grad, autocast))  # step 3

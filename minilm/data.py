@@ -291,3 +291,55 @@ def collate(rows: list, text_columns: list, label_column, tokenize):
     dtype = torch.long if isinstance(rows[0][label_column], int) else torch.float32
     return features, torch.tensor([row[label_column] for row in rows], dtype=dtype)
 
+
+
+def load_snli(path) -> list:
+    """SNLI 1.0 as distributed (snli_1.0_{dev,test}.jsonl[.gz]) -> rows {premise, hypothesis, label}.
+
+    premise = sentence1, hypothesis = sentence2, label from gold_label in NLI_LABELS' order (entailment 0,
+    neutral 1, contradiction 2: SoftmaxLoss's and the SICK reader's order). Pairs whose annotators reached no
+    majority (gold_label "-") have no label: they are dropped, and how many is said once on stderr.
+    """
+    import gzip
+    import sys
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows, unlabelled = [], 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                missing = [f for f in ("sentence1", "sentence2", "gold_label")
+                           if not isinstance(record, dict) or not isinstance(record.get(f), str)]
+                if missing:
+                    raise DataError(f"{path}:{number}: missing or non-text field(s) {missing} (SNLI rows have "
+                                    f"sentence1, sentence2, gold_label)")
+                if record["gold_label"] == "-":
+                    unlabelled += 1
+                    continue
+                if record["gold_label"] not in NLI_LABELS:
+                    raise DataError(f"{path}:{number}: gold_label {record['gold_label']!r} is not one of "
+                                    f"{list(NLI_LABELS)} or '-'")
+                rows.append({"premise": record["sentence1"], "hypothesis": record["sentence2"],
+                             "label": NLI_LABELS[record["gold_label"]]})
+    except (OSError, EOFError, UnicodeDecodeError) as error:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: cannot be read as SNLI JSONL ({error})") from None
+    if unlabelled:
+        print(f"{path}: {unlabelled} pairs without a gold label ('-') dropped", file=sys.stderr)
+    if not rows:
+        raise DataError(f"{path}: no labelled pairs")
+    return rows
+
+
+def is_snli(path) -> bool:
+    """Is this location one of SNLI's original JSONL files (gzipped or not)?"""
+    name = Path(path).name.lower()
+    return name.startswith("snli") and (name.endswith(".jsonl") or name.endswith(".jsonl.gz"))

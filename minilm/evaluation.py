@@ -5,6 +5,8 @@ embeddings (`similarity_metrics`, `binary_metrics`, `retrieval_metrics`) so it c
 Metric names and definitions follow sentence-transformers' evaluators, so numbers compare one to one.
 """
 
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,40 +125,193 @@ RETRIEVAL_KS = {"accuracy": (1, 3, 5, 10), "precision": (1, 3, 5, 10), "recall":
                 "ndcg": (10,), "map": (100,)}
 
 
+def ranked_hits(query_embeddings, corpus_embeddings, depth: int, query_chunk: int = 1024,
+                corpus_chunk: int = 65536, skip=None) -> list:
+    """The `depth` best corpus indices of each query by cosine, best first; equal scores rank the lower corpus
+    index first (sentence-transformers' evaluator: corpus ordered by id, ties by id). skip: None, or for each
+    query one corpus index never to return (-1: none), e.g. the query itself when queries are in the corpus.
+
+    Uses minilm.search (exact, chunked: memory query_chunk x (corpus_chunk + depth), never query x corpus).
+    search breaks ties arbitrarily, so it fetches one extra hit: a query whose depth-th and (depth+1)-th
+    scores are equal shares its last place with documents search may have dropped, and is ranked again alone
+    over the whole corpus (one row of scores, in corpus chunks; rare outside tests)."""
+    from minilm.similarity_search import search
+
+    corpus_size = corpus_embeddings.shape[0]
+    skip = [-1] * query_embeddings.shape[0] if skip is None else list(skip)
+    k = min(depth, corpus_size - (1 if any(s >= 0 for s in skip) and corpus_size > 1 else 0))
+    fetch = min(k + 1 + (1 if any(s >= 0 for s in skip) else 0), corpus_size)
+    indices, scores = search(query_embeddings, corpus_embeddings, top_k=fetch, query_chunk=query_chunk,
+                             corpus_chunk=corpus_chunk)
+    indices, scores = indices.numpy(), scores.numpy()
+    hits = []
+    for row in range(indices.shape[0]):
+        kept = indices[row] != skip[row]
+        row_indices, row_scores = indices[row][kept], scores[row][kept]
+        if len(row_scores) > k and row_scores[k - 1] == row_scores[k]:
+            hits.append(_ranked_alone(query_embeddings[row:row + 1], corpus_embeddings, k, corpus_chunk, skip[row]))
+        else:
+            order = np.lexsort((row_indices, -row_scores))[:k]  # by score, high first, then by index
+            hits.append(row_indices[order].tolist())
+    return hits
+
+
+def _ranked_alone(query, corpus_embeddings, k: int, corpus_chunk: int, skip: int) -> list:
+    """One query against every corpus row ([corpus_size] scores), sorted by (-score, index)."""
+    query = F.normalize(torch.as_tensor(np.asarray(query), dtype=torch.float32), dim=-1)
+    parts = []
+    for start in range(0, corpus_embeddings.shape[0], corpus_chunk):
+        chunk = torch.as_tensor(np.asarray(corpus_embeddings[start:start + corpus_chunk]), dtype=torch.float32)
+        parts.append((query @ F.normalize(chunk, dim=-1).T)[0])
+    scores = torch.cat(parts).numpy()
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    return [int(i) for i in order if i != skip][:k]
+
+
 def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.Tensor, relevant: list,
-                      chunk_size: int = 1024) -> dict:
+                      query_chunk: int = 1024, corpus_chunk: int = 65536, skip=None) -> dict:
     """Rank the corpus for each query by cosine similarity (ties: lower corpus index first).
 
-    relevant: for each query, the set of corpus indices that answer it. Returns accuracy@k, precision@k,
-    recall@k, mrr@10, ndcg@10 and map@100, averaged over queries, keyed like "cosine_ndcg@10".
+    relevant: for each query, the set of corpus indices that answer it (relevance is binary, as in
+    sentence-transformers' evaluator). Returns accuracy@k, precision@k, recall@k, mrr@10, ndcg@10 and map@100,
+    averaged over queries, keyed like "cosine_ndcg@10". Memory and skip: see ranked_hits.
     """
-    depth = min(max(max(ks) for ks in RETRIEVAL_KS.values()), corpus_embeddings.shape[0])
-    corpus = F.normalize(corpus_embeddings.float(), dim=-1)
+    depth = max(max(ks) for ks in RETRIEVAL_KS.values())
     totals = {f"cosine_{name}@{k}": 0.0 for name, ks in RETRIEVAL_KS.items() for k in ks}
-    for start in range(0, len(relevant), chunk_size):  # queries in chunks: memory [chunk, corpus]
-        scores = F.normalize(query_embeddings[start:start + chunk_size].float(), dim=-1) @ corpus.T
-        top = torch.sort(-scores, dim=1, stable=True).indices[:, :depth].tolist()
-        for hits, wanted in zip(top, relevant[start:start + chunk_size]):
-            found = [hit in wanted for hit in hits]
-            for k in RETRIEVAL_KS["accuracy"]:
-                totals[f"cosine_accuracy@{k}"] += any(found[:k])
-            for k in RETRIEVAL_KS["precision"]:
-                totals[f"cosine_precision@{k}"] += sum(found[:k]) / k
-                totals[f"cosine_recall@{k}"] += sum(found[:k]) / len(wanted)
-            for k in RETRIEVAL_KS["mrr"]:
-                totals[f"cosine_mrr@{k}"] += next((1 / (rank + 1) for rank, hit in enumerate(found[:k]) if hit), 0)
-            for k in RETRIEVAL_KS["ndcg"]:
-                dcg = sum(1 / np.log2(rank + 2) for rank, hit in enumerate(found[:k]) if hit)
-                ideal = sum(1 / np.log2(rank + 2) for rank in range(min(len(wanted), k)))
-                totals[f"cosine_ndcg@{k}"] += dcg / ideal
-            for k in RETRIEVAL_KS["map"]:
-                correct, precision_sum = 0, 0.0
-                for rank, hit in enumerate(found[:k]):
-                    if hit:
-                        correct += 1
-                        precision_sum += correct / (rank + 1)
-                totals[f"cosine_map@{k}"] += precision_sum / min(k, len(wanted))
+    top = ranked_hits(query_embeddings, corpus_embeddings, depth, query_chunk, corpus_chunk, skip)
+    for hits, wanted in zip(top, relevant):
+        found = [hit in wanted for hit in hits]
+        for k in RETRIEVAL_KS["accuracy"]:
+            totals[f"cosine_accuracy@{k}"] += any(found[:k])
+        for k in RETRIEVAL_KS["precision"]:
+            totals[f"cosine_precision@{k}"] += sum(found[:k]) / k
+            totals[f"cosine_recall@{k}"] += sum(found[:k]) / len(wanted)
+        for k in RETRIEVAL_KS["mrr"]:
+            totals[f"cosine_mrr@{k}"] += next((1 / (rank + 1) for rank, hit in enumerate(found[:k]) if hit), 0)
+        for k in RETRIEVAL_KS["ndcg"]:
+            dcg = sum(1 / np.log2(rank + 2) for rank, hit in enumerate(found[:k]) if hit)
+            ideal = sum(1 / np.log2(rank + 2) for rank in range(min(len(wanted), k)))
+            totals[f"cosine_ndcg@{k}"] += dcg / ideal
+        for k in RETRIEVAL_KS["map"]:
+            correct, precision_sum = 0, 0.0
+            for rank, hit in enumerate(found[:k]):
+                if hit:
+                    correct += 1
+                    precision_sum += correct / (rank + 1)
+            totals[f"cosine_map@{k}"] += precision_sum / min(k, len(wanted))
     return {key: value / len(relevant) for key, value in totals.items()}
+
+
+# --- BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv -------------------------------------------------
+
+def _jsonl_records(path: Path, what: str):
+    """(line number, dict) of a JSONL file whose records need string `_id` and `text` fields."""
+    if not path.is_file():
+        raise data.DataError(f"{path}: no such file (a BEIR folder holds corpus.jsonl, queries.jsonl and "
+                             f"qrels/<split>.tsv)")
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+            except UnicodeDecodeError as error:
+                raise data.DataError(f"{path}:{number}: bytes that are not UTF-8 ({error.reason})") from None
+            except json.JSONDecodeError as error:
+                raise data.DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise data.DataError(f"{path}:{number}: expected a JSON object with _id and text, got "
+                                     f"{type(record).__name__}")
+            for field in ("_id", "text"):
+                if field not in record:
+                    raise data.DataError(f"{path}:{number}: {what} without the field {field!r}")
+            if not isinstance(record["text"], str) or not isinstance(record.get("title", ""), str):
+                raise data.DataError(f"{path}:{number}: text and title must be strings")
+            yield number, record
+
+
+def read_corpus(path) -> dict:
+    """corpus.jsonl -> {id: text}. The text embedded is title + " " + text, stripped (MTEB's and BEIR's
+    choice), or the text alone when there is no title."""
+    path, corpus = Path(path), {}
+    for number, record in _jsonl_records(path, "a document"):
+        doc_id = str(record["_id"])
+        if doc_id in corpus:
+            raise data.DataError(f"{path}:{number}: the _id {doc_id!r} appears twice")
+        title = record.get("title")
+        corpus[doc_id] = (title + " " + record["text"]).strip() if title is not None else record["text"].strip()
+    if not corpus:
+        raise data.DataError(f"{path}: the file is empty")
+    return corpus
+
+
+def read_queries(path) -> dict:
+    """queries.jsonl -> {id: text}."""
+    path, queries = Path(path), {}
+    for number, record in _jsonl_records(path, "a query"):
+        query_id = str(record["_id"])
+        if query_id in queries:
+            raise data.DataError(f"{path}:{number}: the _id {query_id!r} appears twice")
+        queries[query_id] = record["text"]
+    return queries
+
+
+def read_qrels(path, queries: dict, corpus: dict) -> dict:
+    """qrels/<split>.tsv (query-id, corpus-id, score; a header line; CRLF or LF) -> {query id: {corpus id:
+    score}}, keeping only scores > 0 (0 means judged not relevant). Every id must resolve in queries/corpus."""
+    path, relevant = Path(path), {}
+    if not path.is_file():
+        found = sorted(p.stem for p in path.parent.glob("*.tsv")) if path.parent.is_dir() else []
+        raise data.DataError(f"{path}: no such file (splits found: {', '.join(found) or 'none'})")
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                raise data.DataError(f"{path}:{number}: bytes that are not UTF-8 ({error.reason})") from None
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != 3:
+                raise data.DataError(f"{path}:{number}: {len(fields)} tab-separated fields; qrels lines are "
+                                     f"query-id, corpus-id, score")
+            query_id, doc_id, score = (field.strip() for field in fields)
+            try:
+                score = int(score)
+            except ValueError:
+                if number == 1:  # the header line (query-id, corpus-id, score)
+                    continue
+                raise data.DataError(f"{path}:{number}: score {score!r} is not a whole number") from None
+            if query_id not in queries:
+                raise data.DataError(f"{path}:{number}: query id {query_id!r} is not in queries.jsonl")
+            if doc_id not in corpus:
+                raise data.DataError(f"{path}:{number}: corpus id {doc_id!r} is not in corpus.jsonl")
+            if score > 0:
+                relevant.setdefault(query_id, {})[doc_id] = score
+    return relevant
+
+
+def load_beir(folder, split: str):
+    """A BEIR-layout folder -> (queries {id: text}, corpus {id: text}, relevant {query id: {corpus id: grade}})."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise data.DataError(f"{folder}: not a folder (a BEIR folder holds corpus.jsonl, queries.jsonl and "
+                             f"qrels/<split>.tsv)")
+    corpus = read_corpus(folder / "corpus.jsonl")
+    queries = read_queries(folder / "queries.jsonl")
+    relevant = read_qrels(folder / "qrels" / f"{split}.tsv", queries, corpus)
+    if not relevant:
+        raise data.DataError(f"{folder / 'qrels' / f'{split}.tsv'}: no relevant (score > 0) judgement")
+    return queries, corpus, relevant
+
+
+def beir_pairs(folder, split: str) -> list:
+    """Training rows {anchor: query text, positive: document text}, one per relevant judgement of the split
+    (qrels order), e.g. SciFact train's (claim, abstract) pairs."""
+    queries, corpus, relevant = load_beir(folder, split)
+    return [{"anchor": queries[query_id], "positive": corpus[doc_id]}
+            for query_id, docs in relevant.items() for doc_id in docs]
 
 
 class EmbeddingSimilarityEvaluator:
@@ -199,15 +354,25 @@ class InformationRetrievalEvaluator:
 
     primary_metric = "cosine_ndcg@10"
 
-    def __init__(self, queries: dict, corpus: dict, relevant_docs: dict, name="", batch_size=32):
-        """queries: id -> text; corpus: id -> text; relevant_docs: query id -> set of corpus ids."""
+    def __init__(self, queries: dict, corpus: dict, relevant_docs: dict, name="", batch_size=32,
+                 ignore_identical_ids: bool = False):
+        """queries: id -> text; corpus: id -> text; relevant_docs: query id -> set of corpus ids (or a dict
+        corpus id -> grade: relevance is binary, as in sentence-transformers). Queries without any relevant
+        document are skipped (said once, on stderr). ignore_identical_ids: a corpus entry whose id is the
+        query's own id is never ranked for it (BEIR's and MTEB's convention, for corpora that contain the
+        queries, e.g. duplicate questions; sentence-transformers' evaluator does not do this)."""
         self.query_ids = [qid for qid in queries if relevant_docs.get(qid)]
+        skipped = len(queries) - len(self.query_ids)
+        if skipped:
+            print(f"{name or 'retrieval'}: {skipped} of {len(queries)} queries have no relevance judgement; "
+                  f"they are skipped", file=sys.stderr)
         # Corpus sorted by id, so that equal scores rank the lower id first (as sentence-transformers does).
         self.corpus_ids = sorted(corpus)
         index = {cid: i for i, cid in enumerate(self.corpus_ids)}
         self.queries = [queries[qid] for qid in self.query_ids]
         self.corpus = [corpus[cid] for cid in self.corpus_ids]
         self.relevant = [{index[cid] for cid in relevant_docs[qid]} for qid in self.query_ids]
+        self.skip = [index.get(qid, -1) for qid in self.query_ids] if ignore_identical_ids else None
         self.name, self.batch_size = name, batch_size
 
     @classmethod
@@ -220,10 +385,15 @@ class InformationRetrievalEvaluator:
         relevant = {f"q{i:07d}": {corpus_ids[text]} for i, text in enumerate(positives)}
         return cls(queries, {cid: text for text, cid in corpus_ids.items()}, relevant, name)
 
+    @classmethod
+    def from_beir(cls, folder, split: str, name=""):
+        queries, corpus, relevant = load_beir(folder, split)
+        return cls(queries, corpus, relevant, name or f"{Path(folder).name}-{split}", ignore_identical_ids=True)
+
     def __call__(self, model) -> dict:
         queries = _embed(model, self.queries, self.batch_size)
         corpus = _embed(model, self.corpus, self.batch_size)
-        return retrieval_metrics(queries, corpus, self.relevant)
+        return retrieval_metrics(queries, corpus, self.relevant, skip=self.skip)
 
 
 class LabelAccuracyEvaluator:
@@ -263,9 +433,15 @@ def for_task(task: str, location, split: str, classifier=None, binary_threshold:
     if task == "nli":
         if classifier is None:
             raise ValueError("the nli task needs the classifier of a model trained with SoftmaxLoss")
+        if data.is_snli(location):  # the file is the split: snli_1.0_test.jsonl.gz
+            rows = data.load_snli(location)
+            return LabelAccuracyEvaluator([r["premise"] for r in rows], [r["hypothesis"] for r in rows],
+                                          [r["label"] for r in rows], classifier, name=Path(location).name.split(".")[0])
         rows = data.load_sick(location, split)
         return LabelAccuracyEvaluator([r["premise"] for r in rows], [r["hypothesis"] for r in rows],
                                       [r["label"] for r in rows], classifier, name=f"sick-nli-{split}")
+    if task == "retrieval" and Path(location).is_dir():
+        return InformationRetrievalEvaluator.from_beir(location, split)
     rows = data.read_dataset(location).rows
     name = Path(location).stem
     if task == "pairs":

@@ -1,0 +1,215 @@
+"""Mine hard negatives: for each (anchor, positive) pair, the corpus texts the model ranks highest for the anchor
+that are not its positive, written as anchor, positive, negative_1..n rows that train.py reads as they are.
+
+    python mine.py --model sentence-transformers/all-MiniLM-L6-v2 --data pairs.tsv --out triplets.jsonl
+    python mine.py --model M --data pairs.tsv --corpus corpus.jsonl --num-negatives 3 --range-min 5 \\
+        --range-max 50 --relative-margin 0.05 --sampling random --out triplets.jsonl
+
+--data: TSV/CSV (header) or JSONL with columns anchor, positive (query/answer accepted, as in train.py), or a
+BEIR folder (corpus.jsonl, queries.jsonl, qrels/<--split>.tsv): its (query, relevant document) pairs.
+--corpus: the candidate texts: a BEIR corpus.jsonl (_id, title, text: title + " " + text is the text) or a text
+file with one text per line. Default: the distinct positives of --data.
+
+For each anchor, candidates are ranked by cosine similarity (exact search, minilm.search). Never mined: the
+anchor's positive, any other positive of the same anchor, and any text equal to one of them or to the anchor
+(texts are compared exactly; equal texts are one candidate). Of the remaining candidates, ranks
+[--range-min, --range-max) are eligible (rank 0 = the most similar left), then those passing the margins:
+  --absolute-margin m   sim(anchor, negative) <= sim(anchor, positive) - m
+  --relative-margin r   sim(anchor, negative) <= sim(anchor, positive) * (1 - r)   (NV-Retriever's TopK-PercPos)
+--sampling top takes the n best eligible, random n of them (--seed), kept in rank order. Pairs with fewer than
+n eligible negatives are dropped (said once).
+
+Memory: besides the model and the texts, the embeddings of the distinct texts (4 x dim bytes each: 1.5 KB for
+MiniLM, ~300 MB for 200,000 texts) and, at any moment of the search, one block of scores (--query-chunk x
+--corpus-chunk float32: 1024 x 16384 x 4 B = 64 MB by default) plus two float copies of one corpus chunk
+(2 x 16384 x dim x 4 B = 48 MB for MiniLM) and the running top-k (small): never the full anchors x corpus
+matrix. Texts are tokenized and encoded --encode-window at a time, on encode's fast path (the token ids of one
+window and the activations of one batch come on top). Measured (benchmarks/bench_mining.py, bf16): peak RSS
+grows by the embeddings and ~470 MB more, the same at 100,000 and 200,000 corpus texts (1.07 / 1.28 GB in all).
+The output is written to a temporary file beside --out and renamed into place: an interrupted run leaves no
+partial file, and an existing --out is kept unless --overwrite.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import minilm
+from minilm import data, evaluation
+
+
+def read_pairs(path, split: str = "train") -> list:
+    """(anchor, positive) tuples of a pairs file, or (query, relevant document) pairs of a BEIR folder's split;
+    a DataError names the file and what is missing."""
+    if Path(path).is_dir():
+        return [(row["anchor"], row["positive"]) for row in evaluation.beir_pairs(path, split)]
+    dataset = data.read_dataset(path)
+    if not {"anchor", "positive"} <= set(dataset.column_names):
+        raise data.DataError(f"{path}: columns {dataset.column_names}; mining needs anchor and positive "
+                             f"(or query and answer)")
+    return [(row["anchor"], row["positive"]) for row in dataset.rows]
+
+
+def read_corpus_texts(path) -> list:
+    """Distinct candidate texts of a corpus file: BEIR corpus.jsonl, or one text per line."""
+    path = Path(path)
+    if path.suffix.lower() in (".jsonl", ".json"):
+        texts = list(evaluation.read_corpus(path).values())
+    else:
+        texts = [line for line in data._open_text(path) if line.strip()]
+        if not texts:
+            raise data.DataError(f"{path}: the file is empty")
+    return list(dict.fromkeys(texts))
+
+
+def encode_in_windows(model, texts: list, batch_size: int, precision: str, window: int) -> np.ndarray:
+    """[len(texts), dim] float32, encoded `window` texts at a time (tokens of one window in memory)."""
+    out = np.empty((len(texts), model.embedding_dim), dtype=np.float32)
+    for start in range(0, len(texts), window):
+        out[start:start + window] = model.encode(texts[start:start + window], batch_size=batch_size,
+                                                 precision=precision)
+    return out
+
+
+def mine(model, pairs: list, corpus=None, num_negatives: int = 1, range_min: int = 0, range_max: int = 50,
+         absolute_margin=None, relative_margin=None, sampling: str = "top", seed: int = 42, batch_size: int = 64,
+         precision: str = "fp32", query_chunk: int = 1024, corpus_chunk: int = 16384, encode_window: int = 16384):
+    """-> (rows [{anchor, positive, negative_1..n}], number of pairs dropped for want of negatives).
+
+    pairs: (anchor, positive) tuples; corpus: candidate texts (None: the distinct positives)."""
+    candidates = list(dict.fromkeys(corpus if corpus is not None else [p for _, p in pairs]))
+    position = {text: index for index, text in enumerate(candidates)}
+    anchors = list(dict.fromkeys(a for a, _ in pairs))
+    # Texts that need an embedding but are not candidates: anchors (queries) and positives outside the corpus.
+    extra = list(dict.fromkeys([a for a in anchors] + [p for _, p in pairs if p not in position]))
+    extra_position = {text: index for index, text in enumerate(extra)}
+    corpus_embeddings = encode_in_windows(model, candidates, batch_size, precision, encode_window)
+    extra_embeddings = encode_in_windows(model, extra, batch_size, precision, encode_window)
+
+    def embedding(text):
+        return corpus_embeddings[position[text]] if text in position else extra_embeddings[extra_position[text]]
+
+    # Per anchor: the candidate indices never to mine (its positives and texts equal to them or to itself).
+    excluded = {anchor: set() for anchor in anchors}
+    for anchor, positive in pairs:
+        excluded[anchor].update(position[t] for t in (anchor, positive) if t in position)
+    depth = min(range_max + max(len(e) for e in excluded.values()), len(candidates))
+    anchor_embeddings = extra_embeddings[[extra_position[a] for a in anchors]]
+    indices, scores = minilm.search(anchor_embeddings, corpus_embeddings, top_k=depth, query_chunk=query_chunk,
+                                    corpus_chunk=corpus_chunk)
+    indices, scores = indices.numpy(), scores.numpy()
+    pairs_of = {}
+    for number, (anchor, _) in enumerate(pairs):
+        pairs_of.setdefault(anchor, []).append(number)
+    rng = np.random.default_rng(seed)
+    chosen = [None] * len(pairs)  # per pair: its negatives' candidate indices, or None (too few eligible)
+    for row, anchor in enumerate(anchors):  # one anchor's ranking at a time (Python lists of one row)
+        kept = [(i, s) for i, s in zip(indices[row].tolist(), scores[row].tolist()) if i not in excluded[anchor]]
+        window = kept[range_min:range_max]
+        a = embedding(anchor)
+        for number in pairs_of[anchor]:
+            p = embedding(pairs[number][1])
+            positive_score = float(np.dot(a, p) / (np.linalg.norm(a) * np.linalg.norm(p)))
+            eligible = [index for index, score in window
+                        if (absolute_margin is None or score <= positive_score - absolute_margin)
+                        and (relative_margin is None or score <= positive_score * (1 - relative_margin))]
+            if len(eligible) < num_negatives:
+                continue
+            if sampling == "random":
+                eligible = [eligible[i] for i in sorted(rng.choice(len(eligible), num_negatives, replace=False))]
+            chosen[number] = eligible[:num_negatives]
+    rows = [{"anchor": anchor, "positive": positive,
+             **{f"negative_{n + 1}": candidates[index] for n, index in enumerate(negatives)}}
+            for (anchor, positive), negatives in zip(pairs, chosen) if negatives is not None]
+    dropped = chosen.count(None)
+    return rows, dropped
+
+
+def write_atomically(path: Path, rows: list) -> None:
+    """JSONL through a temporary file in the same folder, renamed into place (all or nothing)."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mine.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--model", required=True, help="a model directory or hub id")
+    add("--data", required=True, help="(anchor, positive) pairs: TSV/CSV with a header, or JSONL; or a BEIR "
+        "folder, whose --split qrels give (query, document) pairs")
+    add("--split", default="train", help="qrels split when --data is a BEIR folder (default: %(default)s)")
+    add("--corpus", help="candidate texts: BEIR corpus.jsonl or one text per line (default: the positives)")
+    add("--out", required=True, help="output JSONL: anchor, positive, negative_1..n")
+    add("--overwrite", action="store_true", help="replace an existing --out")
+    add("--num-negatives", type=int, default=1, help="negatives per pair (default: %(default)s)")
+    add("--range-min", type=int, default=0, help="skip this many top-ranked candidates (default: %(default)s)")
+    add("--range-max", type=int, default=50, help="consider candidates ranked below this (default: %(default)s)")
+    add("--absolute-margin", type=float, help="require sim(neg) <= sim(pos) - margin")
+    add("--relative-margin", type=float, help="require sim(neg) <= sim(pos) * (1 - margin), 0 <= margin < 1")
+    add("--sampling", choices=["top", "random"], default="top", help="best eligible, or a random draw of them")
+    add("--seed", type=int, default=42, help="for --sampling random (default: %(default)s)")
+    add("--batch-size", type=int, default=64, help="encode batch size (default: %(default)s)")
+    add("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="encode precision")
+    add("--max-seq-length", type=int, help="truncate texts to this many tokens (default: the model's)")
+    add("--device", help="cpu, cuda, ... (default: CUDA when available)")
+    add("--query-chunk", type=int, default=1024, help="anchors scored at once (memory, see above)")
+    add("--corpus-chunk", type=int, default=16384, help="candidates scored at once (memory, see above)")
+    add("--encode-window", type=int, default=16384, help="texts tokenized and encoded at once")
+    args = parser.parse_args(argv)
+
+    for flag in ("num_negatives", "batch_size", "query_chunk", "corpus_chunk", "encode_window", "range_max"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
+    if not 0 <= args.range_min < args.range_max:
+        parser.error(f"--range-min ({args.range_min}) must be >= 0 and below --range-max ({args.range_max})")
+    if args.range_max - args.range_min < args.num_negatives:
+        parser.error(f"the rank window [--range-min, --range-max) = [{args.range_min}, {args.range_max}) holds "
+                     f"fewer than --num-negatives {args.num_negatives} candidates")
+    if args.relative_margin is not None and not 0 <= args.relative_margin < 1:
+        parser.error(f"--relative-margin must be in [0, 1), not {args.relative_margin}")
+    if args.absolute_margin is not None and args.absolute_margin < 0:
+        parser.error(f"--absolute-margin must be >= 0, not {args.absolute_margin}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        parser.error(f"--out {out} exists: choose another path or add --overwrite")
+    if not out.parent.is_dir():
+        parser.error(f"--out {out}: the folder {out.parent} does not exist")
+    try:
+        pairs = read_pairs(args.data, args.split)
+        corpus = read_corpus_texts(args.corpus) if args.corpus else None
+        model = minilm.load(args.model, device=args.device, max_seq_length=args.max_seq_length)
+    except (FileNotFoundError, ValueError) as error:  # DataError is a ValueError: one line, no usage block
+        print(f"mine.py: error: {error}", file=sys.stderr)
+        return 2
+    with torch.inference_mode():
+        rows, dropped = mine(model, pairs, corpus, args.num_negatives, args.range_min, args.range_max,
+                             args.absolute_margin, args.relative_margin, args.sampling, args.seed, args.batch_size,
+                             args.precision, args.query_chunk, args.corpus_chunk, args.encode_window)
+    if dropped:
+        print(f"mine.py: {dropped} of {len(pairs)} pairs had fewer than {args.num_negatives} eligible negatives "
+              f"and were dropped", file=sys.stderr)
+    if not rows:
+        print("mine.py: error: no pair has enough eligible negatives: widen --range-max, lower the margins or "
+              "--num-negatives", file=sys.stderr)
+        return 2
+    write_atomically(out, rows)
+    print(f"wrote {len(rows)} rows with {args.num_negatives} negative(s) each to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

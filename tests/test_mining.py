@@ -1,0 +1,145 @@
+"""mine.py: mined negatives equal a brute-force ranking over the full similarity matrix; exclusions hold; the
+CLI writes rows train.py reads, atomically, and refuses to overwrite."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+import mine
+from minilm import data
+
+@pytest.fixture(scope="module")
+def tiny_model(model_dir, tmp_path_factory):
+    """A tiny random BERT (2 layers, width 64) with the real tokenizer and no dropout, saved and loaded the
+    way a user's model is (the same as conftest's tiny_model_dir on the train branch)."""
+    import torch
+
+    import minilm
+    from minilm.encoder import BertConfig, BertEncoder
+    from minilm.model import SentenceEncoder
+    from minilm.tokenizer import SentenceTokenizer
+
+    torch.manual_seed(1234)
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                        max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    tokenizer = SentenceTokenizer.from_dir(model_dir, max_seq_length=128)
+    tiny = SentenceEncoder(BertEncoder(config), tokenizer, ("mean",), normalize=True, source_dir=model_dir)
+    path = tiny.save(tmp_path_factory.mktemp("tiny-bert") / "tiny-bert")
+    return minilm.load(str(path), device="cpu")
+
+
+SUBJECTS = ["a cat", "a dog", "the chef", "a child", "the old man"]
+ACTIONS = ["sleeps on the sofa", "eats dinner", "plays in the park", "reads a book", "runs to the station"]
+
+
+def small_pairs():
+    """~20 pairs over 25 short sentences, with the cases mining must get right: an anchor with two positives,
+    a positive shared by two anchors, and an anchor that is also another pair's positive."""
+    sentences = [f"{s} {a}" for s, a in itertools.product(SUBJECTS, ACTIONS)]
+    pairs = [(sentences[i], sentences[(i * 7 + 3) % 25]) for i in range(18)]
+    pairs.append((sentences[0], sentences[12]))  # a second positive for anchor 0
+    pairs.append((sentences[20], pairs[1][1]))  # a positive shared with pair 1
+    pairs.append((pairs[2][1], sentences[2]))  # pair 2's positive as an anchor, pair 2's anchor as its positive
+    return pairs, sentences
+
+
+def brute_force(model, pairs, corpus, n, range_min, range_max, absolute=None, relative=None):
+    """Every anchor against every candidate (the full matrix, float64), exclusions and window by hand."""
+    candidates = list(dict.fromkeys(corpus))
+    texts = list(dict.fromkeys(candidates + [t for pair in pairs for t in pair]))
+    vectors = model.encode(texts).astype(np.float64)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vector = dict(zip(texts, vectors))
+    positives_of = {}
+    for anchor, positive in pairs:
+        positives_of.setdefault(anchor, set()).add(positive)
+    expected = []
+    for anchor, positive in pairs:
+        never = positives_of[anchor] | {anchor}
+        order = sorted((c for c in candidates if c not in never), key=lambda c: -float(vector[anchor] @ vector[c]))
+        positive_score = float(vector[anchor] @ vector[positive])
+        eligible = [c for c in order[range_min:range_max]
+                    if (absolute is None or float(vector[anchor] @ vector[c]) <= positive_score - absolute)
+                    and (relative is None or float(vector[anchor] @ vector[c]) <= positive_score * (1 - relative))]
+        expected.append(eligible[:n] if len(eligible) >= n else None)
+    return expected
+
+
+@pytest.mark.parametrize("options", [
+    dict(n=3, range_min=0, range_max=10),
+    dict(n=2, range_min=2, range_max=8, relative=0.05),
+    dict(n=2, range_min=0, range_max=12, absolute=0.1),
+])
+def test_mined_negatives_equal_brute_force(tiny_model, options):
+    pairs, sentences = small_pairs()
+    corpus = sentences + ["a cat sleeps on the sofa"]  # a corpus text equal to a positive and an anchor
+    rows, dropped = mine.mine(tiny_model, pairs, corpus, num_negatives=options["n"], range_min=options["range_min"],
+                              range_max=options["range_max"], absolute_margin=options.get("absolute"),
+                              relative_margin=options.get("relative"), corpus_chunk=7, query_chunk=5)
+    expected = brute_force(tiny_model, pairs, corpus, options["n"], options["range_min"], options["range_max"],
+                           options.get("absolute"), options.get("relative"))
+    assert dropped == sum(e is None for e in expected)
+    assert [r for r in expected if r is not None] == [[row[f"negative_{k + 1}"] for k in range(options["n"])]
+                                                     for row in rows]
+    positives_of = {}
+    for anchor, positive in pairs:
+        positives_of.setdefault(anchor, set()).add(positive)
+    for row in rows:
+        negatives = [row[f"negative_{k + 1}"] for k in range(options["n"])]
+        assert not set(negatives) & (positives_of[row["anchor"]] | {row["anchor"]})
+        assert len(set(negatives)) == len(negatives)
+
+
+def test_random_sampling_is_seeded_and_drawn_from_the_window(tiny_model):
+    pairs, _ = small_pairs()
+    top, _ = mine.mine(tiny_model, pairs, num_negatives=6, range_max=6)
+    first, _ = mine.mine(tiny_model, pairs, num_negatives=2, range_max=6, sampling="random", seed=1)
+    again, _ = mine.mine(tiny_model, pairs, num_negatives=2, range_max=6, sampling="random", seed=1)
+    other, _ = mine.mine(tiny_model, pairs, num_negatives=2, range_max=6, sampling="random", seed=2)
+    assert first == again and first != other
+    for drawn, window in zip(first, top):
+        assert {drawn["negative_1"], drawn["negative_2"]} <= {window[f"negative_{k}"] for k in range(1, 7)}
+
+
+def test_cli_writes_rows_train_reads_and_refuses_to_overwrite(tiny_model, tmp_path, capsys):
+    import train
+
+    pairs, _ = small_pairs()
+    source = tmp_path / "pairs.tsv"
+    source.write_text("anchor\tpositive\n" + "".join(f"{a}\t{p}\n" for a, p in pairs))
+    out = tmp_path / "triplets.jsonl"
+    assert mine.main(["--model", str(tiny_model.source_dir), "--data", str(source), "--out", str(out),
+                      "--num-negatives", "2", "--batch-size", "8"]) == 0
+    rows = data.read_dataset(out).rows
+    assert len(rows) == len(pairs)
+    _, columns, _ = train.columns_for_loss(rows, "mnrl", 0.8, str(out))
+    assert columns == ["anchor", "positive", "negative_1", "negative_2"]
+    before = out.read_bytes()
+    with pytest.raises(SystemExit) as refused:
+        mine.main(["--model", str(tiny_model.source_dir), "--data", str(source), "--out", str(out)])
+    assert refused.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "{missing}"], "no such file"),
+    (["--data", "{bad_columns}"], "needs anchor and positive"),
+    (["--data", "{pairs}", "--range-min", "5", "--range-max", "5"], "--range-min"),
+    (["--data", "{pairs}", "--relative-margin", "1.5"], "--relative-margin"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "bad.tsv").write_text("sentence1\tsentence2\na\tb\n")
+    (tmp_path / "pairs.tsv").write_text("anchor\tpositive\na\tb\n")
+    paths = {"missing": tmp_path / "nope.tsv", "bad_columns": tmp_path / "bad.tsv", "pairs": tmp_path / "pairs.tsv"}
+    argv = [a.format(**paths) for a in argv]
+    try:
+        code = mine.main(["--model", "unused-model", "--out", str(tmp_path / "o.jsonl"), *argv])
+    except SystemExit as error:  # flag errors: argparse's usage and one error line
+        code = error.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("mine.py: error:")
+    assert not (tmp_path / "o.jsonl").exists()

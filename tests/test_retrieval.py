@@ -1,0 +1,158 @@
+"""BEIR-layout retrieval evaluation: the reader (missing files, ids that resolve nowhere, CRLF, graded qrels,
+queries without judgements), metrics equal to sentence-transformers' evaluator on the same embeddings, exact
+chunked ranking; the SNLI reader and the Quora split of the recipes."""
+
+import gzip
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from minilm import data, evaluation
+
+from conftest import REPO, shared_data
+from test_evaluation import fixed_model, unprefixed
+
+
+def write_beir(folder, corpus, queries, qrels_lines, split="test", newline="\r\n"):
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (folder / "qrels" / f"{split}.tsv").write_bytes(
+        newline.join(["query-id\tcorpus-id\tscore", *qrels_lines, ""]).encode())
+    return folder
+
+
+def small_beir(folder, rng):
+    corpus = [{"_id": f"d{i:03d}", "title": f"title {i}" if i % 3 else "", "text": f"doc {i}"} for i in range(60)]
+    queries = [{"_id": f"q{i}", "text": f"query {i}"} for i in range(25)]
+    lines = []
+    for i in range(20):  # q20..q24 have no judgement; q19 only a 0 (judged not relevant)
+        for j in rng.choice(60, rng.integers(1, 4), replace=False):
+            lines.append(f"q{i}\td{j:03d}\t{0 if i == 19 else int(rng.integers(1, 3))}")
+    return write_beir(folder, corpus, queries, lines)
+
+
+def test_beir_metrics_match_sentence_transformers(tmp_path, capfd):
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    folder = small_beir(tmp_path / "beir", np.random.default_rng(0))
+    queries, corpus, relevant = evaluation.load_beir(folder, "test")
+    assert corpus["d000"] == "doc 0" and corpus["d001"] == "title 1 doc 1"  # title + " " + text; no title: text
+    assert max(g for docs in relevant.values() for g in docs.values()) == 2 and "q19" not in relevant
+    model = fixed_model(list(queries.values()) + list(corpus.values()), dim=4, duplicates_every=7)  # ties
+    evaluator = evaluation.for_task("retrieval", folder, "test")
+    ours = evaluator(model)
+    assert capfd.readouterr().err.count("6 of 25 queries have no relevance judgement") == 1
+    binary = {q: set(docs) for q, docs in relevant.items()}
+    theirs = unprefixed(InformationRetrievalEvaluator(queries, corpus, binary, name="x", write_csv=False)(model), "x")
+    assert set(ours) == {f"cosine_{m}@{k}" for m, ks in evaluation.RETRIEVAL_KS.items() for k in ks}
+    for key, value in ours.items():
+        assert abs(value - theirs[key]) < 1e-6, (key, value, theirs[key])
+
+
+def brute_force(queries, corpus, depth, skip=None):
+    scores = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(corpus, dim=-1).T
+    hits = []
+    for row in range(len(queries)):
+        order = np.lexsort((np.arange(corpus.shape[0]), -scores[row].numpy()))
+        hits.append([int(i) for i in order if skip is None or i != skip[row]][:depth])
+    return hits
+
+
+def test_chunked_ranking_equals_brute_force_with_ties_and_skipped_self():
+    generator = torch.Generator().manual_seed(0)
+    corpus = torch.randn(40, 6, generator=generator)
+    corpus[10:20] = corpus[5]  # many equal scores across chunk borders and at the depth cut
+    queries = torch.cat([corpus[:6], torch.randn(5, 6, generator=generator)])
+    skip = list(range(6)) + [-1] * 5
+    for skipped in (None, skip):
+        expected = brute_force(queries, corpus, 8, skipped)
+        for query_chunk, corpus_chunk in ((3, 7), (1024, 65536)):
+            assert evaluation.ranked_hits(queries, corpus, 8, query_chunk, corpus_chunk, skipped) == expected
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "corpus.jsonl").unlink(), "corpus.jsonl: no such file"),
+    (lambda f: (f / "queries.jsonl").unlink(), "queries.jsonl: no such file"),
+    (lambda f: (f / "qrels" / "test.tsv").rename(f / "qrels" / "dev.tsv"), "test.tsv: no such file (splits found: dev)"),
+    (lambda f: f.joinpath("qrels", "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td001\t1\nq99\td001\t1\n"),
+     "test.tsv:3: query id 'q99' is not in queries.jsonl"),
+    (lambda f: f.joinpath("qrels", "test.tsv").write_text("q1\td001\t1\r\nq1\td999\t1\r\n"),
+     "test.tsv:2: corpus id 'd999' is not in corpus.jsonl"),
+    (lambda f: f.joinpath("qrels", "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1 d001 1\n"),
+     "test.tsv:2: 1 tab-separated fields"),
+    (lambda f: f.joinpath("qrels", "test.tsv").write_text("header\tline\tscore\nq1\td001\thigh\n"),
+     "test.tsv:2: score 'high' is not a whole number"),
+    (lambda f: f.joinpath("qrels", "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td001\t0\n"),
+     "no relevant (score > 0) judgement"),
+    (lambda f: f.joinpath("corpus.jsonl").write_text('{"_id": "d001", "text": "x"}\n{"_id": "d002", "text": "y"\n'),
+     "corpus.jsonl:2: not valid JSON"),
+    (lambda f: f.joinpath("corpus.jsonl").write_text('{"_id": "d001", "text": "x"}\n{"text": "y"}\n'),
+     "corpus.jsonl:2: a document without the field '_id'"),
+    (lambda f: f.joinpath("corpus.jsonl").write_text('{"_id": "d001", "text": "x"}\n{"_id": "d001", "text": "y"}\n'),
+     "corpus.jsonl:2: the _id 'd001' appears twice"),
+    (lambda f: f.joinpath("queries.jsonl").write_bytes(b'{"_id": "q1", "text": "x"}\n{"_id": "q2", "text": "\xff"}\n'),
+     "queries.jsonl:2: bytes that are not UTF-8"),
+])
+def test_reader_errors_name_the_file_and_line(tmp_path, damage, message):
+    folder = small_beir(tmp_path / "beir", np.random.default_rng(1))
+    damage(folder)
+    with pytest.raises(data.DataError) as error:
+        evaluation.for_task("retrieval", folder, "test")
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_beir_pairs_are_the_judged_query_document_pairs(tmp_path):
+    corpus = [{"_id": "a", "title": "T", "text": "alpha"}, {"_id": "b", "text": "beta"}]
+    queries = [{"_id": "1", "text": "one"}, {"_id": "2", "text": "two"}]
+    folder = write_beir(tmp_path / "beir", corpus, queries, ["1\ta\t1", "1\tb\t2", "2\tb\t0"], split="train",
+                        newline="\n")
+    assert evaluation.beir_pairs(folder, "train") == [{"anchor": "one", "positive": "T alpha"},
+                                                      {"anchor": "one", "positive": "beta"}]
+
+
+def test_snli_reader(tmp_path, capfd):
+    path = tmp_path / "snli_1.0_dev.jsonl.gz"
+    records = [{"sentence1": "A", "sentence2": "B", "gold_label": label}
+               for label in ("neutral", "-", "entailment", "contradiction", "-")]
+    with gzip.open(path, "wt") as out:
+        out.writelines(json.dumps(r) + "\n" for r in records)
+    rows = data.load_snli(path)
+    assert [r["label"] for r in rows] == [1, 0, 2] and rows[0]["premise"] == "A" and rows[0]["hypothesis"] == "B"
+    assert capfd.readouterr().err.count("2 pairs without a gold label") == 1
+    assert data.is_snli(path) and not data.is_snli(tmp_path / "pairs.jsonl")
+    with gzip.open(path, "wt") as out:
+        out.write(json.dumps(records[0]) + "\n" + json.dumps({"sentence1": "A", "gold_label": "neutral"}) + "\n")
+    with pytest.raises(data.DataError, match=r"snli_1.0_dev.jsonl.gz:2: missing or non-text field\(s\) \['sentence2'\]"):
+        data.load_snli(path)
+
+
+def test_real_snli_files():
+    for split, unlabelled in (("dev", 158), ("test", 176)):
+        rows = data.load_snli(shared_data("snli", f"snli_1.0_{split}.jsonl.gz"))
+        assert len(rows) == 10_000 - unlabelled and {r["label"] for r in rows} == {0, 1, 2}
+
+
+def test_quora_split_is_deterministic_and_disjoint(tmp_path):
+    lines = ["anchor\tpositive"] + [f"question {i}\tquestion {i} again" for i in range(80)]
+    lines += [f"question {i}\tquestion {i} once more" for i in range(0, 80, 4)]  # linked pairs: split as a group
+    (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    spec = importlib.util.spec_from_file_location("split_pairs", REPO / "recipes" / "split_pairs.py")
+    split_pairs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(split_pairs)
+    outputs = []
+    for name in ("a", "b"):
+        assert split_pairs.main([str(tmp_path / "pairs.tsv"), "--out", str(tmp_path / name)]) == 0
+        outputs.append([(tmp_path / name / f).read_bytes() for f in ("train.tsv", "test/corpus.jsonl",
+                                                                      "test/qrels/test.tsv")])
+    assert outputs[0] == outputs[1]
+    train_texts = {t for row in data.read_dataset(tmp_path / "a" / "train.tsv").rows for t in row.values()}
+    queries, corpus, relevant = evaluation.load_beir(tmp_path / "a" / "test", "test")
+    assert not train_texts & set(corpus.values()) and queries.keys() == corpus.keys()
+    assert 10 <= sum(len(docs) for docs in relevant.values()) / 2 <= 14  # ~10% of the 100 pairs
+    evaluator = evaluation.for_task("retrieval", tmp_path / "a" / "test", "test")
+    assert all(evaluator.skip[i] == evaluator.corpus_ids.index(q) for i, q in enumerate(evaluator.query_ids))
