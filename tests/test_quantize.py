@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from minilm.encoder import BertConfig, BertEncoder
-from minilm.quantize import Int8Linear, quantize_linears, quantize_rows
+from minilm.quantize import Int8Linear, keep_qkv_float, quantize_linears, quantize_rows
 
 # max |int8 - float| / max |float| of a Linear's output on standard-normal inputs and nn.Linear's initial
 # weights: 0.8e-2 to 1.1e-2 measured (8-bit steps of each row's and each channel's range)
@@ -78,3 +78,9 @@ def test_quantize_linears_skip_keeps_the_named_linears():
              if isinstance(module, (nn.Linear, Int8Linear))}
     assert kinds["layers.0.attention.qkv"] == kinds["layers.1.attention.out"] == "Linear"
     assert kinds["layers.0.ffn_in"] == kinds["layers.1.ffn_out"] == kinds["pooler"] == "Int8Linear"
+
+
+def test_keep_qkv_float_leaves_only_the_qkv_projections():
+    encoder = quantize_linears(tiny_encoder(), skip=keep_qkv_float)
+    floats = sorted(name for name, module in encoder.named_modules() if isinstance(module, nn.Linear))
+    assert floats == ["layers.0.attention.qkv", "layers.1.attention.qkv"]
