@@ -150,7 +150,7 @@ def main() -> None:
         peaks["int8"] = measure_matmul_gflops(torch.int8)
     print(f"{args.corpus}: {len(sentences)} texts, {sum(lengths)} tokens, {useful_flops / 1e9:.1f} GFLOP of useful work; "
           f"batch {args.batch_size}; {args.threads} threads; matmul peak measured here: "
-          + ", ".join(f"{name} {peaks[name]:.0f} GFLOP/s" for name in ("fp32", "bf16")) + f"; torch {torch.__version__}")
+          + ", ".join(f"{name} {peaks[name]:.0f} G(FL)OP/s" for name in peaks if name != "fp16") + f"; torch {torch.__version__}")
 
     paths = {}  # name -> (precision, encode call)
     for precision in args.precisions:
