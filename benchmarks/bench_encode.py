@@ -6,13 +6,14 @@
 
 --corpus scifact: the first 1,000 SciFact abstracts (title + " " + text), max_seq_length 256 for both models:
 long texts, most truncated at 256 tokens (no Spearman: the column shows "-"). --precisions int8: encode's
-precision="int8" where it exists, otherwise a copy of the model with every encoder Linear swapped for
+precision="int8" where it exists, otherwise a copy of the model with the encoder Linears but q/k/v swapped for
 minilm.quantize.Int8Linear; its roofline column is against the int8 GEMM (torch._int_mm) measured in the run.
 
-Prints texts/s ("sentences/s") of each path, their ratio to sentence-transformers (fp32) timed in the same run, the roofline
-(useful FLOPs of the real tokens / time / the GEMM GFLOP/s this machine reaches in that precision, measured in
-the same run), STS-B test Spearman from each path's embeddings, the largest difference from the reference's, and
-the peak memory held by tensors during one more encode (torch.profiler's allocation records).
+Prints texts/s (the "sentences/s" column) of each path, their ratio to sentence-transformers (fp32) timed in the
+same run, the roofline (useful FLOPs of the real tokens / time / the GEMM GFLOP/s this machine reaches in that
+precision, measured in the same run), STS-B test Spearman from each path's embeddings, the largest difference
+from the reference's, and the peak memory held by tensors during one more encode (torch.profiler's allocation
+records).
 
 The paths take turns, one encode each per round, so that a slow spell of a shared machine hits all of them; each
 path's time is its median over the rounds, and the range of its per-round ratios to the reference is printed too.
@@ -148,9 +149,10 @@ def main() -> None:
              "fp16": measure_matmul_gflops(torch.float16)}
     if "int8" in args.precisions:
         peaks["int8"] = measure_matmul_gflops(torch.int8)
-    print(f"{args.corpus}: {len(sentences)} texts, {sum(lengths)} tokens, {useful_flops / 1e9:.1f} GFLOP of useful work; "
-          f"batch {args.batch_size}; {args.threads} threads; matmul peak measured here: "
-          + ", ".join(f"{name} {peaks[name]:.0f} G(FL)OP/s" for name in peaks if name != "fp16") + f"; torch {torch.__version__}")
+    print(f"{args.corpus}: {len(sentences)} texts, {sum(lengths)} tokens, {useful_flops / 1e9:.1f} GFLOP of useful "
+          f"work; batch {args.batch_size}; {args.threads} threads; matmul peak measured here: "
+          + ", ".join(f"{name} {peaks[name]:.0f} G(FL)OP/s" for name in peaks if name != "fp16")
+          + f"; torch {torch.__version__}")
 
     paths = {}  # name -> (precision, encode call)
     for precision in args.precisions:

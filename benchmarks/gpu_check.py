@@ -229,9 +229,10 @@ def encode_check(ctx) -> dict:
         for name, (times, embeddings) in measured.items():
             embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
             base = torch.as_tensor(base_embeddings, dtype=torch.float32)
+            per_round = [b / t for b, t in zip(base_times, times)]
             row = {"corpus": corpus, "path": name, "texts_per_s": len(texts) / statistics.median(times),
                    "x_baseline": statistics.median(base_times) / statistics.median(times),
-                   "range": [min(b / t for b, t in zip(base_times, times)), max(b / t for b, t in zip(base_times, times))],
+                   "range": [min(per_round), max(per_round)],
                    "max_abs_diff": float((embeddings - base).abs().max()),
                    "min_cosine": float(torch.nn.functional.cosine_similarity(embeddings, base).min())}
             if corpus == "STS-B test":

@@ -221,12 +221,14 @@ class FlashAttention(torch.autograd.Function):
         _backward_preprocess[(triton.cdiv(total, PREPROCESS_BLOCK), heads)](
             out, d_out, delta, total, q.stride(0), q.stride(1), **constexprs["_backward_preprocess"])
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        sequences_heads = (len(cu_seqlens) - 1) * heads
         key_blocks = triton.cdiv(ctx.max_seqlen, constexprs["_backward_dk_dv"]["BLOCK_N"])
-        _backward_dk_dv[(key_blocks, (len(cu_seqlens) - 1) * heads)](q, k, v, d_out, lse, delta, dk, dv, cu_seqlens, scale * LOG2_E, scale,
-                              q.stride(0), q.stride(1), **constexprs["_backward_dk_dv"])
+        _backward_dk_dv[(key_blocks, sequences_heads)](q, k, v, d_out, lse, delta, dk, dv, cu_seqlens, scale * LOG2_E,
+                                                       scale, q.stride(0), q.stride(1),
+                                                       **constexprs["_backward_dk_dv"])
         query_blocks = triton.cdiv(ctx.max_seqlen, constexprs["_backward_dq"]["BLOCK_M"])
-        _backward_dq[(query_blocks, (len(cu_seqlens) - 1) * heads)](q, k, v, d_out, lse, delta, dq, cu_seqlens, scale * LOG2_E, scale,
-                           q.stride(0), q.stride(1), **constexprs["_backward_dq"])
+        _backward_dq[(query_blocks, sequences_heads)](q, k, v, d_out, lse, delta, dq, cu_seqlens, scale * LOG2_E,
+                                                      scale, q.stride(0), q.stride(1), **constexprs["_backward_dq"])
         return dq, dk, dv, None, None
 
 
