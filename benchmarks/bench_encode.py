@@ -2,11 +2,18 @@
 
     python benchmarks/bench_encode.py                      # minilm fp32 and bf16 vs the reference: batch 32, 2 threads
     python benchmarks/bench_encode.py --precisions fp32    # minilm fp32 only
+    python benchmarks/bench_encode.py --corpus scifact --precisions fp32 bf16 int8
 
-Prints sentences/s of each path, their ratio to sentence-transformers (fp32) timed in the same run, the roofline
-(useful FLOPs of the real tokens / time / the GEMM GFLOP/s this machine reaches in that precision, measured in
-the same run), STS-B test Spearman from each path's embeddings, the largest difference from the reference's, and
-the peak memory held by tensors during one more encode (torch.profiler's allocation records).
+--corpus scifact: the first 1,000 SciFact abstracts (title + " " + text), max_seq_length 256 for both models:
+long texts, most truncated at 256 tokens (no Spearman: the column shows "-"). --precisions int8: encode's
+precision="int8" where it exists, otherwise a copy of the model with the encoder Linears but q/k/v swapped for
+minilm.quantize.Int8Linear; its roofline column is against the int8 GEMM (torch._int_mm) measured in the run.
+
+Prints texts/s (the "sentences/s" column) of each path, their ratio to sentence-transformers (fp32) timed in the
+same run, the roofline (useful FLOPs of the real tokens / time / the GEMM GFLOP/s this machine reaches in that
+precision, measured in the same run), STS-B test Spearman from each path's embeddings, the largest difference
+from the reference's, and the peak memory held by tensors during one more encode (torch.profiler's allocation
+records).
 
 The paths take turns, one encode each per round, so that a slow spell of a shared machine hits all of them; each
 path's time is its median over the rounds, and the range of its per-round ratios to the reference is printed too.
@@ -16,6 +23,8 @@ with exactly batch_size sentences per forward pass (token_budget=False), as sent
 """
 
 import argparse
+import copy
+import json
 import statistics
 import sys
 import time
@@ -38,13 +47,18 @@ REFERENCE = "sentence-transformers"
 
 def measure_matmul_gflops(dtype, repeats: int = 20) -> float:
     """What this machine's GEMM reaches at the shapes the encoder runs ([tokens, 384] x [384, 1536])."""
-    a, b = torch.randn(4096, 384, dtype=dtype), torch.randn(384, 1536, dtype=dtype)
+    if dtype == torch.int8:
+        a, b = torch.randint(-127, 128, (4096, 384), dtype=dtype), torch.randint(-127, 128, (384, 1536), dtype=dtype)
+        multiply = torch._int_mm
+    else:
+        a, b = torch.randn(4096, 384, dtype=dtype), torch.randn(384, 1536, dtype=dtype)
+        multiply = torch.matmul
     for _ in range(3):
-        a @ b
+        multiply(a, b)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
+        multiply(a, b)
         times.append(time.perf_counter() - start)
     return 2 * 4096 * 384 * 1536 / statistics.median(times) / 1e9
 
@@ -77,34 +91,77 @@ def peak_tensor_mib(fn) -> float:
     return peak / 2**20
 
 
+def scifact_abstracts(scifact: Path, count: int) -> list:
+    """The first `count` documents of SciFact's corpus, as title + " " + text."""
+    texts = []
+    with open(scifact / "corpus.jsonl", encoding="utf-8") as lines:
+        for line in lines:
+            row = json.loads(line)
+            texts.append(f"{row['title']} {row['text']}")
+            if len(texts) == count:
+                break
+    return texts
+
+
+def int8_encoder(model):
+    """encode(precision="int8") if minilm has it, else the same thing by hand: a copy of the model whose encoder
+    Linears are Int8Linear except q/k/v (minilm.quantize.keep_qkv_float; the unused pooler left as it is),
+    encoding in float32 without the oneDNN copy."""
+    from minilm.model import PRECISIONS
+
+    if "int8" in PRECISIONS:
+        return lambda texts, batch_size: model.encode(texts, batch_size=batch_size, precision="int8")
+    from minilm.quantize import keep_qkv_float, quantize_linears
+
+    quantized = copy.deepcopy(model)
+    quantized.packed_cpu_inference = False
+    quantize_linears(quantized.encoder.layers, skip=keep_qkv_float)
+    return lambda texts, batch_size: quantized.encode(texts, batch_size=batch_size)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "stsb"), help="STS-B directory")
+    parser.add_argument("--corpus", choices=["stsb", "scifact"], default="stsb",
+                        help="STS-B test sentences, or the first 1,000 SciFact abstracts at max_seq_length 256")
+    parser.add_argument("--scifact", default=str(REPO.parent / "shared" / "data" / "scifact"),
+                        help="SciFact in BEIR layout")
+    parser.add_argument("--limit", type=int, help="only the first N texts (a quick check)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for both (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds; each path's median is reported")
-    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32", "bf16"],
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16", "int8"], default=["fp32", "bf16"],
                         help="minilm's precisions to time (default: fp32 bf16)")
     parser.add_argument("--no-reference", action="store_true", help="skip sentence-transformers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    rows = load_stsb(args.data, "test")
-    sentences = [row["sentence1"] for row in rows] + [row["sentence2"] for row in rows]
-    scores = [row["score"] for row in rows]
-    model = minilm.load(MODEL, device="cpu")
+    if args.corpus == "stsb":
+        rows = load_stsb(args.data, "test")[: args.limit]
+        sentences = [row["sentence1"] for row in rows] + [row["sentence2"] for row in rows]
+        scores = [row["score"] for row in rows]
+    else:
+        sentences, scores = scifact_abstracts(Path(args.scifact), args.limit or 1000), None
+    model = minilm.load(MODEL, device="cpu", max_seq_length=256)
     lengths = [len(ids) for ids in model.tokenizer.encode_ids(sentences)]
     useful_flops = sum(length * flops_per_token(model.encoder.config, length) for length in lengths)
     peaks = {"fp32": measure_matmul_gflops(torch.float32), "bf16": measure_matmul_gflops(torch.bfloat16),
              "fp16": measure_matmul_gflops(torch.float16)}
-    print(f"{len(sentences)} sentences, {sum(lengths)} tokens, {useful_flops / 1e9:.1f} GFLOP of useful work; "
-          f"batch {args.batch_size}; {args.threads} threads; matmul peak measured here: "
-          + ", ".join(f"{name} {peaks[name]:.0f} GFLOP/s" for name in ("fp32", "bf16")) + f"; torch {torch.__version__}")
+    if "int8" in args.precisions:
+        peaks["int8"] = measure_matmul_gflops(torch.int8)
+    print(f"{args.corpus}: {len(sentences)} texts, {sum(lengths)} tokens, {useful_flops / 1e9:.1f} GFLOP of useful "
+          f"work; batch {args.batch_size}; {args.threads} threads; matmul peak measured here: "
+          + ", ".join(f"{name} {peaks[name]:.0f} G(FL)OP/s" for name in peaks if name != "fp16")
+          + f"; torch {torch.__version__}")
 
     paths = {}  # name -> (precision, encode call)
     for precision in args.precisions:
-        paths[f"minilm {precision}"] = (precision, lambda precision=precision: model.encode(
-            sentences, batch_size=args.batch_size, precision=precision))
+        if precision == "int8":
+            encode_int8 = int8_encoder(model)
+            paths["minilm int8"] = ("int8", lambda: encode_int8(sentences, args.batch_size))
+        else:
+            paths[f"minilm {precision}"] = (precision, lambda precision=precision: model.encode(
+                sentences, batch_size=args.batch_size, precision=precision))
         if precision == "fp32":
             paths[f"minilm fp32, fixed batches of {args.batch_size}"] = ("fp32", lambda: model.encode(
                 sentences, batch_size=args.batch_size, token_budget=False))
@@ -112,6 +169,7 @@ def main() -> None:
         from sentence_transformers import SentenceTransformer
 
         reference = SentenceTransformer(str(model.source_dir), device="cpu")
+        reference.max_seq_length = model.max_seq_length
         paths[REFERENCE] = ("fp32", lambda: reference.encode(sentences, batch_size=args.batch_size,
                                                               convert_to_numpy=True))
     measured = timed_in_turns({name: fn for name, (_, fn) in paths.items()}, args.repeats)
@@ -129,10 +187,13 @@ def main() -> None:
             per_round = [theirs / ours for ours, theirs in zip(times, reference_times)]
             ratio = f"{statistics.median(reference_times) / seconds:.2f} ({min(per_round):.2f}-{max(per_round):.2f})"
             difference = f"{np.abs(embeddings - reference_embeddings).max():.1e}"
-        half = len(rows)
-        metrics = similarity_metrics(torch.as_tensor(embeddings[:half]), torch.as_tensor(embeddings[half:]), scores)
+        spearman = "-"
+        if scores is not None:
+            half = len(scores)
+            metrics = similarity_metrics(torch.as_tensor(embeddings[:half]), torch.as_tensor(embeddings[half:]), scores)
+            spearman = f"{metrics['spearman_cosine']:.4f}"
         print(f"| {name} | {len(sentences) / seconds:.0f} | {ratio} | "
-              f"{100 * useful_flops / seconds / 1e9 / peaks[precision]:.0f}% | {metrics['spearman_cosine']:.4f} | "
+              f"{100 * useful_flops / seconds / 1e9 / peaks[precision]:.0f}% | {spearman} | "
               f"{difference} | {memory[name]:.1f} |")
 
 

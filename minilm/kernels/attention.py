@@ -159,17 +159,38 @@ def _backward_dq(Q, K, V, dOut, LSE, Delta, dQ, cu_seqlens, scale_log2, scale, s
 
 
 BLOCK = 32  # queries and keys per tile: MiniLM's sentences are short, and the interpreter likes few programs
+PREPROCESS_BLOCK = 64  # tokens per program of _backward_preprocess
+HEAD_DIMS = (16, 32, 64, 128)  # the head dims the launcher accepts (tl.arange needs a power of two)
 
 
 DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _launch_settings(q):
+def launch_constexprs(dtype, heads: int, head_dim: int, interpreted: bool) -> dict:
+    """The compile-time constants each kernel here is launched with, by kernel name, for q's dtype.
+
+    The launcher below and tests/test_kernels_compile.py (which compiles every kernel for real GPUs) both call
+    this, so what is compiled there is what runs here.
+    """
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"flash_attention supports head dims 16, 32, 64 and 128, not {head_dim}")
     # fp32 inputs keep full fp32 products (no TF32), so the fp32 path matches the reference to rounding.
     # Triton's interpreter (3.9) computes tl.dot of bfloat16 operands wrongly, so there they are widened first.
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return {"PRECISION": "ieee" if q.dtype == torch.float32 else "tf32", "BLOCK_M": BLOCK, "BLOCK_N": BLOCK,
-            "DOT_DTYPE": tl.float32 if interpreted else DOT_DTYPES[q.dtype]}
+    fp32 = dtype == torch.float32
+    blocks = {"HEADS": heads, "HEAD_DIM": head_dim, "BLOCK_M": BLOCK, "BLOCK_N": BLOCK,
+              "PRECISION": "ieee" if fp32 else "tf32", "DOT_DTYPE": tl.float32 if interpreted else DOT_DTYPES[dtype],
+              "num_warps": 8 if fp32 else 4}
+    # fp32 products take no tensor cores ("ieee"), so their tiles sit in registers as plain fp32: 8 warps share
+    # them, and dK/dV's kernel, which holds four [BLOCK_N, D] fp32 tiles, takes 16-row blocks from D=64 on.
+    # ptxas (tests/test_kernels_compile.py) reported spills of 0.5 KB to 17 KB per thread with 4 warps and 32 rows.
+    key_blocks = {**blocks, "BLOCK_M": 16, "BLOCK_N": 16} if fp32 and head_dim >= 64 else blocks
+    return {"_forward": blocks, "_backward_dk_dv": key_blocks, "_backward_dq": blocks,
+            "_backward_preprocess": {"HEADS": heads, "HEAD_DIM": head_dim, "BLOCK": PREPROCESS_BLOCK}}
+
+
+def _launch_constexprs(q) -> dict:
+    _, heads, head_dim = q.shape
+    return launch_constexprs(q.dtype, heads, head_dim, os.environ.get("TRITON_INTERPRET") == "1")
 
 
 class FlashAttention(torch.autograd.Function):
@@ -177,14 +198,14 @@ class FlashAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen):
         q, k, v = (x.contiguous() for x in (q, k, v))
         total, heads, head_dim = q.shape
-        if head_dim not in (16, 32, 64, 128):
-            raise ValueError(f"flash_attention supports head dims 16, 32, 64 and 128, not {head_dim}")
+        constexprs = _launch_constexprs(q)
         out = torch.empty_like(q)
         lse = torch.empty(total, heads, device=q.device, dtype=torch.float32)  # log2-sum-exp2 of each row
         scale = 1 / math.sqrt(head_dim)
-        grid = (triton.cdiv(max_seqlen, BLOCK), (len(cu_seqlens) - 1) * heads)  # (query blocks, sentences x heads)
+        # (query blocks, sentences x heads)
+        grid = (triton.cdiv(max_seqlen, constexprs["_forward"]["BLOCK_M"]), (len(cu_seqlens) - 1) * heads)
         _forward[grid](q, k, v, out, lse, cu_seqlens, scale * LOG2_E, q.stride(0), q.stride(1),
-                       HEADS=heads, HEAD_DIM=head_dim, **_launch_settings(q))
+                       **constexprs["_forward"])
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.max_seqlen = max_seqlen
         return out
@@ -195,16 +216,19 @@ class FlashAttention(torch.autograd.Function):
         d_out = d_out.contiguous()
         total, heads, head_dim = q.shape
         scale = 1 / math.sqrt(head_dim)
+        constexprs = _launch_constexprs(q)
         delta = torch.empty(total, heads, device=q.device, dtype=torch.float32)
-        _backward_preprocess[(triton.cdiv(total, 64), heads)](out, d_out, delta, total, q.stride(0), q.stride(1),
-                                                              HEADS=heads, HEAD_DIM=head_dim, BLOCK=64)
+        _backward_preprocess[(triton.cdiv(total, PREPROCESS_BLOCK), heads)](
+            out, d_out, delta, total, q.stride(0), q.stride(1), **constexprs["_backward_preprocess"])
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        grid = (triton.cdiv(ctx.max_seqlen, BLOCK), (len(cu_seqlens) - 1) * heads)
-        common = dict(HEADS=heads, HEAD_DIM=head_dim, **_launch_settings(q))
-        _backward_dk_dv[grid](q, k, v, d_out, lse, delta, dk, dv, cu_seqlens, scale * LOG2_E, scale,
-                              q.stride(0), q.stride(1), **common)
-        _backward_dq[grid](q, k, v, d_out, lse, delta, dq, cu_seqlens, scale * LOG2_E, scale,
-                           q.stride(0), q.stride(1), **common)
+        sequences_heads = (len(cu_seqlens) - 1) * heads
+        key_blocks = triton.cdiv(ctx.max_seqlen, constexprs["_backward_dk_dv"]["BLOCK_N"])
+        _backward_dk_dv[(key_blocks, sequences_heads)](q, k, v, d_out, lse, delta, dk, dv, cu_seqlens, scale * LOG2_E,
+                                                       scale, q.stride(0), q.stride(1),
+                                                       **constexprs["_backward_dk_dv"])
+        query_blocks = triton.cdiv(ctx.max_seqlen, constexprs["_backward_dq"]["BLOCK_M"])
+        _backward_dq[(query_blocks, sequences_heads)](q, k, v, d_out, lse, delta, dq, cu_seqlens, scale * LOG2_E,
+                                                      scale, q.stride(0), q.stride(1), **constexprs["_backward_dq"])
         return dq, dk, dv, None, None
 
 

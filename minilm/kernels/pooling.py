@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-EPSILON = 1e-12  # as torch.nn.functional.normalize: norms below it are clamped
+EPSILON = tl.constexpr(1e-12)  # as torch.nn.functional.normalize: norms below it are clamped (a constexpr:
+# compiled Triton reads no other module globals; the interpreter did not catch it)
 
 
 @triton.jit
@@ -61,7 +62,14 @@ def _pool_backward(dOut, Out, Norm, dTokens, cu_seqlens, dim, stride_t,
                  values.to(dTokens.dtype.element_ty), mask=ok)
 
 
-BLOCK_T = 16
+BLOCK_T = 16  # tokens per block of the loop over a sentence
+
+
+def launch_constexprs(dim: int, normalize: bool) -> dict:
+    """The compile-time constants each kernel here is launched with, by kernel name (the launcher below and
+    tests/test_kernels_compile.py both call this, so what is compiled there is what runs here)."""
+    blocks = {"NORMALIZE": bool(normalize), "BLOCK_T": BLOCK_T, "BLOCK_D": triton.next_power_of_2(dim)}
+    return {"_pool_forward": blocks, "_pool_backward": blocks}
 
 
 class FusedMeanPool(torch.autograd.Function):
@@ -71,9 +79,8 @@ class FusedMeanPool(torch.autograd.Function):
         batch, dim = len(cu_seqlens) - 1, tokens.shape[1]
         out = torch.empty(batch, dim, device=tokens.device, dtype=tokens.dtype)
         norm = torch.empty(batch, device=tokens.device, dtype=torch.float32)
-        block_d = triton.next_power_of_2(dim)
         _pool_forward[(batch,)](tokens, out, norm, cu_seqlens, dim, tokens.stride(0),
-                                NORMALIZE=normalize, BLOCK_T=BLOCK_T, BLOCK_D=block_d)
+                                **launch_constexprs(dim, normalize)["_pool_forward"])
         ctx.save_for_backward(out, norm, cu_seqlens)
         ctx.normalize, ctx.total = normalize, tokens.shape[0]
         return out
@@ -84,7 +91,7 @@ class FusedMeanPool(torch.autograd.Function):
         batch, dim = out.shape
         d_tokens = torch.empty(ctx.total, dim, device=out.device, dtype=out.dtype)
         _pool_backward[(batch,)](d_out.contiguous(), out, norm, d_tokens, cu_seqlens, dim, d_tokens.stride(0),
-                                 NORMALIZE=ctx.normalize, BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(dim))
+                                 **launch_constexprs(dim, ctx.normalize)["_pool_backward"])
         return d_tokens, None, None
 
 

@@ -1,0 +1,40 @@
+"""benchmarks/gpu_check.py --dry-run: every step of the GPU proof at toy sizes on the CPU, so the script that runs
+when a GPU is lent (for minutes, with no time to debug) cannot rot."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from conftest import REPO, shared_data
+
+
+def test_gpu_check_dry_run_runs_every_step(tmp_path):
+    data = shared_data()
+    shared_data("scifact", "corpus.jsonl")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(tmp_path),
+                           "--data", str(data)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    steps = report["steps"]
+    assert list(steps) == ["kernels", "attention timings", "encode", "training"]
+    assert all(step["ok"] for step in steps.values()), {name: step.get("error") for name, step in steps.items()}
+    kernels = steps["kernels"]["rows"]
+    assert {row["dtype"] for row in kernels} == {"fp32", "bf16", "fp16"}
+    assert {row["kernel"] for row in kernels} == {"attention", "mean pool", "mean pool + normalize"}
+    assert all(row["forward_error"] < 1e-2 and row["backward_error"] < 5e-2 for row in kernels)
+    timings = steps["attention timings"]["rows"]
+    assert {(row["backend"], row["pass"]) for row in timings} == {
+        (backend, which) for backend in ("math", "sdpa") for which in ("forward", "forward+backward")}
+    assert all(row["tflops"] > 0 for row in timings)
+    encode = steps["encode"]["rows"]
+    assert {row["corpus"] for row in encode} == {"STS-B test", "SciFact abstracts"}
+    bf16 = [row for row in encode if row["path"] == "minilm bf16"]
+    assert len(bf16) == 2 and all(2e-4 < row["max_abs_diff"] < 2e-2 for row in bf16)  # measured ~2e-3
+    training = steps["training"]
+    assert [step for step, _ in training["minilm"]["losses"]] == [1, 2]
+    assert all(math.isfinite(loss) for _, loss in training["minilm"]["losses"])
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.count("\n## ") == 4 and "FAILED" not in markdown
