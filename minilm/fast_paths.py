@@ -17,7 +17,8 @@ default that cannot run falls back to the plain path, and that is logged once.
 - pooling: "triton" is minilm/kernels/pooling.py (mean pooling and normalization in one pass; mean mode only).
 - linear: the Linear modules of encode's private inference copy. "plain" keeps nn.Linear (the reference);
   "onednn" swaps in minilm/onednn.py's OneDNNLinear (weights prepacked once, the FFN's activation inside the matmul);
-  "int8" swaps in minilm/quantize.py's Int8Linear (only when forced by name). Training always runs the model's
+  "int8" swaps in minilm/quantize.py's Int8Linear, all but the attention's q/k/v projection (`encode(precision=
+  "int8")`, or forced by name). Training always runs the model's
   own nn.Linear.
 """
 
@@ -135,15 +136,19 @@ def swap_linears(module: torch.nn.Module, kind: str) -> torch.nn.Module:
             from minilm.quantize import Int8Linear
         except ImportError as error:
             raise InputError(f"linear 'int8' needs minilm/quantize.py ({error})") from None
-        return replace_linears(module, Int8Linear.from_linear)
+        from minilm.quantize import keep_qkv_float
+
+        return replace_linears(module, Int8Linear.from_linear, skip=keep_qkv_float)
     raise InputError(f"unknown linear kind {kind!r}; expected one of {LINEAR}")
 
 
-def replace_linears(module: torch.nn.Module, make) -> torch.nn.Module:
-    """Swap every plain nn.Linear child (recursively) for `make(linear)`, gpt-fast's quantize.py style."""
-    for parent in list(module.modules()):
+def replace_linears(module: torch.nn.Module, make, skip=lambda name, linear: False) -> torch.nn.Module:
+    """Swap every plain nn.Linear child (recursively) for `make(linear)`, gpt-fast's quantize.py style, except
+    where skip(name, linear) is true; name is the Linear's dotted path in `module`."""
+    for parent_name, parent in list(module.named_modules()):
         for name, child in list(parent.named_children()):
-            if is_plain(child, torch.nn.Linear):
+            full_name = f"{parent_name}.{name}" if parent_name else name
+            if is_plain(child, torch.nn.Linear) and not skip(full_name, child):
                 setattr(parent, name, make(child))
     return module
 

@@ -31,7 +31,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 TRANSFORMER_MODULE = "sentence_transformers.models.Transformer"
 POOLING_MODULE = "sentence_transformers.models.Pooling"
 NORMALIZE_MODULE = "sentence_transformers.models.Normalize"
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# precision -> the dtype of encode's weights and activations (None: float32). "int8" keeps float32 there and swaps
+# the Linears for int8 ones (minilm/quantize.py; the attention's q/k/v projection stays float).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
 CONVERT_TO = ("numpy", "tensor")
 
 
@@ -142,7 +144,8 @@ class SentenceEncoder(nn.Module):
         sentences: a string or a sequence of strings. normalize: None follows the model (Normalize in modules.json),
         True/False forces it. convert_to: "numpy" (float32 ndarray) or "tensor" (float32 on the model's device).
         precision: "fp32", or "bf16"/"fp16" to run the encoder on a copy with weights in that type (bf16 pays on
-        CPUs with AVX-512 bf16 or AMX). Pooling and the returned embeddings stay float32.
+        CPUs with AVX-512 bf16 or AMX), or "int8" for int8 weights and activations in the Linears (all but the
+        attention's q/k/v projection; minilm/quantize.py). Pooling and the returned embeddings stay float32.
         batch_size and token_budget: sentences are encoded longest first, and the first batch holds the
         batch_size longest. With token_budget (the default), each later batch takes as many of the shorter
         sentences as fit in that first batch's number of tokens: peak memory stays that of batch_size
@@ -165,8 +168,8 @@ class SentenceEncoder(nn.Module):
 
             batches = tqdm(batches, desc="encode", unit="batch")
         dtype = PRECISIONS[precision]
-        encoder = self._inference_encoder(dtype, fast_paths.linear_kind(self.device, dtype or torch.float32,
-                                                                        self.linear_kind))
+        linear = "int8" if precision == "int8" else self.linear_kind
+        encoder = self._inference_encoder(dtype, fast_paths.linear_kind(self.device, dtype or torch.float32, linear))
         for indices in batches:
             batch = batch_to(pack([id_lists[i] for i in indices]), self.device)
             output[torch.tensor(indices, device=self.device)] = self(batch, normalize, encoder)

@@ -77,11 +77,8 @@ def keep_qkv_float(name: str, linear: nn.Linear) -> bool:
 
 
 def quantize_linears(module: nn.Module, skip=lambda name, linear: False) -> nn.Module:
-    """Replace every nn.Linear inside `module` (in place) by an Int8Linear, except where skip(name, linear) is
-    true; name is the Linear's dotted path in `module`. Returns `module`."""
-    for name, child in list(module.named_modules()):
-        for child_name, linear in list(child.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(linear, nn.Linear) and not skip(full, linear):
-                setattr(child, child_name, Int8Linear.from_linear(linear))
-    return module
+    """Replace every plain nn.Linear inside `module` (in place) by an Int8Linear, except where skip(name, linear)
+    is true; name is the Linear's dotted path in `module`. Returns `module`."""
+    from minilm.fast_paths import replace_linears
+
+    return replace_linears(module, Int8Linear.from_linear, skip)
