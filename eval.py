@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import minilm
-from losses.softmax import SoftmaxLoss
+from minilm.losses.softmax import SoftmaxLoss
 from minilm import evaluation
 
 SPLITS = {"stsb": ("train", "dev", "test"), "stsb-binary": ("train", "dev", "test"),

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import minilm
-from losses import LOSSES, SoftmaxLoss
+from minilm.losses import LOSSES, SoftmaxLoss
 from minilm import data, evaluation, model_card
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"

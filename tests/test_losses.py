@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import (CachedMultipleNegativesRankingLoss, CoSENTLoss, CosineSimilarityLoss,
+from minilm.losses import (CachedMultipleNegativesRankingLoss, CoSENTLoss, CosineSimilarityLoss,
                     MultipleNegativesRankingLoss, SoftmaxLoss)
 
 

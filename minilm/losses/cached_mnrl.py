@@ -2,7 +2,7 @@
 
 import torch
 
-from losses.mnrl import MultipleNegativesRankingLoss
+from minilm.losses.mnrl import MultipleNegativesRankingLoss
 from minilm.tokenizer import split_packed
 
 CITATION = """@misc{gao2021scaling,
