@@ -362,7 +362,8 @@ def finish_run_folder(folder: Path) -> Path:
     """List everything the run wrote in its manifest; an --overwrite run then takes the place of the old run,
     whose files (and only those) are removed. -> the final folder."""
     manifest = read_manifest(folder)
-    manifest["files"] = sorted(set(manifest["files"]) | set(os.listdir(folder)) - {f".{MANIFEST}.tmp"})
+    manifest["files"] = sorted(name for name in set(manifest["files"]) | set(os.listdir(folder))
+                               if (folder / name).exists() and name != f".{MANIFEST}.tmp")
     replaces = manifest.pop("replaces", None)
     if not replaces:
         write_manifest(folder, manifest)
@@ -786,7 +787,11 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
 
     # Everything is checked: only now is anything written.
     if rank == 0 and not args.resume:
-        create_run_folder(folder, Path(args.out) if folder != Path(args.out) else None)
+        staging = folder != Path(args.out)
+        create_run_folder(folder, Path(args.out) if staging else None)
+        if staging:  # a retry that fails before its first checkpoint leaves no trace; the old run stays as it was
+            held.push(lambda failed, *_: failed and latest_checkpoint(folder) is None
+                      and shutil.rmtree(folder, ignore_errors=True))
         held.enter_context(folder_lock(folder, args.out))
     barrier()
     with StopRequest() as stop:

@@ -53,3 +53,18 @@ def tiny_model_dir(model_dir, tmp_path_factory) -> Path:
     tokenizer = SentenceTokenizer.from_dir(model_dir, max_seq_length=128)
     tiny = SentenceEncoder(BertEncoder(config), tokenizer, ("mean",), normalize=True, source_dir=model_dir)
     return tiny.save(tmp_path_factory.mktemp("tiny-bert") / "tiny-bert")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of the training machinery on the tiny model: on a shared 2-core machine a
+    second thread mostly spins, and the suite is budgeted in CPU time. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def child_env(**extra) -> dict:
+    """The environment for a python subprocess of a test: this PYTHONPATH, one thread (see one_thread)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
