@@ -467,13 +467,13 @@ def prepare_data(args, loss_class) -> tuple:
             for row in rows:
                 if "score" in row:
                     row["score"] /= args.score_scale
-        check_labels(rows, lines, loss_class, args.loss, file)
-        if loss_class.label == "class":
-            found = sorted({row["label"] for row in rows})
-            if found[-1] >= num_labels:
-                raise data.DataError(f"{location}: label {found[-1]} is outside 0..{num_labels - 1}, the labels of "
-                                     f"the {args.loss} loss (set num_labels in --loss-params)")
         rows, text_columns, label_column = columns_for_loss(rows, loss_class, args.min_score, location)
+        check_labels(rows, lines, loss_class, args.loss, file)
+        if loss_class.label == "class":  # files are checked as they are read; the benchmark loaders here
+            largest = max(row[label_column] for row in rows)
+            if largest >= num_labels:
+                raise data.DataError(f"{location}: label {largest} is outside 0..{num_labels - 1}, the labels of "
+                                     f"the {args.loss} loss (set num_labels in --loss-params)")
         datasets.append((location, rows, text_columns, label_column))
         fingerprints.append(fingerprint(Path(file)))
     return datasets, fingerprints
