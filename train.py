@@ -575,10 +575,10 @@ def load_checkpoint(out: Path, rank: int) -> tuple:
         except Exception as error:  # any way a file can be damaged or crafted: try the one before
             reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
             problems.append(f"{folder / CHECKPOINT}: {reason}")
-            if rank == 0:
-                print(f"train.py: checkpoint {folder} cannot be used ({reason}); trying the one before",
-                      file=sys.stderr)
             continue
+        if problems and rank == 0:
+            print(f"train.py: {'; '.join(problems)}: cannot be used; resuming from {folder} instead",
+                  file=sys.stderr)
         return folder, checkpoint, rng
     raise UsageError(f"--resume: no usable checkpoint in {out / 'checkpoints'}: {'; '.join(problems)}")
 

@@ -63,8 +63,19 @@ def _text(value) -> str:
 
 
 def _code(text) -> str:
-    """A table cell in <code>: HTML escaped (no tag can open), | escaped (no cell can end), one line."""
-    return "<code>" + html.escape(" ".join(str(text).split())[:300], quote=True).replace("|", "&#124;") + "</code>"
+    """A table cell in <code>: HTML escaped (no tag can open), Markdown punctuation as entities (no cell can end,
+    no link can form), one line."""
+    text = html.escape(" ".join(str(text).split())[:300], quote=True)
+    return "<code>" + re.sub(r"[\\`*_{}\[\]()#+!|~]", lambda match: f"&#{ord(match.group())};", text) + "</code>"
+
+
+def _inert_json(value) -> str:
+    """JSON with <, > and & as \\u escapes: the same value read as YAML, JSON or a Python literal, and no markup."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _yaml_string(text) -> str:
+    return _inert_json(str(text))
 
 
 def _fence(language: str, code: str) -> str:
@@ -132,12 +143,12 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
     sample = first_rows[0]
 
     front = ["---", "tags:", "- sentence-transformers", "- sentence-similarity", "- feature-extraction", "- dense",
-             "- minilm", f"- dataset_size:{size}", f"- loss:{loss_name}", f"base_model: {json.dumps(str(base))}",
-             "widget:", f"- source_sentence: {json.dumps(sample[first_text_columns[0]])}", "  sentences:"]
-    front += [f"  - {json.dumps(row[first_text_columns[-1]])}" for row in first_rows[:3]]
+             "- minilm", f"- dataset_size:{size}", f"- loss:{loss_name}", f"base_model: {_yaml_string(base)}",
+             "widget:", f"- source_sentence: {_yaml_string(sample[first_text_columns[0]])}", "  sentences:"]
+    front += [f"  - {_yaml_string(row[first_text_columns[-1]])}" for row in first_rows[:3]]
     front += ["pipeline_tag: sentence-similarity", "library_name: sentence-transformers"]
     if metrics:
-        front += ["metrics:"] + [f"- {json.dumps(key)}" for key in metrics]
+        front += ["metrics:"] + [f"- {_yaml_string(key)}" for key in metrics]
     front.append("---")
 
     parts = ["\n".join(front), f"# SentenceTransformer based on {_text(base)}",
@@ -154,11 +165,11 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
              "### Full Model Architecture", _fence("", architecture(model)),
              "## Usage", "### Direct Usage (Sentence Transformers)",
              _fence("python", "from sentence_transformers import SentenceTransformer\n\n"
-                    f"model = SentenceTransformer({json.dumps(out_dir.name)})\n"
-                    f"embeddings = model.encode({json.dumps([sample[c] for c in first_text_columns[:2]])})\n"
+                    f"model = SentenceTransformer({_inert_json(out_dir.name)})\n"
+                    f"embeddings = model.encode({_inert_json([sample[c] for c in first_text_columns[:2]])})\n"
                     "print(embeddings.shape)"),
              "### Direct Usage (minilm)",
-             _fence("python", f"import minilm\n\nmodel = minilm.load({json.dumps(out_dir.name)})\n"
+             _fence("python", f"import minilm\n\nmodel = minilm.load({_inert_json(out_dir.name)})\n"
                     "embeddings = model.encode([\"The weather is lovely today.\", \"It's so sunny outside!\"])\n"
                     "print(model.similarity(embeddings, embeddings))")]
     if metrics:

@@ -182,3 +182,30 @@ def test_cached_mnrl_equals_plain_mnrl(model):
     assert plain_grads.keys() == cached_grads.keys() and len(plain_grads) > 50
     for name in plain_grads:
         assert (plain_grads[name] - cached_grads[name]).abs().max() < 1e-5, name
+
+
+def test_losses_live_in_minilm_and_declare_their_data():
+    """`import losses` is gone (the package is minilm.losses), and every registered loss declares what train.py
+    needs to feed it, so that train.py names no loss."""
+    import importlib.util
+    from pathlib import Path
+
+    import train
+    from minilm.losses import LOSSES
+
+    repo = Path(__file__).resolve().parent.parent
+    assert not (repo / "losses").exists()
+    assert '"losses"' not in (repo / "pyproject.toml").read_text()
+    spec = importlib.util.find_spec("losses")
+    assert spec is None or not str(spec.origin).startswith(str(repo)), spec
+    code = (repo / "train.py").read_text()
+    assert not any(name in code for name in ('"mnrl"', '"cosine"', '"softmax"', "isinstance(loss_fn", "import SoftmaxLoss"))
+    for name, loss in LOSSES.items():
+        assert loss.label in (None, "score", "class"), name
+        assert loss.text_columns and all(len(layout) >= 2 for layout in loss.text_columns), name
+        assert isinstance(loss.in_batch_negatives, bool), name
+        if loss.label == "class":
+            assert loss.num_classes({}) >= 2
+        rows = [{"sentence1": "a", "sentence2": "b", "score": 0.9, "label": 1}]
+        _, columns, label = train.columns_for_loss(rows, loss, 0.5, "x.tsv")
+        assert label == {"score": "score", "class": "label", None: None}[loss.label]
