@@ -157,10 +157,13 @@ def test_equal_to_sentence_transformers(name, ours, kwargs):
     assert math.isclose(float(got), float(expected), rel_tol=1e-5, abs_tol=1e-6)
 
 
-def test_cached_mnrl_equals_plain_mnrl(model):
-    """GradCache with mini-batches of 4 gives the plain loss of batch 32 and the same parameter gradients."""
+def test_cached_mnrl_equals_plain_mnrl(tiny_model_dir, one_thread):
+    """GradCache with mini-batches of 4 gives the plain loss of batch 32 and the same parameter gradients
+    (on the tiny random BERT: the gradient bookkeeping is the point, not the weights)."""
+    import minilm
     from minilm.model import batch_to
 
+    model = minilm.load(str(tiny_model_dir), device="cpu")
     model.eval()  # dropout off: the plain and cached passes would draw different masks
     words = "red green blue cat dog car tree sky sea sun moon star road city".split()
     generator = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
@@ -178,10 +181,11 @@ def test_cached_mnrl_equals_plain_mnrl(model):
     plain_loss, plain_grads = loss_and_grads(MultipleNegativesRankingLoss(model))
     cached_loss, cached_grads = loss_and_grads(CachedMultipleNegativesRankingLoss(model, mini_batch_size=4))
     model.zero_grad(set_to_none=True)
-    assert abs(plain_loss - cached_loss) < 1e-5
-    assert plain_grads.keys() == cached_grads.keys() and len(plain_grads) > 50
+    # Measured: losses equal, gradients 7e-8 apart (largest gradient 0.06).
+    assert abs(plain_loss - cached_loss) < 1e-6
+    assert plain_grads.keys() == cached_grads.keys() and len(plain_grads) > 20
     for name in plain_grads:
-        assert (plain_grads[name] - cached_grads[name]).abs().max() < 1e-5, name
+        assert (plain_grads[name] - cached_grads[name]).abs().max() < 2e-7, name
 
 
 def test_losses_live_in_minilm_and_declare_their_data():
