@@ -688,7 +688,8 @@ def main(argv=None) -> int:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("train.py: stopped before a checkpoint could be written", file=sys.stderr)
+        print("train.py: stopped at once (a second signal); --resume continues from the newest checkpoint, if "
+              "one was written", file=sys.stderr)
         return 130
     finally:
         if dist.is_initialized():

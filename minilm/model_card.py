@@ -179,7 +179,8 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
     stats, columns = [], [c for c in first_text_columns] + ([datasets[0][3]] if datasets[0][3] else [])
     for column in columns:
         stats.append(column_statistics(first_rows, column, model.tokenizer.encode_ids))
-    stats_table = _table([""] + [_text(c) for c in columns], [["type"] + [t for t, _ in stats], ["details"] + [d for _, d in stats]])
+    stats_table = _table([""] + [_text(c) for c in columns],
+                         [["type"] + [t for t, _ in stats], ["details"] + [d for _, d in stats]])
     samples_table = _table([_text(c) for c in columns], [[_code(row[c]) for c in columns] for row in first_rows[:3]])
     parts += ["## Training Details", "### Training Dataset"]
     for source, rows, _, _ in datasets:

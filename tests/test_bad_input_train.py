@@ -174,12 +174,14 @@ CASES = [
     ("jsonl-missing-column", lambda c: c.cosine(data=c.write("d.jsonl", jsonl(
         {"sentence1": "a", "sentence2": "b", "score": 0.5}, {"sentence1": "a", "score": 0.5}))),
      ["d.jsonl:2", "'sentence2'"]),
-    ("softmax-label-outside", lambda c: c.loss("softmax", c.write("n.tsv", "premise\thypothesis\tlabel\na\tb\t0\nc\td\t7\n")),
+    ("softmax-label-outside",
+     lambda c: c.loss("softmax", c.write("n.tsv", "premise\thypothesis\tlabel\na\tb\t0\nc\td\t7\n")),
      ["n.tsv:3", "label '7'", "0..2"]),
     ("softmax-label-fraction", lambda c: c.loss("softmax", c.write("n.jsonl", jsonl(
         {"premise": "a", "hypothesis": "b", "label": 1.5}))), ["n.jsonl:1", "label 1.5"]),
-    ("softmax-label-outside-num-labels", lambda c: c.loss("softmax", c.write("n.tsv", "premise\thypothesis\tlabel\na\tb\t2\n"),
-                                                          "--loss-params", '{"num_labels": 2}'), ["n.tsv:2", "0..1"]),
+    ("softmax-label-outside-num-labels",
+     lambda c: c.loss("softmax", c.write("n.tsv", "premise\thypothesis\tlabel\na\tb\t2\n"),
+                      "--loss-params", '{"num_labels": 2}'), ["n.tsv:2", "0..1"]),
     ("columns-do-not-fit", lambda c: c.cosine(data=c.write("a.tsv", "anchor\tpositive\nq\tp\n")),
      ["a.tsv", "do not fit", "sentence1, sentence2, score"]),
     ("softmax-on-scored-pairs", lambda c: c.loss("softmax", c.pairs), ["pairs.tsv", "do not fit", "label"]),
@@ -201,7 +203,8 @@ CASES = [
     ("out-is-a-file", lambda c: c.cosine("--out", c.user_file), ["--out", "thesis.docx", "is a file"]),
     ("out-is-the-current-folder", lambda c: c.cosine("--out", "."), ["--out .", "current folder"]),
     ("out-above-the-current-folder", lambda c: c.cosine("--out", ".."), ["--out ..", "current folder"]),
-    ("out-holds-the-data", lambda c: c.cosine("--out", c.tmp / "box", "--overwrite", data=c.box_with_data() / "pairs.tsv"),
+    ("out-holds-the-data",
+     lambda c: c.cosine("--out", c.tmp / "box", "--overwrite", data=c.box_with_data() / "pairs.tsv"),
      ["--out", "box", "holds --data"]),
     ("out-user-folder", lambda c: c.cosine("--out", c.docs), ["--out", "docs", "not empty", "notes.txt"]),
     ("out-user-folder-overwrite", lambda c: c.cosine("--out", c.docs, "--overwrite"),
@@ -287,7 +290,8 @@ def test_resume_refusals(capsys, tiny_model_dir, tmp_path):
 def test_score_scale_trains_on_0_to_5_scores(capsys, tiny_model_dir, tmp_path):
     """The documented way to train on STS-style scores: --score-scale 5 (the card records it)."""
     context = Context(tmp_path, tiny_model_dir)
-    data = context.write("sts.tsv", "sentence1\tsentence2\tscore\n" + "".join(f"a{i}\tb{i}\t{i % 6}\n" for i in range(20)))
+    rows = "".join(f"a{i}\tb{i}\t{i % 6}\n" for i in range(20))  # scores 0..5
+    data = context.write("sts.tsv", "sentence1\tsentence2\tscore\n" + rows)
     code, err = call(capsys, context.cosine("--score-scale", 5, "--save-steps", 0, data=data))
     assert code == 0, err
     assert "- `score_scale`: 5.0" in (context.out / "README.md").read_text()
