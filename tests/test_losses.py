@@ -23,11 +23,12 @@ def check(loss_fn, embeddings, labels, loop_value):
     """The loss and its gradients equal the explicit loop's, which autograd differentiates independently."""
     value = loss_fn.compute_loss_from_embeddings(embeddings, labels)
     expected = loop_value(embeddings, labels)
-    assert torch.allclose(value, expected, atol=1e-10, rtol=1e-10)
+    # float64; measured at most 1.6e-14 apart (values and gradients) over repeated random draws.
+    assert torch.allclose(value, expected, atol=5e-14, rtol=1e-14)
     grads = torch.autograd.grad(value, embeddings)
     expected_grads = torch.autograd.grad(expected, embeddings)
     for got, want in zip(grads, expected_grads):
-        assert torch.allclose(got, want, atol=1e-10)
+        assert torch.allclose(got, want, atol=5e-14, rtol=1e-14)
 
 
 def mnrl_loop(scale, symmetric=False, dot=False):
@@ -154,7 +155,8 @@ def test_equal_to_sentence_transformers(name, ours, kwargs):
     labels = None if name == "MultipleNegativesRankingLoss" else torch.rand(6)
     expected = theirs.compute_loss_from_embeddings(embeddings, labels)
     got = ours(None, **kwargs).compute_loss_from_embeddings(embeddings, labels)
-    assert math.isclose(float(got), float(expected), rel_tol=1e-5, abs_tol=1e-6)
+    # float32; measured at most 2.1e-7 apart (relative) over 300 random draws.
+    assert math.isclose(float(got), float(expected), rel_tol=6e-7, abs_tol=1e-7)
 
 
 def test_cached_mnrl_equals_plain_mnrl(tiny_model_dir, one_thread):

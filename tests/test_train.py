@@ -114,7 +114,8 @@ def test_recipe_end_to_end_on_the_real_weights(capsys, model_dir, tmp_path):
     reference = st.SentenceTransformer(str(out), device="cpu")
     assert reference.max_seq_length == settings["max_seq_length"]
     sentences = ["A man is playing a guitar.", "Someone plays music.", "The stock market fell."]
-    assert np.abs(reference.encode(sentences) - ours.encode(sentences)).max() < 1e-5
+    # Measured 1.7e-7 (the same float32 model through two code paths).
+    assert np.abs(reference.encode(sentences) - ours.encode(sentences)).max() < 5e-7
 
 
 def sick_like(path: Path, pairs_per_label=30, seed=0) -> Path:
