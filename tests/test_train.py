@@ -287,3 +287,29 @@ def test_overwrite_replaces_a_previous_run_only_after_success(capsys, tiny_model
     assert (out / "model.safetensors").read_bytes() != first
     assert log_steps(out) == [2, 3]
     assert sorted(os.listdir(tmp_path)) == ["pairs.tsv", "run"]
+
+
+def test_an_interrupted_overwrite_keeps_the_old_run_and_resumes_into_its_place(capsys, tiny_model_dir, tmp_path,
+                                                                             monkeypatch):
+    data = tmp_path / "pairs.tsv"
+    data.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a{i}\tb{i}\t0.{i % 10}\n" for i in range(24)))
+    out = tmp_path / "run"
+    ok(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 2, "--save-steps", 0), "--out", out)
+    first = (out / "model.safetensors").read_bytes()
+
+    def stopped_at_once(self):  # as if Ctrl-C came during the first step
+        self.signal = "SIGINT"
+        return self
+    with monkeypatch.context() as patch:
+        patch.setattr(train.StopRequest, "__enter__", stopped_at_once)
+        code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 4), "--out", out,
+                                 "--overwrite")
+    staging = train.staging_folder(out)
+    assert code == 130 and f"--out {staging} --resume" in err
+    assert (out / "model.safetensors").read_bytes() == first  # the old run is untouched
+    assert (staging / "checkpoints" / "step-0000001").is_dir()
+
+    ok(capsys, "--out", staging, "--resume")
+    assert not staging.exists() and (out / "model.safetensors").read_bytes() != first
+    assert log_steps(out) == [2, 4]
+    assert sorted(os.listdir(tmp_path)) == ["pairs.tsv", "run"]
