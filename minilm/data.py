@@ -2,10 +2,11 @@
 
 Rows are plain dicts keyed by sentence-transformers' column names:
   anchor, positive[, negative, negative_2, ...]   in-batch-negative losses (MultipleNegativesRankingLoss)
-  sentence1, sentence2, score (float 0..1)         scored pairs (CosineSimilarityLoss, CoSENTLoss)
+  sentence1, sentence2, score (float)              scored pairs (CosineSimilarityLoss, CoSENTLoss)
   premise, hypothesis, label (int)                 classification (SoftmaxLoss)
 Every reader checks its input as it reads, before any training starts; a problem is a DataError naming the
-file, the line and what is wrong.
+file, the line and what is wrong. Texts must be strings; a UTF-8 byte-order mark is dropped; a TSV field wholly
+in double quotes is unquoted. Which range of scores a loss accepts is the loss's to say (minilm/losses/).
 """
 
 import csv
