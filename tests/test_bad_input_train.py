@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import train
+from minilm import run_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -264,12 +265,12 @@ def test_a_second_run_on_a_held_folder_is_refused(capsys, tiny_model_dir, tmp_pa
     assert code == 0, err
     before = sorted(os.listdir(out))
     overwrite = ["--model", tiny_model_dir, "--loss", "cosine", "--data", context.pairs, "--out", out, "--overwrite"]
-    with train.folder_lock(out, str(out)):
+    with run_folder.folder_lock(out, str(out)):
         for argv in (["--out", out, "--resume", "--max-steps", 3], overwrite):
             code, err = call(capsys, argv)
             assert_one_line_error(code, err, ["--out", "another train.py", f"pid {os.getpid()}"])
     assert sorted(os.listdir(out)) == before
-    assert not train.staging_folder(out).exists()
+    assert not run_folder.staging_folder(out).exists()
 
 
 def test_resume_refusals(capsys, tiny_model_dir, tmp_path):

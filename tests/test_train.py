@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from minilm import run_folder
 from conftest import REPO, child_env, shared_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,7 +105,7 @@ def test_recipe_end_to_end_on_the_real_weights(capsys, model_dir, tmp_path):
     assert log_steps(out) == [2, 4]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log if "eval_cosine_ap" in entry] == [2, 4]
-    manifest = json.loads((out / train.MANIFEST).read_text())
+    manifest = json.loads((out / run_folder.MANIFEST).read_text())
     assert set(manifest["files"]) == set(os.listdir(out))
 
     st = pytest.importorskip("sentence_transformers")
@@ -304,7 +305,7 @@ def test_an_interrupted_overwrite_keeps_the_old_run_and_resumes_into_its_place(c
         patch.setattr(train.StopRequest, "__enter__", stopped_at_once)
         code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 4), "--out", out,
                                  "--overwrite")
-    staging = train.staging_folder(out)
+    staging = run_folder.staging_folder(out)
     assert code == 130 and f"--out {staging} --resume" in err
     assert (out / "model.safetensors").read_bytes() == first  # the old run is untouched
     assert (staging / "checkpoints" / "step-0000001").is_dir()
