@@ -19,6 +19,7 @@ Tasks:
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,34 +27,88 @@ from pathlib import Path
 import torch
 
 import minilm
-from losses.softmax import SoftmaxLoss
 from minilm import data, evaluation
+from minilm.losses.softmax import SoftmaxLoss
 
 SPLITS = {"stsb": ("train", "dev", "test"), "stsb-binary": ("train", "dev", "test"),
           "sick": ("train", "trial", "test"), "nli": ("train", "trial", "test")}
 
 
+class UsageError(Exception):
+    """A problem with the flags or the files: one line for the user, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """-> exit status: 0, or 2 after one line naming the flag or file at fault."""
+    try:
+        return evaluate(argv)
+    except (UsageError, data.DataError) as error:
+        print(f"eval.py: error: {error}", file=sys.stderr)
+        return 2
+
+
+def check_json_target(path: str) -> None:
+    """--json must be writable before minutes of evaluation are spent."""
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"--json {path}: is a folder; give a file name")
+    folder = target.parent
+    if not folder.is_dir():
+        raise UsageError(f"--json {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"--json {path}: cannot write there (read-only or no permission)")
+
+
+def evaluate(argv=None) -> int:
+    parser = Parser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a model directory or a hub id")
     parser.add_argument("--task", required=True, choices=evaluation.TASKS)
     parser.add_argument("--data", required=True, help="the data file or directory of the task (see above)")
     parser.add_argument("--split", default="test", help="split of stsb/sick/nli or of a BEIR folder's qrels "
                         "(default: test)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
 
     if args.task in SPLITS and args.split not in SPLITS[args.task] and not data.is_snli(args.data):
         parser.error(f"--split for {args.task} must be one of {SPLITS[args.task]}, not {args.split!r}")
+    if args.json:
+        check_json_target(args.json)
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device!r}: not a device; expected cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: this PyTorch ({torch.__version__}) sees no CUDA device; "
+                             "use --device cpu (or leave --device out)")
+    if not Path(args.data).exists():
+        raise UsageError(f"--data {args.data}: no such file or folder")
     try:
         model = minilm.load(args.model, device=args.device)
+    except Exception as error:  # the loader's messages name the file and field
+        raise UsageError(f"--model {args.model}: {_first_line(error)}") from None
+    try:
         classifier = SoftmaxLoss.load_classifier(model.source_dir) if args.task == "nli" else None
         evaluator = evaluation.for_task(args.task, args.data, args.split, classifier=classifier)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"eval.py: error: {error}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError, KeyError) as error:
+        raise UsageError(f"--task {args.task} --data {args.data}: {_first_line(error)}") from None
     evaluator.batch_size = args.batch_size
     start = time.perf_counter()
     with torch.inference_mode():
@@ -67,6 +122,11 @@ def main(argv=None) -> int:
         result = {"model": args.model, "task": args.task, "split": args.split, "metrics": metrics}
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 if __name__ == "__main__":

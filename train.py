@@ -7,24 +7,32 @@
 --data takes a TSV/CSV (header) or JSONL file with sentence-transformers' column names (anchor, positive
 [, negative...] | sentence1, sentence2, score | premise, hypothesis, label), or a local benchmark: the STS-B
 directory (../shared/data/stsb) or SICK.tsv. Several --data give round-robin batches, one dataset per batch.
-A recipe is a JSON file of flag values (recipes/); flags on the command line override it.
+Each loss declares the columns it reads and the scores or labels it accepts (minilm/losses/); every row is
+checked before training starts. Scores on another scale (STS's 0..5) need --score-scale 5.
+A recipe is a JSON file of flag values (recipes/), checked exactly as the flags are; flags on the command line win.
 
 Under torchrun (`torchrun --nproc_per_node=N train.py ...`) each process trains on its share of every global
 batch of N x --batch-size rows; gradients are averaged across processes (DDP; nccl on CUDA, gloo on CPU), and
 only rank 0 logs, evaluates, checkpoints and saves. Add --loss-params '{"gather_across_devices": true}' so that
 in-batch-negative losses score each anchor against the positives of the whole global batch.
 
-The run directory gets the model in sentence-transformers' layout, README.md (model card), log.jsonl (every
-logged step and evaluation), loss.png (with matplotlib), and checkpoints/step-N (for --resume).
+The run folder gets the model in sentence-transformers' layout, README.md (model card), log.jsonl (every logged
+step and evaluation), loss.png (with matplotlib), checkpoints/step-N (for --resume) and minilm-run.json, the list
+of the files the run wrote. A run writes only into a new or empty folder; --overwrite replaces a previous minilm
+run (and nothing else) once the new run has succeeded. Ctrl-C (or SIGTERM) finishes the current step, writes a
+checkpoint and says how to resume.
 """
 
 import argparse
 import contextlib
+import hashlib
+import inspect
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,147 +43,328 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import minilm
-from losses import LOSSES, SoftmaxLoss
 from minilm import data, evaluation, model_card
+from minilm.losses import LOSSES
+from minilm.run_folder import RunFolderError, check_output, create_run_folder, finish_run_folder, folder_lock
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+CHECKPOINT = "state.pt"  # checkpoints/step-N/state.pt: everything to resume (rank r > 0: rng-rank{r}.pt beside)
+# Flags that may change on --resume: they say how a run is watched and when it stops, not what a step computes.
+SAFE_ON_RESUME = ("max_steps", "epochs", "log_steps", "eval_steps", "save_steps", "save_total_limit",
+                  "no_progress", "device")
+RECIPE_NOTES = ("description", "seed_card")  # recipe keys that document, not configure
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", help="JSON file of flag values (see recipes/); command-line flags win")
-    add = parser.add_argument
+class UsageError(Exception):
+    """A problem with the flags, the files or the folders: one line for the user, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+# --- flags -----------------------------------------------------------------------------------------------------
+
+def _number(kind, low=None, above=None, below=None, what=""):
+    def parse(text):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if (kind is float and not math.isfinite(value)) or (low is not None and value < low) \
+                or (above is not None and value <= above) or (below is not None and value >= below):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = _number(int, low=1, what="a whole number >= 1")
+non_negative_int = _number(int, low=0, what="a whole number >= 0")
+positive_float = _number(float, above=0, what="a number > 0")
+non_negative_float = _number(float, low=0, what="a number >= 0")
+fraction = _number(float, low=0, below=1, what="a number in 0..1 (1 excluded)")
+any_float = _number(float, what="a number")
+
+
+def json_object(text):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'expected a JSON object like \'{{"scale": 20}}\', got {text!r}')
+    return value
+
+
+def build_parser(explicit_only: bool = False) -> Parser:
+    """train.py's flags. explicit_only: no defaults, so that parsing tells which flags were given."""
+    parser = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add(*names, default=None, **kwargs):
+        parser.add_argument(*names, default=argparse.SUPPRESS if explicit_only else default, **kwargs)
+
+    add("--recipe", help="JSON file of flag values (see recipes/); command-line flags win")
     add("--model", default=DEFAULT_MODEL, help="base model: directory or hub id (default: %(default)s)")
     add("--loss", choices=sorted(LOSSES), help="training objective (required here or in the recipe)")
-    add("--loss-params", type=json.loads, default={}, help='loss parameters as JSON, e.g. \'{"scale": 20}\'')
+    add("--loss-params", type=json_object, default={}, help='loss parameters as JSON, e.g. \'{"scale": 20}\'')
     add("--data", nargs="+", help="training data file(s) or benchmark location(s)")
     add("--split", default="train", help="split for benchmark data (default: train)")
-    add("--min-score", type=float, default=0.8,
-        help="for in-batch-negative losses on scored pairs: keep pairs scoring at least this (0..1; default 0.8)")
-    add("--out", required=False, help="output directory")
-    add("--overwrite", action="store_true", help="replace an existing output directory")
-    add("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    add("--batch-size", type=int, default=32)
-    add("--epochs", type=float, default=1, help="passes over the data (ignored when --max-steps is set)")
-    add("--max-steps", type=int, default=0, help="optimizer steps to run; 0: as many as --epochs gives")
-    add("--lr", type=float, default=5e-5)
-    add("--weight-decay", type=float, default=0.0)
-    add("--warmup-ratio", type=float, default=0.0, help="fraction of steps with a linear warm-up")
-    add("--warmup-steps", type=int, default=0, help="warm-up steps (overrides --warmup-ratio)")
-    add("--max-grad-norm", type=float, default=1.0)
-    add("--grad-accum", type=int, default=1, help="batches per optimizer step")
+    add("--score-scale", type=positive_float, default=1.0,
+        help="divide every score of the data by this: 5 for STS-style 0..5 scores (default: 1). The benchmark "
+             "loaders (the stsb folder, SICK.tsv) give 0..1 already")
+    add("--min-score", type=any_float, default=0.8,
+        help="for losses without labels on scored pairs: keep pairs scoring at least this (default 0.8)")
+    add("--out", help="output folder: new or empty (or a previous minilm run with --overwrite / --resume)")
+    add("--overwrite", action="store_true",
+        help="replace a previous minilm run in --out, once this run has succeeded (other files: refused)")
+    add("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    add("--batch-size", type=positive_int, default=32)
+    add("--epochs", type=positive_float, default=1, help="passes over the data (ignored when --max-steps is set)")
+    add("--max-steps", type=non_negative_int, default=0, help="optimizer steps to run; 0: as many as --epochs gives")
+    add("--lr", type=positive_float, default=5e-5)
+    add("--weight-decay", type=non_negative_float, default=0.0)
+    add("--warmup-ratio", type=fraction, default=0.0, help="fraction of steps with a linear warm-up")
+    add("--warmup-steps", type=non_negative_int, default=0, help="warm-up steps (overrides --warmup-ratio)")
+    add("--max-grad-norm", type=positive_float, default=1.0)
+    add("--grad-accum", type=positive_int, default=1, help="batches per optimizer step")
     add("--seed", type=int, default=42)
     add("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
         help="autocast precision; auto: bf16 on CUDA when supported, else fp32")
-    add("--max-seq-length", type=int, help="truncate inputs to this many tokens (default: the model's)")
+    add("--max-seq-length", type=positive_int, help="truncate inputs to this many tokens (default: the model's)")
     add("--normalize", choices=["keep", "yes", "no"], default="keep", help="add/remove the Normalize module")
     add("--eval-task", choices=evaluation.TASKS, help="evaluation during and after training")
     add("--eval-data", help="data for --eval-task (default: the first --data)")
     add("--eval-split", default="dev")
-    add("--eval-steps", type=int, default=0, help="evaluate every N steps (0: only at the end)")
-    add("--log-steps", type=int, default=50)
-    add("--save-steps", type=int, default=500, help="checkpoint every N steps (0: never)")
-    add("--save-total-limit", type=int, default=2, help="checkpoints kept (oldest removed)")
-    add("--device", default=None)
+    add("--eval-steps", type=non_negative_int, default=0, help="evaluate every N steps (0: only at the end)")
+    add("--log-steps", type=positive_int, default=50)
+    add("--save-steps", type=non_negative_int, default=500, help="checkpoint every N steps (0: never)")
+    add("--save-total-limit", type=positive_int, default=2, help="checkpoints kept (oldest removed)")
+    add("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     add("--no-progress", action="store_true", help="no tqdm progress bar")
+    return parser
 
-    args, _ = parser.parse_known_args(argv)
-    if args.recipe:
-        recipe = json.loads(Path(args.recipe).read_text())
-        known = {action.dest for action in parser._actions}
-        unknown = set(recipe) - known - {"description", "seed_card"}
-        if unknown:
-            parser.error(f"{args.recipe}: unknown keys {sorted(unknown)}")
-        parser.set_defaults(**{key: value for key, value in recipe.items() if key in known})
+
+def recipe_values(path: str, parser: Parser) -> dict:
+    """A recipe's values, each parsed and checked by the flag it stands for (one error names file and key)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as error:
+        raise UsageError(f"--recipe {path}: cannot read it ({error.strerror})") from None
+    try:
+        recipe = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--recipe {path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(recipe, dict):
+        raise UsageError(f"--recipe {path}: expected a JSON object of flag values, got {type(recipe).__name__}")
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    values = {}
+    for key, value in recipe.items():
+        action = actions.get(key)
+        if key in RECIPE_NOTES:
+            continue
+        if action is None or key in ("recipe", "resume", "help"):
+            raise UsageError(f"--recipe {path}: unknown key {key!r}; keys are flag names with _ for -: "
+                             f"{', '.join(sorted(set(actions) - {'recipe', 'resume', 'help'}))}")
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # on/off flags
+            if not isinstance(value, bool):
+                raise UsageError(f"--recipe {path}: {key!r} is {json.dumps(value)}, expected true or false")
+            argv = [flag] if value else []
+        elif value is None:
+            continue
+        elif action.nargs == "+":
+            items = value if isinstance(value, list) else [value]
+            if not items or not all(isinstance(item, str) for item in items):
+                raise UsageError(f"--recipe {path}: {key!r} is {json.dumps(value)}, expected a string or a list "
+                                 "of strings")
+            argv = [flag, *items]
+        elif isinstance(value, dict):
+            argv = [flag, json.dumps(value)]
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            argv = [flag, str(value)]
+        else:
+            raise UsageError(f"--recipe {path}: {key!r} is {json.dumps(value)}, expected a string or a number")
+        try:
+            parsed = parser.parse_args(argv)
+        except UsageError as error:
+            raise UsageError(f"--recipe {path}: {key!r}: {error}") from None
+        values[key] = getattr(parsed, key)
+    return values
+
+
+def parse_args(argv=None) -> tuple:
+    """-> (args, the names of the flags given on the command line or in the recipe)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     args = parser.parse_args(argv)
+    given = vars(build_parser(explicit_only=True).parse_args(argv))
+    if args.recipe:
+        if args.resume:
+            raise UsageError("--recipe with --resume: a resumed run keeps its own settings; give only --out "
+                             "and --resume (and flags that may change, such as --max-steps)")
+        given = {**recipe_values(args.recipe, parser), **given}
+        args = argparse.Namespace(**{**vars(args), **given})
+    given.pop("recipe", None)
+    return args, given
+
+
+def check_args(args, world: int = 1) -> None:
+    """Checks across flags (each flag's own values were checked by its type); recipe values come here too."""
     if not args.out:
-        parser.error("--out is required")
-    if not args.resume and (not args.loss or not args.data):
-        parser.error("--loss and --data are required (or a --recipe that sets them)")
-    return args
+        raise UsageError("--out is required: the folder the run writes into")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite together: --resume continues the run in --out, --overwrite "
+                         "starts a new one there; choose one")
+    if not args.loss or not args.data:
+        raise UsageError("--loss and --data are required (or a --recipe that sets them)")
+    loss_class = LOSSES[args.loss]
+    try:  # the loss's own arguments, by name, before anything is loaded
+        inspect.signature(loss_class).bind(None, **args.loss_params)
+    except TypeError:
+        names = [name for name in inspect.signature(loss_class).parameters if name != "model"]
+        raise UsageError(f"--loss-params {json.dumps(args.loss_params)}: the {args.loss} loss takes "
+                         f"{', '.join(names) or 'no parameters'}") from None
+    if loss_class.in_batch_negatives and args.batch_size * world < 2:
+        raise UsageError(f"--batch-size {args.batch_size}: the {args.loss} loss scores each row against the other "
+                         "rows of its batch, so a batch needs at least 2 rows")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device!r}: not a device; expected cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: this PyTorch ({torch.__version__}) sees no CUDA device; "
+                             "use --device cpu (or leave --device out)")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA device(s)")
+        if device.type not in ("cpu", "cuda"):
+            raise UsageError(f"--device {args.device}: train.py runs on cpu or cuda")
+    if args.precision == "fp16" and (args.device or "cpu").startswith("cpu") and not torch.cuda.is_available():
+        raise UsageError("--precision fp16: float16 training needs CUDA; use bf16 or fp32 on the CPU")
 
 
 # --- data ------------------------------------------------------------------------------------------------------
 
-def load_training_rows(location: str, split: str) -> list:
+def load_training_rows(location: str, split: str, num_labels=None) -> tuple:
+    """-> (rows, the line of each row or None, the file read)."""
     path = Path(location)
-    if path.is_dir() and (path / f"{split}.tsv").is_file():
-        return data.load_stsb(path, split)
-    if path.is_dir() and (path / "corpus.jsonl").is_file():  # BEIR layout: (query, relevant document) pairs
-        return evaluation.beir_pairs(path, split)
+    if path.is_dir():
+        if (path / f"{split}.tsv").is_file():
+            return data.load_stsb(path, split), None, path / f"{split}.tsv"
+        if (path / "corpus.jsonl").is_file():  # BEIR layout: (query, relevant document) pairs of the split's qrels
+            return evaluation.beir_pairs(path, split), None, path / "qrels" / f"{split}.tsv"
+        raise data.DataError(f"{path}: a folder without {split}.tsv or corpus.jsonl; --data takes a TSV/CSV/JSONL "
+                             "file, the STS-B folder or a BEIR folder")
     if data.is_snli(path):
-        return data.load_snli(path)
+        return data.load_snli(path), None, path
     if path.is_file() and path.name.lower().startswith("sick"):
-        return data.load_sick(path, split)
-    return data.read_dataset(path).rows
+        return data.load_sick(path, split), None, path
+    dataset = data.read_dataset(path, num_labels=num_labels)
+    return dataset.rows, dataset.lines, path
 
 
-def columns_for_loss(rows: list, loss: str, min_score: float, source: str):
-    """Pick the text columns and label column the loss needs; adapt scored pairs for in-batch negatives."""
+def fingerprint(path: Path) -> dict:
+    """Size and SHA-256 of a data file: --resume refuses data that changed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return {"file": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def columns_for_loss(rows: list, loss_class, min_score: float, source: str):
+    """Pick the columns a loss reads, from its declarations (minilm/losses/__init__.py). -> (rows, text
+    columns, label column or None). A loss without labels takes scored pairs scoring at least min_score."""
     columns = set(rows[0]) if rows else set()
-    if loss in ("mnrl", "cached-mnrl"):
-        if {"anchor", "positive"} <= columns:
-            negatives = sorted(c for c in columns if c.startswith("negative"))
-            return rows, ["anchor", "positive", *negatives], None
-        for first, second, score in (("sentence1", "sentence2", "score"), ("premise", "hypothesis", "score")):
-            if {first, second} <= columns:
-                if score in columns:
-                    rows = [r for r in rows if r[score] >= min_score]
-                return [{"anchor": r[first], "positive": r[second]} for r in rows], ["anchor", "positive"], None
-    elif loss in ("cosine", "cosent"):
-        for first, second in (("sentence1", "sentence2"), ("premise", "hypothesis")):
-            if {first, second, "score"} <= columns:
-                return rows, [first, second], "score"
-    elif loss == "softmax":
-        if {"premise", "hypothesis", "label"} <= columns:
-            return rows, ["premise", "hypothesis"], "label"
-        if {"sentence1", "sentence2", "label"} <= columns:
-            return rows, ["sentence1", "sentence2"], "label"
-    raise ValueError(f"{source}: columns {sorted(columns)} do not fit the {loss} loss "
-                     f"(see `python train.py --help` for the column names each loss takes)")
+    label_column = {"score": "score", "class": "label", None: None}[loss_class.label]
+    prefix = loss_class.extra_text_columns
+    for layout in loss_class.text_columns:
+        if set(layout) <= columns and (label_column is None or label_column in columns):
+            extra = sorted(c for c in columns if prefix and c.startswith(prefix) and c not in layout)
+            return rows, [*layout, *extra], label_column
+    if loss_class.label is None:
+        first, second = loss_class.text_columns[0][:2]
+        for a, b in (("sentence1", "sentence2"), ("premise", "hypothesis")):
+            if {a, b} <= columns:
+                kept = [r for r in rows if "score" not in r or r["score"] >= min_score]
+                if rows and not kept:
+                    scores = [r["score"] for r in rows]
+                    raise data.DataError(f"{source}: no pair scores at least --min-score {min_score} (scores run "
+                                         f"{min(scores):g}..{max(scores):g}); lower --min-score")
+                return [{first: r[a], second: r[b]} for r in kept], [first, second], None
+    wanted = " or ".join(", ".join(layout + ((label_column,) if label_column else ()))
+                         for layout in loss_class.text_columns)
+    raise data.DataError(f"{source}: columns {sorted(columns)} do not fit the {loss_class.__name__} loss, which "
+                         f"reads {wanted}")
 
 
-def make_sampler(rows, columns, loss, batch_size, seed, drop_last):
-    if loss in ("mnrl", "cached-mnrl"):  # a text twice in one batch would be its own in-batch negative
-        return data.NoDuplicatesBatchSampler(rows, batch_size, seed=seed, drop_last=drop_last, columns=columns)
-    return data.RandomBatchSampler(rows, batch_size, seed=seed, drop_last=drop_last)
+def check_labels(rows, lines, loss_class, loss_name: str, source) -> None:
+    """Scores inside the loss's range (after --score-scale), with the line of the first one outside."""
+    if loss_class.label != "score" or loss_class.score_range is None:
+        return
+    low, high = loss_class.score_range
+    for index, row in enumerate(rows):
+        if not low <= row["score"] <= high:
+            where = f"{source}:{lines[index]}" if lines else f"{source}, row {index + 1}"
+            raise data.DataError(f"{where}: score {row['score']:g} is outside {low:g}..{high:g}, the range of the "
+                                 f"{loss_name} loss; scores on a 0..5 scale need --score-scale 5")
+
+
+def prepare_data(args, loss_class) -> tuple:
+    """Read and check every dataset. -> ([(location, rows, text columns, label column)], [fingerprint])."""
+    num_labels = loss_class.num_classes(args.loss_params) if loss_class.label == "class" else None
+    datasets, fingerprints = [], []
+    for location in args.data:
+        rows, lines, file = load_training_rows(location, args.split, num_labels)
+        if not rows:
+            raise data.DataError(f"{location}: no training rows in split {args.split!r}")
+        if args.score_scale != 1:
+            for row in rows:
+                if "score" in row:
+                    row["score"] /= args.score_scale
+        rows, text_columns, label_column = columns_for_loss(rows, loss_class, args.min_score, location)
+        check_labels(rows, lines, loss_class, args.loss, file)
+        if loss_class.label == "class":  # files are checked as they are read; the benchmark loaders here
+            largest = max(row[label_column] for row in rows)
+            if largest >= num_labels:
+                raise data.DataError(f"{location}: label {largest} is outside 0..{num_labels - 1}, the labels of "
+                                     f"the {args.loss} loss (set num_labels in --loss-params)")
+        datasets.append((location, rows, text_columns, label_column))
+        fingerprints.append(fingerprint(Path(file)))
+    return datasets, fingerprints
+
+
+def make_batches(datasets, loss_class, batch_size: int, seed: int, drop_last: bool) -> data.RoundRobinBatches:
+    """One sampler per dataset, as the loss declares: batches without repeated texts (and of 2 rows or more)
+    for in-batch negatives, plain shuffled batches otherwise; always (dataset index, row indices)."""
+    samplers = []
+    for _, rows, columns, _ in datasets:
+        if loss_class.in_batch_negatives:
+            samplers.append(data.NoDuplicatesBatchSampler(rows, batch_size, seed=seed, drop_last=drop_last,
+                                                          columns=columns, min_size=2))
+        else:
+            samplers.append(data.RandomBatchSampler(rows, batch_size, seed=seed, drop_last=drop_last))
+    return data.RoundRobinBatches(samplers)
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------
 
-def save_checkpoint(out: Path, model, loss_fn, optimizer, scheduler, scaler, state: dict, limit: int,
-                    rank: int) -> None:
-    """Write checkpoints/step-N atomically (a temporary directory renamed into place) and prune old ones.
-    Every rank stores its random state there; rank 0 stores the rest (identical on all ranks)."""
-    checkpoints = out / "checkpoints"
-    final = checkpoints / f"step-{state['step']:07d}"
-    partial = checkpoints / f".partial-{state['step']:07d}"
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    barrier()
-    torch.save(random_state(), partial / f"rng-rank{rank}.pt")
-    barrier()
-    if rank == 0:
-        torch.save({"model": model.state_dict(), "loss": own_state(loss_fn), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state},
-                   partial / "training_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        for old in sorted(checkpoints.glob("step-*"))[:-limit] if limit > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-
-
 def random_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    """The random states as tensors and lists, so that a checkpoint loads with weights_only=True."""
+    version, internal, gauss = random.getstate()
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def restore_random_state(saved: dict) -> None:
     torch.set_rng_state(saved["torch"])
-    random.setstate(saved["python"])
-    np.random.set_state(saved["numpy"])
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, position, has_gauss, cached = saved["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
     if saved["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda"])
 
@@ -185,9 +374,92 @@ def own_state(loss_fn) -> dict:
     return {key: value for key, value in loss_fn.state_dict().items() if not key.startswith("model.")}
 
 
+def save_checkpoint(out: Path, checkpoint: dict, limit: int, rank: int) -> Path:
+    """Write checkpoints/step-N atomically (written as .partial-N, renamed into place) and prune old ones.
+    On failure (a full disk) the partial checkpoint is removed and the earlier ones stay."""
+    checkpoints = out / "checkpoints"
+    step = checkpoint["state"]["step"]
+    final, partial = checkpoints / f"step-{step:07d}", checkpoints / f".partial-{step:07d}"
+    try:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        barrier()
+        if rank > 0:
+            torch.save(random_state(), partial / f"rng-rank{rank}.pt")
+        barrier()
+        if rank == 0:
+            torch.save({**checkpoint, "rng": random_state()}, partial / CHECKPOINT)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            for old in sorted(checkpoints.glob("step-*"))[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError) as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        free = shutil.disk_usage(checkpoints).free if checkpoints.exists() else 0
+        previous = latest_checkpoint(out)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"writing checkpoint {final} failed ({reason[:120]}; {free / 2**20:.0f} MiB free on that "
+                         f"disk): removed the partial checkpoint; "
+                         + (f"{previous} is intact: free space, then --resume" if previous
+                            else "no earlier checkpoint exists")) from None
+    barrier()
+    return final
+
+
 def latest_checkpoint(out: Path):
     found = sorted((out / "checkpoints").glob("step-*"))
     return found[-1] if found else None
+
+
+CHECKPOINT_KEYS = {"args", "model", "loss", "optimizer", "scheduler", "scaler", "state", "data", "world", "rng"}
+
+
+def load_checkpoint(out: Path, rank: int) -> tuple:
+    """The newest checkpoint that loads (weights_only: nothing in it can run code); a damaged one is reported
+    and the previous one used. -> (folder, checkpoint dict, this rank's random state)."""
+    found = sorted((out / "checkpoints").glob("step-*"), reverse=True)
+    if not found:
+        raise UsageError(f"--out {out}: --resume: no checkpoint in {out / 'checkpoints'} (is --save-steps 0?)")
+    problems = []
+    for folder in found:
+        try:
+            checkpoint = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
+            if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= set(checkpoint):
+                raise ValueError("entries are missing")
+            rng = checkpoint["rng"] if rank == 0 else torch.load(folder / f"rng-rank{rank}.pt", weights_only=True)
+        except Exception as error:  # any way a file can be damaged or crafted: try the one before
+            reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+            problems.append(f"{folder / CHECKPOINT}: {reason}")
+            continue
+        if problems and rank == 0:
+            print(f"train.py: {'; '.join(problems)}: cannot be used; resuming from {folder} instead",
+                  file=sys.stderr)
+        return folder, checkpoint, rng
+    raise UsageError(f"--resume: no usable checkpoint in {out / 'checkpoints'}: {'; '.join(problems)}")
+
+
+def resume_args(checkpoint: dict, given: dict):
+    """The run's own flags, with the flags given now where they may change; others must equal the run's."""
+    saved = checkpoint["args"]
+    for key, value in given.items():
+        if key in ("out", "resume") or key in SAFE_ON_RESUME:
+            continue
+        if saved.get(key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{flag} {value}: the run being resumed used {saved.get(key)}; --resume continues it "
+                             f"unchanged, and only {', '.join('--' + k.replace('_', '-') for k in SAFE_ON_RESUME)} "
+                             "may change")
+    safe = {key: value for key, value in given.items() if key in SAFE_ON_RESUME}
+    return argparse.Namespace(**{**saved, **safe, "resume": True, "overwrite": False, "out": given["out"]})
+
+
+def check_same_data(saved: list, now: list) -> None:
+    for before, after in zip(saved, now):
+        if before != after:
+            raise UsageError(f"--resume: {after['file']} changed since the checkpoint (was {before['bytes']} bytes, "
+                             f"sha256 {before['sha256'][:12]}; now {after['bytes']} bytes, sha256 "
+                             f"{after['sha256'][:12]}); restore it, or start a new run")
 
 
 # --- torch.distributed ------------------------------------------------------------------------------------------
@@ -217,74 +489,146 @@ def global_mean(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on one (a signal may reach the ranks at different steps)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([float(flag)])
+    dist.all_reduce(value)
+    return bool(value.item())
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
+class StopRequest:
+    """SIGINT/SIGTERM set a flag that the loop reads after each optimizer step; a second signal stops at once."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(number).name
+        print(f"\ntrain.py: {self.signal}: finishing this step, then writing a checkpoint (again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
 # --- the run ---------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    out = Path(args.out)
-    rank, world = setup_distributed()
-    if args.resume:
-        checkpoint_dir = latest_checkpoint(out)
-        if checkpoint_dir is None:
-            sys.exit(f"train.py: --resume: no checkpoint in {out / 'checkpoints'}")
-        saved_args = json.loads((out / "args.json").read_text())
-        args = argparse.Namespace(**{**saved_args, "resume": True, "device": args.device,
-                                     "no_progress": args.no_progress})
-    elif out.exists() and any(out.iterdir()) and not args.overwrite:
-        sys.exit(f"train.py: {out} exists and is not empty: choose another --out, add --overwrite to replace "
-                 f"it, or --resume to continue its run")
+    """Run train.py; -> exit status (0, 2 for a problem with the input, 130 when stopped by a signal)."""
+    rank = 0
     try:
-        return train(args, out, checkpoint_dir if args.resume else None, rank, world)
-    except (data.DataError, FileNotFoundError, ValueError) as error:
-        sys.exit(f"train.py: error: {error}")
+        args, given = parse_args(argv)
+        rank, world = setup_distributed()
+        return run(args, given, rank, world)
+    except (UsageError, RunFolderError, data.DataError) as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a disk that fills or a folder that goes away while the run writes
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train.py: stopped at once (a second signal); --resume continues from the newest checkpoint, if "
+              "one was written", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train(args, out: Path, checkpoint_dir, rank: int, world: int) -> int:
+def run(args, given: dict, rank: int, world: int) -> int:
+    with contextlib.ExitStack() as held:  # the folder's lock, from the moment this run owns the folder
+        return _run(args, given, rank, world, held)
+
+
+def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -> int:
+    checkpoint = None
+    if args.resume:
+        if not args.out:
+            raise UsageError("--out is required: the folder of the run to resume")
+        if args.overwrite:
+            raise UsageError("--resume and --overwrite together: --resume continues the run in --out, "
+                             "--overwrite starts a new one there; choose one")
+        folder = check_output(args)
+        if rank == 0:
+            held.enter_context(folder_lock(folder, args.out))
+        checkpoint_dir, checkpoint, rng = load_checkpoint(folder, rank)
+        args = resume_args(checkpoint, given)
+        if checkpoint["world"] != world:
+            raise UsageError(f"--resume: the run used {checkpoint['world']} process(es), this is {world}; resume "
+                             "with the same torchrun --nproc_per_node")
+    check_args(args, world)
+    if not args.resume:
+        folder = check_output(args)
+    barrier()  # every rank has looked at --out before rank 0 creates anything there
+    loss_class = LOSSES[args.loss]
+    datasets, fingerprints = prepare_data(args, loss_class)
+    if checkpoint:
+        check_same_data(checkpoint["data"], fingerprints)
+
     set_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
-    main_process = rank == 0
-    model = minilm.load(args.model, device=device, max_seq_length=args.max_seq_length)
+    try:
+        model = minilm.load(args.model, device=device, max_seq_length=args.max_seq_length)
+    except Exception as error:  # the loader's messages name the file and field
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--model {args.model}: {reason}") from None
+    if args.max_seq_length and model.max_seq_length != args.max_seq_length:
+        raise UsageError(f"--max-seq-length {args.max_seq_length}: {args.model} takes at most "
+                         f"{model.max_seq_length} tokens")
     if args.normalize != "keep":
         model.normalize = args.normalize == "yes"
+    try:
+        loss_fn = loss_class(model, **args.loss_params).to(device)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"--loss-params {json.dumps(args.loss_params)}: {error}") from None
+    evaluator = None
+    if args.eval_task:
+        try:
+            evaluator = evaluation.for_task(args.eval_task, args.eval_data or args.data[0], args.eval_split,
+                                            getattr(loss_fn, "classifier", None))
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--eval-task {args.eval_task}: {error}") from None
 
-    # Read and check all data before any training starts.
-    datasets = []
-    for location in args.data:
-        rows = load_training_rows(location, args.split)
-        if not rows:
-            sys.exit(f"train.py: {location}: no training rows")
-        rows, text_columns, label_column = columns_for_loss(rows, args.loss, args.min_score, location)
-        datasets.append((location, rows, text_columns, label_column))
-    loss_fn = LOSSES[args.loss](model, **args.loss_params).to(device)
+    # Samplers draw global batches (world x batch size; only full ones under torchrun), each rank takes its slice.
+    batches = make_batches(datasets, loss_class, args.batch_size * world, args.seed, drop_last=world > 1)
+    batches_per_epoch = len(batches)
+    if batches_per_epoch == 0:
+        need = f"{args.batch_size * world} rows" if world > 1 else "2 rows with no text twice"
+        raise UsageError(f"--data {' '.join(args.data)}: gives no batch of {need} for the {args.loss} loss "
+                         f"({sum(len(d[1]) for d in datasets)} rows)")
+    if batches_per_epoch < args.grad_accum:
+        raise UsageError(f"--grad-accum {args.grad_accum}: an epoch has only {batches_per_epoch} batch(es) of "
+                         f"{args.batch_size}; lower --grad-accum or --batch-size")
+    steps_per_epoch = batches_per_epoch // args.grad_accum
+    total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    if checkpoint and total_steps < checkpoint["state"]["step"]:
+        raise UsageError(f"--max-steps {total_steps}: the run is at step {checkpoint['state']['step']} already")
+    warmup = args.warmup_steps or int(args.warmup_ratio * total_steps)
+
     if world > 1:
         # The loss calls the wrapped model, so DDP averages the gradients of every backward pass.
         loss_fn.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    evaluator = None
-    if args.eval_task:
-        classifier = loss_fn.classifier if isinstance(loss_fn, SoftmaxLoss) else None
-        evaluator = evaluation.for_task(args.eval_task, args.eval_data or args.data[0], args.eval_split, classifier)
-
-    # Samplers draw global batches (world x batch size; only full ones under torchrun), each rank takes its slice.
-    samplers = [make_sampler(rows, cols, args.loss, args.batch_size * world, args.seed, drop_last=world > 1)
-                for _, rows, cols, _ in datasets]
-    batches = data.RoundRobinBatches(samplers) if len(samplers) > 1 else samplers[0]
-    steps_per_epoch = max(1, len(batches) // args.grad_accum)
-    total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
-    warmup = args.warmup_steps or int(args.warmup_ratio * total_steps)
-
     # AdamW over the model and any weights the loss has (SoftmaxLoss's classifier). The fused kernel updates
-    # each tensor in one pass: on the CPU a step takes ~15 ms instead of ~80 ms for MiniLM.
+    # each tensor in one pass.
     loss_weights = [p for name, p in loss_fn.named_parameters() if not name.startswith("model.")]
     optimizer = torch.optim.AdamW(list(model.parameters()) + loss_weights, lr=args.lr,
                                   weight_decay=args.weight_decay, fused=device.type in ("cuda", "cpu"))
@@ -298,125 +642,168 @@ def train(args, out: Path, checkpoint_dir, rank: int, world: int) -> int:
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext())
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "train_seconds": 0.0}
-    if args.resume:
-        saved = torch.load(checkpoint_dir / "training_state.pt", map_location=device, weights_only=False)
-        restore_random_state(torch.load(checkpoint_dir / f"rng-rank{rank}.pt", weights_only=False))
-        model.load_state_dict(saved["model"])
-        loss_fn.load_state_dict({**loss_fn.state_dict(), **saved["loss"]})
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        state = saved["state"]
-        if main_process:
-            print(f"resuming from {checkpoint_dir} at step {state['step']}")
-    elif main_process:
-        if out.exists():  # --overwrite, and the data has been checked: only now is the old run removed
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    # Everything is checked: only now is anything written.
+    if rank == 0 and not args.resume:
+        staging = folder != Path(args.out)
+        create_run_folder(folder, Path(args.out) if staging else None)
+        if staging:  # a retry that fails before its first checkpoint leaves no trace; the old run stays as it was
+            held.push(lambda failed, *_: failed and latest_checkpoint(folder) is None
+                      and shutil.rmtree(folder, ignore_errors=True))
+        held.enter_context(folder_lock(folder, args.out))
     barrier()
-    log_file = (out / "log.jsonl").open("a") if main_process else None
+    with StopRequest() as stop:
+        state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "train_seconds": 0.0}
+        if args.resume:
+            try:
+                model.load_state_dict(checkpoint["model"])
+                loss_fn.load_state_dict({**loss_fn.state_dict(), **checkpoint["loss"]})
+                optimizer.load_state_dict(checkpoint["optimizer"])
+                scheduler.load_state_dict(checkpoint["scheduler"])
+                scaler.load_state_dict(checkpoint["scaler"])
+            except (RuntimeError, KeyError, ValueError) as error:
+                raise UsageError(f"{checkpoint_dir / CHECKPOINT}: does not fit this model and loss "
+                                 f"({str(error).splitlines()[0][:160]})") from None
+            restore_random_state(rng)
+            state = checkpoint["state"]
+            if rank == 0:
+                print(f"resuming from {checkpoint_dir} at step {state['step']}")
+        settings = {key: value for key, value in vars(args).items()}
+        log_file = None
+        if rank == 0:
+            # The log holds exactly the entries up to the checkpoint: steps after it are trained again.
+            (folder / "log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in state["history"]))
+            log_file = (folder / "log.jsonl").open("a")
 
-    def log(entry: dict) -> None:
-        state["history"].append(entry)
-        if log_file:
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
+        def log(entry: dict) -> None:
+            state["history"].append(entry)
+            if log_file:
+                log_file.write(json.dumps(entry) + "\n")
+                log_file.flush()
 
-    def run_evaluation() -> dict:
-        metrics = evaluator(model)
+        def run_evaluation() -> dict:
+            metrics = evaluator(model)
+            model.train()
+            log({"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 4),
+                 **{f"eval_{key}": value for key, value in metrics.items()}})
+            return metrics
+
+        def checkpoint_now() -> Path:
+            state["train_seconds"] = time.perf_counter() - started
+            return save_checkpoint(folder, {
+                "args": settings, "model": model.state_dict(), "loss": own_state(loss_fn),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "state": state, "data": fingerprints, "world": world},
+                args.save_total_limit, rank)
+
+        def stop_on_bad_loss(loss_sum: torch.Tensor, grad_norm) -> None:
+            """One host sync: at log steps and before a checkpoint, never per micro-batch."""
+            bad_loss = not bool(torch.isfinite(loss_sum))
+            bad_grad = grad_norm is not None and not bool(torch.isfinite(grad_norm))
+            if any_rank(bad_loss or bad_grad):
+                last = latest_checkpoint(folder)
+                what = f"loss became {float(loss_sum)}" if bad_loss else f"gradient norm became {float(grad_norm)}"
+                raise UsageError(f"the {what} by step {state['step']} (epoch {state['epoch']}); stopping. The last "
+                                 f"good checkpoint is {last or 'none (none was written yet)'}. Try a lower --lr, "
+                                 "--precision fp32, or check the data.")
+
+        if rank == 0:
+            print(f"training {args.loss} on {sum(len(d[1]) for d in datasets)} rows: {total_steps} steps of "
+                  f"{args.batch_size} x {args.grad_accum} x {world} process(es), {precision}, device {device}")
+        progress = None
+        if rank == 0 and not args.no_progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
         model.train()
-        log({"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 4),
-             **{f"eval_{key}": value for key, value in metrics.items()}})
-        return metrics
+        # The loss stays on the device between log steps: no host sync per micro-batch.
+        running_loss, running_count = torch.zeros((), device=device), 0
+        grad_norm = None
+        started = time.perf_counter() - state["train_seconds"]
+        finished = state["step"] >= total_steps
+        while not finished:
+            batches.set_epoch(state["epoch"])
+            for index, (dataset_index, batch_indices) in enumerate(batches):
+                if index < state["batch_in_epoch"]:
+                    continue  # resumed mid-epoch: these batches were trained on already
+                batch_indices = batch_indices[rank * args.batch_size:(rank + 1) * args.batch_size]  # this rank's
+                _, rows, text_columns, label_column = datasets[dataset_index]
+                features, labels = data.collate([rows[i] for i in batch_indices], text_columns, label_column,
+                                                model.tokenize)
+                features = [minilm.batch_to(f, device) for f in features]
+                labels = labels.to(device) if labels is not None else None
+                state["batch_in_epoch"] = index + 1
+                accumulating = state["batch_in_epoch"] % args.grad_accum != 0
+                # Between optimizer steps, DDP need not average gradients: the last micro-batch does it for all.
+                no_sync = loss_fn.model.no_sync() if world > 1 and accumulating else contextlib.nullcontext()
+                with no_sync:
+                    with autocast:
+                        loss = loss_fn(features, labels)
+                    scaler.scale(loss / args.grad_accum).backward()
+                running_loss += loss.detach().float()
+                running_count += 1
+                if accumulating:
+                    continue
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                step = state["step"]
+                if progress is not None:
+                    progress.update(1)
+                if step % args.log_steps == 0 or step == total_steps:
+                    mean_loss = global_mean(running_loss / running_count)
+                    stop_on_bad_loss(mean_loss, grad_norm)
+                    log({"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": float(mean_loss),
+                         "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                         "seconds": round(time.perf_counter() - started, 2)})
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                    running_loss, running_count = torch.zeros((), device=device), 0
+                if rank == 0 and evaluator and args.eval_steps and step % args.eval_steps == 0 \
+                        and step < total_steps:
+                    run_evaluation()
+                stopping = any_rank(stop.signal is not None) if world > 1 else stop.signal is not None
+                if (args.save_steps and step % args.save_steps == 0 and step < total_steps) or \
+                        (stopping and step < total_steps):
+                    stop_on_bad_loss(running_loss, grad_norm)
+                    saved = checkpoint_now()
+                    if stopping:
+                        if progress is not None:
+                            progress.close()
+                        if rank == 0:
+                            print(f"train.py: stopped by {stop.signal or 'a signal'} after step {step}; checkpoint "
+                                  f"{saved}. Continue with: python train.py --out {folder} --resume",
+                                  file=sys.stderr)
+                        return 130
+                if step >= total_steps:
+                    finished = True
+                    break
+            else:
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+        if progress is not None:
+            progress.close()
+        state["train_seconds"] = time.perf_counter() - started
+        if rank != 0:
+            return 0
 
-    if main_process:
-        print(f"training {args.loss} on {sum(len(d[1]) for d in datasets)} rows: {total_steps} steps of "
-              f"{args.batch_size} x {args.grad_accum} x {world} process(es), {precision}, device {device}")
-    progress = None
-    if main_process and not args.no_progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
-    model.train()
-    running_loss, running_count = 0.0, 0
-    started = time.perf_counter() - state["train_seconds"]
-    finished = state["step"] >= total_steps
-    while not finished:
-        batches.set_epoch(state["epoch"])
-        for index, batch_indices in enumerate(batches):
-            if index < state["batch_in_epoch"]:
-                continue  # resumed mid-epoch: these batches were trained on already
-            dataset_index, batch_indices = batch_indices if isinstance(batches, data.RoundRobinBatches) \
-                else (0, batch_indices)
-            batch_indices = batch_indices[rank * args.batch_size:(rank + 1) * args.batch_size]  # this rank's share
-            _, rows, text_columns, label_column = datasets[dataset_index]
-            features, labels = data.collate([rows[i] for i in batch_indices], text_columns, label_column,
-                                            model.tokenize)
-            features = [minilm.batch_to(f, device) for f in features]
-            labels = labels.to(device) if labels is not None else None
-            state["batch_in_epoch"] = index + 1
-            accumulating = state["batch_in_epoch"] % args.grad_accum != 0
-            # Between optimizer steps, DDP need not average gradients: the last micro-batch does it for all.
-            no_sync = loss_fn.model.no_sync() if world > 1 and accumulating else contextlib.nullcontext()
-            with no_sync:
-                with autocast:
-                    loss = loss_fn(features, labels)
-                scaler.scale(loss / args.grad_accum).backward()
-            loss_value = global_mean(loss.detach()).item()
-            if not math.isfinite(loss_value):
-                last = latest_checkpoint(out)
-                sys.exit(f"train.py: the loss became {loss_value} at step {state['step']} (epoch {state['epoch']}); "
-                         f"stopping. The last good checkpoint is {last or 'none (none was written yet)'}. Try a lower "
-                         f"--lr, --precision fp32, or check the data.")
-            running_loss += loss_value
-            running_count += 1
-            if accumulating:
-                continue
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            step = state["step"]
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if step % args.log_steps == 0 or step == total_steps:
-                log({"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": running_loss / running_count,
-                     "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                     "seconds": round(time.perf_counter() - started, 2)})
-                running_loss, running_count = 0.0, 0
-            if main_process and evaluator and args.eval_steps and step % args.eval_steps == 0 and step < total_steps:
-                run_evaluation()
-            if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-                state["train_seconds"] = time.perf_counter() - started
-                save_checkpoint(out, model, loss_fn, optimizer, scheduler, scaler, state, args.save_total_limit,
-                                rank)
-            if step >= total_steps:
-                finished = True
-                break
-        else:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-    if progress is not None:
-        progress.close()
-    state["train_seconds"] = time.perf_counter() - started
-    if not main_process:
-        return 0
-
-    final_metrics = run_evaluation() if evaluator else {}
-    model.save(out)
-    if isinstance(loss_fn, SoftmaxLoss):
-        loss_fn.save(out)  # the classifier, for eval.py --task nli
-    model_card.write(out, args=args, model=model, loss_fn=loss_fn, datasets=datasets, history=state["history"],
-                     metrics=final_metrics, eval_name=evaluator.name if evaluator else None,
-                     train_seconds=state["train_seconds"])
-    log_file.close()
-    print(f"saved to {out} after {state['step']} steps in {state['train_seconds']:.0f} s"
+        final_metrics = run_evaluation() if evaluator else {}
+        try:
+            model.save(folder)
+            if hasattr(loss_fn, "save"):
+                loss_fn.save(folder)  # SoftmaxLoss's classifier, for eval.py --task nli
+            model_card.write(folder, settings=settings, model=model, loss_fn=loss_fn, datasets=datasets,
+                             history=state["history"], metrics=final_metrics,
+                             eval_name=evaluator.name if evaluator else None, train_seconds=state["train_seconds"])
+            log_file.close()
+        except OSError as error:
+            raise UsageError(f"saving the model to {folder} failed ({error.strerror or error}); the checkpoints "
+                             "stay: free space, then --resume") from None
+    final = finish_run_folder(folder)
+    print(f"saved to {final} after {state['step']} steps in {state['train_seconds']:.0f} s"
           + "".join(f"\n  {key}: {value:.4f}" for key, value in final_metrics.items()))
     return 0
 

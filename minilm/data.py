@@ -2,10 +2,11 @@
 
 Rows are plain dicts keyed by sentence-transformers' column names:
   anchor, positive[, negative, negative_2, ...]   in-batch-negative losses (MultipleNegativesRankingLoss)
-  sentence1, sentence2, score (float 0..1)         scored pairs (CosineSimilarityLoss, CoSENTLoss)
+  sentence1, sentence2, score (float)              scored pairs (CosineSimilarityLoss, CoSENTLoss)
   premise, hypothesis, label (int)                 classification (SoftmaxLoss)
 Every reader checks its input as it reads, before any training starts; a problem is a DataError naming the
-file, the line and what is wrong.
+file, the line and what is wrong. Texts must be strings; a UTF-8 byte-order mark is dropped; a TSV field wholly
+in double quotes is unquoted. Which range of scores a loss accepts is the loss's to say (minilm/losses/).
 """
 
 import csv
@@ -27,20 +28,25 @@ class DataError(ValueError):
 
 
 class Dataset:
-    """Rows (dicts) read from one file, with their column names in file order."""
+    """Rows (dicts) read from one file, with their column names in file order and the line of each row."""
 
-    def __init__(self, rows: list, column_names: list, source: str):
-        self.rows, self.column_names, self.source = rows, column_names, source
+    def __init__(self, rows: list, column_names: list, source: str, lines=None):
+        self.rows, self.column_names, self.source, self.lines = rows, column_names, source, lines
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
 def _open_text(path: Path):
+    """The file's lines; a UTF-8 byte-order mark (as Excel writes) is dropped, not kept in the first column name."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, expected a data file (TSV, CSV or JSONL)") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read it ({error.strerror})") from None
     except UnicodeDecodeError as error:
         line = path.read_bytes()[: error.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: bytes that are not UTF-8 ({error.reason})") from None
@@ -52,6 +58,8 @@ def _convert(row: dict, path, line: int, num_labels=None, label_names=None) -> d
     for column, value in row.items():
         column = ALIASES.get(column, column)
         if column == "score":
+            if isinstance(value, bool):
+                raise DataError(f"{path}:{line}: score {value!r} is not a number")
             try:
                 converted[column] = float(value)
             except (TypeError, ValueError):
@@ -61,13 +69,17 @@ def _convert(row: dict, path, line: int, num_labels=None, label_names=None) -> d
         elif column == "label":
             converted[column] = _label(value, path, line, num_labels, label_names)
         else:
-            if value is None:
-                raise DataError(f"{path}:{line}: column {column!r} is empty")
-            converted[column] = value if isinstance(value, str) else str(value)
+            if not isinstance(value, str):  # JSON null, numbers, lists...: never trained on as their Python text
+                kind = "null" if value is None else type(value).__name__
+                raise DataError(f"{path}:{line}: field {column!r} is {kind} {json.dumps(value)[:40]}, "
+                                "expected a string")
+            converted[column] = value
     return converted
 
 
 def _label(value, path, line, num_labels, label_names) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise DataError(f"{path}:{line}: label {value!r} is not an integer")
     if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
         if label_names is None:
             raise DataError(f"{path}:{line}: label {value!r} is not an integer")
@@ -93,7 +105,7 @@ def read_dataset(path, num_labels=None) -> Dataset:
     if not any(line.strip() for line in lines):
         raise DataError(f"{path}: the file is empty")
     label_names = dict(NLI_LABELS)
-    rows = []
+    rows, row_lines = [], []
     if path.suffix.lower() in (".jsonl", ".json"):
         columns = None
         for number, text in enumerate(lines, 1):
@@ -110,22 +122,54 @@ def read_dataset(path, num_labels=None) -> Dataset:
             if missing:
                 raise DataError(f"{path}:{number}: missing column(s) {missing}")
             rows.append(_convert(record, path, number, num_labels, label_names))
+            row_lines.append(number)
     else:
-        delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab", ".txt") else ","
-        reader = csv.reader(lines, delimiter=delimiter,
-                            quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
-        header = next(reader)
-        columns = [name.strip() for name in header]
-        for number, fields in enumerate(reader, 2):
-            if not fields:
+        tsv = path.suffix.lower() in (".tsv", ".tab", ".txt")
+        if tsv:
+            records = ((number, _tsv_fields(text, path, number)) for number, text in enumerate(lines, 1))
+        else:
+            reader = csv.reader(lines, delimiter=",", strict=True)
+            records = ((reader.line_num, fields) for fields in _csv_rows(reader, path))
+        header = None
+        for number, fields in records:
+            if not fields or fields == [""]:
+                continue
+            if header is None:
+                header = columns = [name.strip() for name in fields]
                 continue
             if len(fields) != len(columns):
                 raise DataError(f"{path}:{number}: {len(fields)} fields, the header has {len(columns)} "
-                                 f"({', '.join(columns)})")
+                                f"({', '.join(columns)})")
             rows.append(_convert(dict(zip(columns, fields)), path, number, num_labels, label_names))
+            row_lines.append(number)
     if not rows:
         raise DataError(f"{path}: a header but no rows")
-    return Dataset(rows, [ALIASES.get(c, c) for c in columns], str(path))
+    return Dataset(rows, [ALIASES.get(c, c) for c in columns], str(path), row_lines)
+
+
+def _tsv_fields(text: str, path, number: int) -> list:
+    """One TSV line's fields. A field wholly in double quotes is a quoted field (the quotes go, "" becomes ");
+    quotes inside a field are text. A quoted field cannot hold a tab or a line break: refused, not guessed."""
+    fields = []
+    for field in text.split("\t"):
+        if len(field) >= 2 and field[0] == field[-1] == '"':
+            inner = field[1:-1]
+            if '"' in inner.replace('""', ""):
+                raise DataError(f"{path}:{number}: field {field[:40]!r} is quoted but holds a lone quote; "
+                                'write a quote inside a quoted field as ""')
+            field = inner.replace('""', '"')
+        elif field.startswith('"') and '"' not in field[1:]:
+            raise DataError(f"{path}:{number}: field {field[:40]!r} opens a quote that does not close on this "
+                            "line: a TSV field cannot hold a tab or a line break, quoted or not")
+        fields.append(field)
+    return fields
+
+
+def _csv_rows(reader, path):
+    try:
+        yield from reader
+    except csv.Error as error:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({error})") from None
 
 
 def load_stsb(data_dir, split: str) -> list:
@@ -134,6 +178,9 @@ def load_stsb(data_dir, split: str) -> list:
     The files have no header: genre, file, year, id, score (0..5), sentence1, sentence2; a few rows carry
     extra trailing fields, which are ignored. Quotes are text, not CSV quoting.
     """
+    if not Path(data_dir).is_dir():
+        raise DataError(f"{data_dir}: expected the STS-B folder (holding train.tsv, dev.tsv and test.tsv), "
+                        "not a file")
     path = Path(data_dir) / f"{split}.tsv"
     rows = []
     for number, line in enumerate(_open_text(path), 1):
@@ -199,10 +246,12 @@ def load_sick(path, split: str) -> list:
 # --- batches ---------------------------------------------------------------------------------------------------
 
 class RandomBatchSampler:
-    """Shuffled batches of row indices, a new order each epoch from (seed, epoch); the last may be short."""
+    """Shuffled batches of row indices, a new order each epoch from (seed, epoch); the last may be short.
+    min_size: batches smaller than this are left out (a batch of one has no in-batch negatives)."""
 
-    def __init__(self, rows: list, batch_size: int, seed: int = 42, drop_last: bool = False):
+    def __init__(self, rows: list, batch_size: int, seed: int = 42, drop_last: bool = False, min_size: int = 1):
         self.rows, self.batch_size, self.seed, self.drop_last = rows, batch_size, seed, drop_last
+        self.min_size = batch_size if drop_last else min_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -212,32 +261,34 @@ class RandomBatchSampler:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return torch.randperm(len(self.rows), generator=generator).tolist()
 
-    def __iter__(self):
+    def _batches(self):
         order = self._order()
         for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            if len(batch) == self.batch_size or not self.drop_last:
-                yield batch
+            yield order[start:start + self.batch_size]
+
+    def __iter__(self):
+        return (batch for batch in self._batches() if len(batch) >= self.min_size)
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.rows), self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        """Batches in the current epoch (exact)."""
+        return sum(1 for _ in self)
 
 
 class NoDuplicatesBatchSampler(RandomBatchSampler):
     """Like RandomBatchSampler, but no text appears twice in one batch: with in-batch negatives a duplicate
     would be scored as its own negative. A row that collides waits for a later batch; every row is used
-    once per epoch (the last batches may be short when duplicates are many)."""
+    once per epoch (the last batches may be short when duplicates are many; below min_size they are left out)."""
 
-    def __init__(self, rows: list, batch_size: int, seed: int = 42, drop_last: bool = False, columns=None):
-        super().__init__(rows, batch_size, seed, drop_last)
+    def __init__(self, rows: list, batch_size: int, seed: int = 42, drop_last: bool = False, columns=None,
+                 min_size: int = 1):
+        super().__init__(rows, batch_size, seed, drop_last, min_size)
         self.columns = columns
 
     def _texts(self, row: dict) -> set:
         columns = self.columns or [c for c in row if isinstance(row[c], str)]
         return {row[c] for c in columns}
 
-    def __iter__(self):
+    def _batches(self):
         remaining = self._order()
         while remaining:
             batch, seen, collided = [], set(), []
@@ -252,16 +303,13 @@ class NoDuplicatesBatchSampler(RandomBatchSampler):
                 if len(batch) == self.batch_size:
                     break
             remaining = collided + list(rest)  # the collided rows go first in the next batch
-            if len(batch) == self.batch_size or not self.drop_last:
-                yield batch
-
-    def __len__(self) -> int:  # an estimate: duplicates can add a few short batches
-        return super().__len__()
+            yield batch
 
 
 class RoundRobinBatches:
     """Batches from several samplers in turn, (dataset index, row indices), until the shortest runs out:
-    sentence-transformers' 'round_robin' multi-dataset sampler."""
+    sentence-transformers' 'round_robin' multi-dataset sampler. With one sampler, its batches as
+    (0, row indices): the training loop sees one shape of batch whatever the number of datasets."""
 
     def __init__(self, samplers: list):
         self.samplers = samplers

@@ -406,7 +406,7 @@ class LabelAccuracyEvaluator:
         self.classifier, self.name, self.batch_size = classifier, name, batch_size
 
     def __call__(self, model) -> dict:
-        from losses.softmax import pair_features
+        from minilm.losses.softmax import pair_features
 
         embeddings = _embed(model, self.sentences1 + self.sentences2, self.batch_size)
         u, v = embeddings[: len(self.sentences1)], embeddings[len(self.sentences1):]

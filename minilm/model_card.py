@@ -3,9 +3,15 @@
 What a reader of the card needs to repeat or judge the run: the architecture, the data (size, columns, token
 statistics, samples), the loss and its parameters, every hyperparameter, the training log, the evaluation
 metrics, and the framework versions. Plus loss.png, the loss curve, when matplotlib is installed.
+
+Every text that comes from the run (training sentences, file names, flag values) is escaped for where it lands:
+HTML and Markdown in the body, a JSON string in the YAML front matter, a fence longer than any run of backticks
+in code blocks. A sentence can never add markup, links or scripts to the card.
 """
 
+import html
 import json
+import re
 import platform
 from pathlib import Path
 
@@ -27,7 +33,7 @@ SBERT_CITATION = """@inproceedings{reimers-2019-sentence-bert,
 # train.py's flags that are hyperparameters (the rest say where things are), with the defaults of train.py.
 HYPERPARAMETERS = ["batch_size", "epochs", "max_steps", "lr", "weight_decay", "warmup_ratio", "warmup_steps",
                    "max_grad_norm", "grad_accum", "seed", "precision", "max_seq_length", "normalize", "min_score",
-                   "eval_steps", "log_steps", "save_steps"]
+                   "eval_steps", "log_steps", "save_steps", "score_scale"]
 
 
 def column_statistics(rows: list, column: str, tokenize_ids) -> tuple:
@@ -50,8 +56,33 @@ def _table(header: list, rows: list) -> str:
     return "\n".join(lines)
 
 
-def _code(text: str) -> str:
-    return "<code>" + str(text).replace("|", "\\|").replace("\n", " ")[:300] + "</code>"
+def _text(value) -> str:
+    """Any value as inert Markdown/HTML text on one line: HTML escaped, Markdown punctuation backslashed."""
+    text = html.escape(" ".join(str(value).split()), quote=True)
+    return re.sub(r"([\\`*_{}\[\]()#+!|~])", r"\\\1", text)
+
+
+def _code(text) -> str:
+    """A table cell in <code>: HTML escaped (no tag can open), Markdown punctuation as entities (no cell can end,
+    no link can form), one line."""
+    text = html.escape(" ".join(str(text).split())[:300], quote=True)
+    return "<code>" + re.sub(r"[\\`*_{}\[\]()#+!|~]", lambda match: f"&#{ord(match.group())};", text) + "</code>"
+
+
+def _inert_json(value) -> str:
+    """JSON with <, > and & as \\u escapes: the same value read as YAML, JSON or a Python literal, and no markup."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _yaml_string(text) -> str:
+    return _inert_json(str(text))
+
+
+def _fence(language: str, code: str) -> str:
+    """A fenced code block that no backticks inside the code can close."""
+    longest = max((len(run) for run in re.findall(r"`+", code)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{code}\n{fence}"
 
 
 def architecture(model) -> str:
@@ -71,7 +102,7 @@ def training_log_table(history: list, eval_key) -> str:
         loss = f"{entry['loss']:.4f}" if "loss" in entry else "-"
         metric = f"{entry[eval_key]:.4f}" if eval_key and eval_key in entry else "-"
         rows.append([entry["epoch"], entry["step"], loss] + ([metric] if eval_key else []))
-    header = ["Epoch", "Step", "Training Loss"] + ([eval_key.removeprefix("eval_")] if eval_key else [])
+    header = ["Epoch", "Step", "Training Loss"] + ([_text(eval_key.removeprefix("eval_"))] if eval_key else [])
     return _table(header, rows)
 
 
@@ -97,9 +128,14 @@ def plot_loss(history: list, path: Path) -> bool:
     return True
 
 
-def write(out_dir, args, model, loss_fn, datasets, history, metrics, eval_name, train_seconds) -> Path:
-    """Write out_dir/README.md (and loss.png). `datasets`: [(source, rows, text_columns, label_column)]."""
+def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, eval_name, train_seconds) -> Path:
+    """Write out_dir/README.md (and loss.png).
+
+    settings: the run's settings as a plain dict (train.py's flags by name: model, batch_size, lr, ...);
+    datasets: [(source, rows, text_columns, label_column)].
+    """
     out_dir = Path(out_dir)
+    base = settings.get("model")
     loss_name = type(loss_fn).__name__
     size = sum(len(rows) for _, rows, _, _ in datasets)
     has_plot = plot_loss(history, out_dir / "loss.png")
@@ -107,69 +143,70 @@ def write(out_dir, args, model, loss_fn, datasets, history, metrics, eval_name, 
     sample = first_rows[0]
 
     front = ["---", "tags:", "- sentence-transformers", "- sentence-similarity", "- feature-extraction", "- dense",
-             "- minilm", f"- dataset_size:{size}", f"- loss:{loss_name}", f"base_model: {args.model}",
-             "widget:", f"- source_sentence: {json.dumps(sample[first_text_columns[0]])}", "  sentences:"]
-    front += [f"  - {json.dumps(row[first_text_columns[-1]])}" for row in first_rows[:3]]
+             "- minilm", f"- dataset_size:{size}", f"- loss:{loss_name}", f"base_model: {_yaml_string(base)}",
+             "widget:", f"- source_sentence: {_yaml_string(sample[first_text_columns[0]])}", "  sentences:"]
+    front += [f"  - {_yaml_string(row[first_text_columns[-1]])}" for row in first_rows[:3]]
     front += ["pipeline_tag: sentence-similarity", "library_name: sentence-transformers"]
     if metrics:
-        front += ["metrics:"] + [f"- {key}" for key in metrics]
+        front += ["metrics:"] + [f"- {_yaml_string(key)}" for key in metrics]
     front.append("---")
 
-    parts = ["\n".join(front), f"# SentenceTransformer based on {args.model}",
+    parts = ["\n".join(front), f"# SentenceTransformer based on {_text(base)}",
              f"This is a [sentence-transformers](https://www.SBERT.net)-compatible model fine-tuned with "
-             f"[minilm](https://github.com/) from {args.model}. It maps sentences & paragraphs to a "
+             f"[minilm](https://github.com/) from {_text(base)}. It maps sentences & paragraphs to a "
              f"{model.embedding_dim}-dimensional dense vector space and can be used for semantic textual similarity, "
              f"semantic search, paraphrase mining, text classification, clustering, and more.",
              "## Model Details", "### Model Description",
-             f"- **Model Type:** Sentence Transformer\n- **Base model:** {args.model}\n"
+             f"- **Model Type:** Sentence Transformer\n- **Base model:** {_text(base)}\n"
              f"- **Maximum Sequence Length:** {model.max_seq_length} tokens\n"
              f"- **Output Dimensionality:** {model.embedding_dim} dimensions\n"
              f"- **Similarity Function:** Cosine Similarity\n"
-             f"- **Training Dataset:** {', '.join(source for source, *_ in datasets)}",
-             "### Full Model Architecture", f"```\n{architecture(model)}\n```",
+             f"- **Training Dataset:** {', '.join(_text(source) for source, *_ in datasets)}",
+             "### Full Model Architecture", _fence("", architecture(model)),
              "## Usage", "### Direct Usage (Sentence Transformers)",
-             "```python\nfrom sentence_transformers import SentenceTransformer\n\n"
-             f"model = SentenceTransformer(\"{out_dir.name}\")\nembeddings = model.encode({[sample[c] for c in first_text_columns[:2]]!r})\n"
-             "print(embeddings.shape)\n```",
+             _fence("python", "from sentence_transformers import SentenceTransformer\n\n"
+                    f"model = SentenceTransformer({_inert_json(out_dir.name)})\n"
+                    f"embeddings = model.encode({_inert_json([sample[c] for c in first_text_columns[:2]])})\n"
+                    "print(embeddings.shape)"),
              "### Direct Usage (minilm)",
-             f"```python\nimport minilm\n\nmodel = minilm.load(\"{out_dir.name}\")\n"
-             "embeddings = model.encode([\"The weather is lovely today.\", \"It's so sunny outside!\"])\n"
-             "print(model.similarity(embeddings, embeddings))\n```"]
+             _fence("python", f"import minilm\n\nmodel = minilm.load({_inert_json(out_dir.name)})\n"
+                    "embeddings = model.encode([\"The weather is lovely today.\", \"It's so sunny outside!\"])\n"
+                    "print(model.similarity(embeddings, embeddings))")]
     if metrics:
-        parts += ["## Evaluation", "### Metrics", f"#### {eval_name}",
-                  _table(["Metric", "Value"], [[key, f"{value:.4f}"] for key, value in metrics.items()])]
+        parts += ["## Evaluation", "### Metrics", f"#### {_text(eval_name)}",
+                  _table(["Metric", "Value"], [[_text(key), f"{value:.4f}"] for key, value in metrics.items()])]
 
     stats, columns = [], [c for c in first_text_columns] + ([datasets[0][3]] if datasets[0][3] else [])
     for column in columns:
         stats.append(column_statistics(first_rows, column, model.tokenizer.encode_ids))
-    stats_table = _table([""] + columns, [["type"] + [t for t, _ in stats], ["details"] + [d for _, d in stats]])
-    samples_table = _table(columns, [[_code(row[c]) for c in columns] for row in first_rows[:3]])
+    stats_table = _table([""] + [_text(c) for c in columns],
+                         [["type"] + [t for t, _ in stats], ["details"] + [d for _, d in stats]])
+    samples_table = _table([_text(c) for c in columns], [[_code(row[c]) for c in columns] for row in first_rows[:3]])
     parts += ["## Training Details", "### Training Dataset"]
     for source, rows, _, _ in datasets:
-        parts.append(f"#### {source}\n\n* Size: {len(rows):,} training samples")
-    parts += [f"* Columns: {', '.join(f'<code>{c}</code>' for c in columns)}",
+        parts.append(f"#### {_text(source)}\n\n* Size: {len(rows):,} training samples")
+    parts += [f"* Columns: {', '.join(_code(c) for c in columns)}",
               "* Approximate statistics based on the first 1000 samples:\n" + stats_table,
               "* Samples:\n" + samples_table,
               f"* Loss: <code>{loss_name}</code> with these parameters:\n"
-              f"  ```json\n{json.dumps(loss_fn.config(), indent=4)}\n  ```"]
+              + _fence("json", json.dumps(loss_fn.config(), indent=4))]
 
-    settings = vars(args)
     non_default = {key: settings[key] for key in ("batch_size", "epochs", "max_steps", "lr", "warmup_ratio",
                                                   "precision", "eval_steps") if settings.get(key)}
     parts += ["### Training Hyperparameters", "#### Non-Default Hyperparameters",
-              "\n".join(f"- `{key}`: {value}" for key, value in non_default.items()),
+              "\n".join(f"- `{key}`: {_text(value)}" for key, value in non_default.items()),
               "#### All Hyperparameters", "<details><summary>Click to expand</summary>\n\n"
-              + "\n".join(f"- `{key}`: {settings.get(key)}" for key in HYPERPARAMETERS) + "\n\n</details>",
+              + "\n".join(f"- `{key}`: {_text(settings.get(key))}" for key in HYPERPARAMETERS) + "\n\n</details>",
               "### Training Logs", training_log_table(history, _primary_eval_key(history)),
               f"Training took {train_seconds:.0f} s." + ("\n\n![training loss](loss.png)" if has_plot else ""),
               "### Framework Versions",
               f"- Python: {platform.python_version()}\n- minilm: {minilm.__version__}\n"
               f"- PyTorch: {torch.__version__}\n- Tokenizers: {_version('tokenizers')}\n"
               f"- safetensors: {_version('safetensors')}",
-              "## Citation", "### BibTeX", "#### Sentence Transformers", f"```bibtex\n{SBERT_CITATION}\n```"]
+              "## Citation", "### BibTeX", "#### Sentence Transformers", _fence("bibtex", SBERT_CITATION)]
     citation = getattr(loss_fn, "citation", None)
     if citation:
-        parts += [f"#### {loss_name}", f"```bibtex\n{citation.strip()}\n```"]
+        parts += [f"#### {loss_name}", _fence("bibtex", citation.strip())]
     path = out_dir / "README.md"
     path.write_text("\n\n".join(parts) + "\n")
     return path

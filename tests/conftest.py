@@ -1,4 +1,4 @@
-"""Shared test fixtures: the real all-MiniLM-L6-v2 weights and the local benchmark data."""
+"""Shared test fixtures: the real all-MiniLM-L6-v2 weights, a tiny random BERT, and the local benchmark data."""
 
 import os
 from pathlib import Path
@@ -35,3 +35,36 @@ def model(model_dir):
 
     torch.manual_seed(0)
     return minilm.load(str(model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(model_dir, tmp_path_factory) -> Path:
+    """A tiny random BERT (2 layers, width 64, 2 heads, FFN 128) with the real tokenizer, saved by minilm's own
+    save: for the tests where the training machinery, not the weights, is the point (train, resume, recipes,
+    distributed, bad input). Dropout is off so that runs that split a batch differently agree exactly.
+    Do not change it in a test: it is shared by the whole session."""
+    from minilm.encoder import BertConfig, BertEncoder
+    from minilm.model import SentenceEncoder
+    from minilm.tokenizer import SentenceTokenizer
+
+    torch.manual_seed(1234)
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                        max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    tokenizer = SentenceTokenizer.from_dir(model_dir, max_seq_length=128)
+    tiny = SentenceEncoder(BertEncoder(config), tokenizer, ("mean",), normalize=True, source_dir=model_dir)
+    return tiny.save(tmp_path_factory.mktemp("tiny-bert") / "tiny-bert")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of the training machinery on the tiny model: on a shared 2-core machine a
+    second thread mostly spins, and the suite is budgeted in CPU time. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def child_env(**extra) -> dict:
+    """The environment for a python subprocess of a test: this PYTHONPATH, one thread (see one_thread)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}

@@ -94,3 +94,29 @@ def test_collate_packs_each_column():
     features, labels = data.collate(rows, ["sentence1", "sentence2"], "score", fake_tokenize)
     assert features[0]["cu_seqlens"].tolist() == [0, 2, 3] and features[1]["cu_seqlens"].tolist() == [0, 1, 4]
     assert labels.tolist() == [0.5, 1.0]
+
+
+def test_a_byte_order_mark_is_dropped(tmp_path):
+    path = tmp_path / "excel.tsv"
+    path.write_bytes("\ufeffsentence1\tsentence2\tscore\na\tb\t0.5\n".encode("utf-8"))
+    dataset = data.read_dataset(path)
+    assert dataset.column_names == ["sentence1", "sentence2", "score"]
+    assert dataset.rows == [{"sentence1": "a", "sentence2": "b", "score": 0.5}]
+
+
+def test_tsv_quoted_fields_are_read_as_quoted(tmp_path):
+    """A field wholly in quotes loses them ("" is one quote); quotes inside a field are text."""
+    path = tmp_path / "quoted.tsv"
+    path.write_text('"sentence1"\t"sentence2"\t"score"\n"He said ""hi"""\t"b"\t"0.5"\n"quoted" text\tx\t1\n')
+    dataset = data.read_dataset(path)
+    assert dataset.rows == [{"sentence1": 'He said "hi"', "sentence2": "b", "score": 0.5},
+                            {"sentence1": '"quoted" text', "sentence2": "x", "score": 1.0}]
+    assert dataset.lines == [2, 3]
+
+
+def test_samplers_leave_out_batches_below_their_minimum():
+    rows = [{"anchor": f"a{i}", "positive": f"p{i}"} for i in range(9)]
+    sampler = data.NoDuplicatesBatchSampler(rows, 4, seed=0, columns=["anchor", "positive"], min_size=2)
+    assert [len(batch) for batch in sampler] == [4, 4] and len(sampler) == 2  # the row left over is not a batch
+    duplicates = [{"anchor": "same", "positive": "same too"}] * 5
+    assert list(data.NoDuplicatesBatchSampler(duplicates, 4, columns=["anchor", "positive"], min_size=2)) == []

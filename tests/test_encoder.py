@@ -22,9 +22,22 @@ CPU_BACKENDS = ["math", "sdpa"]
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(model_dir):
+    """The stored sentence-transformers embeddings. The parity tests rely on its sentences covering long and odd
+    inputs, so that is checked here: a regenerated fixture without them fails those tests instead of letting
+    them pass on easy inputs."""
+    from tokenizers import Tokenizer
+
     data = np.load(FIXTURE)
-    return [str(s) for s in data["sentences"]], data["embeddings"]
+    sentences = [str(s) for s in data["sentences"]]
+    untruncated = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    untruncated.no_truncation()
+    untruncated.no_padding()
+    lengths = [len(encoding.ids) for encoding in untruncated.encode_batch(sentences)]
+    assert max(lengths) > 512 and sum(length > 256 for length in lengths) >= 3, "the fixture lost its long inputs"
+    assert "" in sentences and any(not s.isascii() for s in sentences) and any("def " in s for s in sentences), \
+        "the fixture lost its odd inputs"
+    return sentences, data["embeddings"]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -62,18 +75,6 @@ def test_onednn_cpu_path_equals_plain_linear_path(model, reference, precision):
     assert np.abs(plain - fast).max() < tolerance
     if precision == "fp32":
         assert np.abs(plain - expected).max() < 1e-5
-
-
-def test_fixture_covers_long_and_odd_inputs(model_dir, reference):
-    from tokenizers import Tokenizer
-
-    sentences, _ = reference
-    untruncated = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    untruncated.no_truncation()
-    untruncated.no_padding()
-    lengths = [len(encoding.ids) for encoding in untruncated.encode_batch(sentences)]
-    assert max(lengths) > 512 and sum(length > 256 for length in lengths) >= 3
-    assert "" in sentences and any(not s.isascii() for s in sentences) and any("def " in s for s in sentences)
 
 
 def test_live_parity_with_sentence_transformers(model, model_dir):

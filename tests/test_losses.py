@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import (CachedMultipleNegativesRankingLoss, CoSENTLoss, CosineSimilarityLoss,
+from minilm.losses import (CachedMultipleNegativesRankingLoss, CoSENTLoss, CosineSimilarityLoss,
                     MultipleNegativesRankingLoss, SoftmaxLoss)
 
 
@@ -23,11 +23,12 @@ def check(loss_fn, embeddings, labels, loop_value):
     """The loss and its gradients equal the explicit loop's, which autograd differentiates independently."""
     value = loss_fn.compute_loss_from_embeddings(embeddings, labels)
     expected = loop_value(embeddings, labels)
-    assert torch.allclose(value, expected, atol=1e-10, rtol=1e-10)
+    # float64; measured at most 1.6e-14 apart (values and gradients) over repeated random draws.
+    assert torch.allclose(value, expected, atol=5e-14, rtol=1e-14)
     grads = torch.autograd.grad(value, embeddings)
     expected_grads = torch.autograd.grad(expected, embeddings)
     for got, want in zip(grads, expected_grads):
-        assert torch.allclose(got, want, atol=1e-10)
+        assert torch.allclose(got, want, atol=5e-14, rtol=1e-14)
 
 
 def mnrl_loop(scale, symmetric=False, dot=False):
@@ -154,13 +155,17 @@ def test_equal_to_sentence_transformers(name, ours, kwargs):
     labels = None if name == "MultipleNegativesRankingLoss" else torch.rand(6)
     expected = theirs.compute_loss_from_embeddings(embeddings, labels)
     got = ours(None, **kwargs).compute_loss_from_embeddings(embeddings, labels)
-    assert math.isclose(float(got), float(expected), rel_tol=1e-5, abs_tol=1e-6)
+    # float32; measured at most 2.1e-7 apart (relative) over 300 random draws.
+    assert math.isclose(float(got), float(expected), rel_tol=6e-7, abs_tol=1e-7)
 
 
-def test_cached_mnrl_equals_plain_mnrl(model):
-    """GradCache with mini-batches of 4 gives the plain loss of batch 32 and the same parameter gradients."""
+def test_cached_mnrl_equals_plain_mnrl(tiny_model_dir, one_thread):
+    """GradCache with mini-batches of 4 gives the plain loss of batch 32 and the same parameter gradients
+    (on the tiny random BERT: the gradient bookkeeping is the point, not the weights)."""
+    import minilm
     from minilm.model import batch_to
 
+    model = minilm.load(str(tiny_model_dir), device="cpu")
     model.eval()  # dropout off: the plain and cached passes would draw different masks
     words = "red green blue cat dog car tree sky sea sun moon star road city".split()
     generator = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
@@ -178,7 +183,36 @@ def test_cached_mnrl_equals_plain_mnrl(model):
     plain_loss, plain_grads = loss_and_grads(MultipleNegativesRankingLoss(model))
     cached_loss, cached_grads = loss_and_grads(CachedMultipleNegativesRankingLoss(model, mini_batch_size=4))
     model.zero_grad(set_to_none=True)
-    assert abs(plain_loss - cached_loss) < 1e-5
-    assert plain_grads.keys() == cached_grads.keys() and len(plain_grads) > 50
+    # Measured: losses equal, gradients 7e-8 apart (largest gradient 0.06).
+    assert abs(plain_loss - cached_loss) < 1e-6
+    assert plain_grads.keys() == cached_grads.keys() and len(plain_grads) > 20
     for name in plain_grads:
-        assert (plain_grads[name] - cached_grads[name]).abs().max() < 1e-5, name
+        assert (plain_grads[name] - cached_grads[name]).abs().max() < 2e-7, name
+
+
+def test_losses_live_in_minilm_and_declare_their_data():
+    """`import losses` is gone (the package is minilm.losses), and every registered loss declares what train.py
+    needs to feed it, so that train.py names no loss."""
+    import importlib.util
+    from pathlib import Path
+
+    import train
+    from minilm.losses import LOSSES
+
+    repo = Path(__file__).resolve().parent.parent
+    assert not (repo / "losses").exists()
+    assert '"losses"' not in (repo / "pyproject.toml").read_text()
+    spec = importlib.util.find_spec("losses")
+    assert spec is None or not str(spec.origin).startswith(str(repo)), spec
+    code = (repo / "train.py").read_text()
+    for name in ('"mnrl"', '"cosine"', '"softmax"', "isinstance(loss_fn", "import SoftmaxLoss"):
+        assert name not in code, name
+    for name, loss in LOSSES.items():
+        assert loss.label in (None, "score", "class"), name
+        assert loss.text_columns and all(len(layout) >= 2 for layout in loss.text_columns), name
+        assert isinstance(loss.in_batch_negatives, bool), name
+        if loss.label == "class":
+            assert loss.num_classes({}) >= 2
+        rows = [{"sentence1": "a", "sentence2": "b", "score": 0.9, "label": 1}]
+        _, columns, label = train.columns_for_loss(rows, loss, 0.5, "x.tsv")
+        assert label == {"score": "score", "class": "label", None: None}[loss.label]

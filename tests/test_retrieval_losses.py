@@ -10,13 +10,9 @@ import textwrap
 import pytest
 import torch
 
-try:  # the losses' home after the train branch's move (minilm/losses/), or before it
-    from minilm.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
-    from minilm.losses.mnrl import text_ids
-except ImportError:
-    from losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
-    from losses.mnrl import text_ids
-from minilm.tokenizer import pack
+from minilm.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
+from minilm.losses.mnrl import text_ids
+from minilm.packing import pack
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +146,7 @@ def test_cached_loss_masks_like_the_plain_loss(tiny_model):
 
 RANK_SCRIPT = textwrap.dedent('''
     import json, sys, torch, torch.distributed as dist
-    try:
-        from minilm.losses import MultipleNegativesRankingLoss
-    except ImportError:
-        from losses import MultipleNegativesRankingLoss
+    from minilm.losses import MultipleNegativesRankingLoss
     rank, init, out, symmetric = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     full = torch.load(sys.argv[5], weights_only=True)

@@ -28,6 +28,18 @@ class SoftmaxLoss(nn.Module):
 
     citation = None  # the Sentence-BERT citation, which every card carries already
 
+    # What train.py feeds this loss (see minilm/losses/__init__.py).
+    text_columns = (("premise", "hypothesis"), ("sentence1", "sentence2"))
+    extra_text_columns = None
+    label = "class"
+    score_range = None
+    in_batch_negatives = False
+
+    @staticmethod
+    def num_classes(params: dict) -> int:
+        """The labels this loss accepts under its --loss-params: 0..num_labels-1."""
+        return params.get("num_labels", 3)
+
     def __init__(self, model, num_labels: int = 3, embedding_dim=None):
         super().__init__()
         self.model, self.num_labels = model, num_labels

@@ -140,6 +140,13 @@ class MultipleNegativesRankingLoss(nn.Module):
 
     citation = CITATION
 
+    # What train.py feeds this loss (see minilm/losses/__init__.py).
+    text_columns = (("anchor", "positive"),)
+    extra_text_columns = "negative"  # negative, negative_2, ...: hard negatives, when the data has them
+    label = None
+    score_range = None
+    in_batch_negatives = True
+
     def __init__(self, model, scale: float = 20.0, similarity: str = "cos", symmetric: bool = False,
                  gather_across_devices: bool = False, mask_duplicates: bool = True, false_negative_margin=None):
         super().__init__()

@@ -2,7 +2,7 @@
 
 import torch
 
-from losses.mnrl import MultipleNegativesRankingLoss
+from minilm.losses.mnrl import MultipleNegativesRankingLoss
 from minilm.packing import split as split_packed
 
 CITATION = """@misc{gao2021scaling,

@@ -5,7 +5,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-
 class CosineSimilarityLoss(nn.Module):
     """MSE between cos(u, v) and the gold score of each (sentence1, sentence2) pair.
 
@@ -14,6 +13,14 @@ class CosineSimilarityLoss(nn.Module):
     """
 
     citation = None  # the Sentence-BERT citation, which every card carries already
+
+    # What train.py feeds this loss (see minilm/losses/__init__.py). A cosine lies in -1..1: a score outside
+    # it (raw STS 0..5, say) cannot be reached, so it is refused rather than trained towards.
+    text_columns = (("sentence1", "sentence2"), ("premise", "hypothesis"))
+    extra_text_columns = None
+    label = "score"
+    score_range = (-1.0, 1.0)
+    in_batch_negatives = False
 
     def __init__(self, model):
         super().__init__()

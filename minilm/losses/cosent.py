@@ -25,6 +25,14 @@ class CoSENTLoss(nn.Module):
 
     citation = CITATION
 
+    # What train.py feeds this loss (see minilm/losses/__init__.py): only the order of scores matters, so any
+    # finite score is accepted.
+    text_columns = (("sentence1", "sentence2"), ("premise", "hypothesis"))
+    extra_text_columns = None
+    label = "score"
+    score_range = None
+    in_batch_negatives = False
+
     def __init__(self, model, scale: float = 20.0):
         super().__init__()
         self.model, self.scale = model, scale

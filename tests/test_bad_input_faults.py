@@ -1,0 +1,233 @@
+"""Faults and files from elsewhere: a crafted checkpoint runs nothing, a damaged newest checkpoint falls back to
+the previous one, a full disk and a read-only folder end in one line, eval.py's bad input, the model card's
+escaping, and the command line itself (no hang, one line)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as eval_script
+import train
+from conftest import REPO, child_env
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PAIRS = "sentence1\tsentence2\tscore\n" + "".join(f"first {i}\tsecond {i}\t0.{i % 10}\n" for i in range(24))
+
+
+def call(capsys, main, argv) -> tuple:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, prog, fragments):
+    assert code == 2, err
+    lines = err.strip("\n").splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert str(fragment) in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture
+def run_with_checkpoints(capsys, tiny_model_dir, tmp_path):
+    """A finished 6-step run with checkpoints at steps 2 and 4."""
+    data = tmp_path / "pairs.tsv"
+    data.write_text(PAIRS)
+    out = tmp_path / "run"
+    code, _, err = call(capsys, train.main, ["--no-progress", "--model", tiny_model_dir, "--loss", "cosine",
+                                             "--data", data, "--batch-size", 4, "--max-steps", 6, "--save-steps", 2,
+                                             "--log-steps", 2, "--out", out])
+    assert code == 0, err
+    return out
+
+
+class Planted:
+    """Unpickling this object opens (creates) a file: what a crafted checkpoint would do with any command."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("which", ["only", "newest"])
+def test_a_crafted_checkpoint_runs_nothing(capsys, run_with_checkpoints, tmp_path, which):
+    out = run_with_checkpoints
+    marker = tmp_path / "pwned"
+    newest = out / "checkpoints" / "step-0000004"
+    if which == "only":
+        torch.save({"args": Planted(str(marker))}, newest / train.CHECKPOINT)
+        (out / "checkpoints" / "step-0000002" / train.CHECKPOINT).unlink()
+        code, _, err = call(capsys, train.main, ["--no-progress", "--out", out, "--resume", "--max-steps", 8])
+        assert_one_line_error(code, err, "train.py", [str(newest / train.CHECKPOINT), "no usable checkpoint"])
+    else:
+        torch.save({"args": Planted(str(marker))}, newest / train.CHECKPOINT)
+        code, stdout, err = call(capsys, train.main, ["--no-progress", "--out", out, "--resume", "--max-steps", 8])
+        assert code == 0, err
+        assert f"resuming from {out / 'checkpoints' / 'step-0000002'} instead" in err
+        assert "resuming from" in stdout and "Traceback" not in err
+    assert not marker.exists(), "loading the checkpoint ran code"
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(capsys, run_with_checkpoints):
+    out = run_with_checkpoints
+    state = out / "checkpoints" / "step-0000004" / train.CHECKPOINT
+    state.write_bytes(state.read_bytes()[:1000])  # cut short, as by a crash of the disk rather than the process
+    code, stdout, err = call(capsys, train.main, ["--no-progress", "--out", out, "--resume", "--max-steps", 8])
+    assert code == 0, err
+    assert len(err.strip().splitlines()) == 1 and str(state) in err and "step-0000002 instead" in err
+    assert f"resuming from {out / 'checkpoints' / 'step-0000002'} at step 2" in stdout
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]  # each step once: the log was cut back to the checkpoint
+
+
+def mount_tmpfs(folder: Path, options: str) -> None:
+    folder.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not permitted'}): the test needs a "
+                    "small filesystem of its own")
+
+
+def test_disk_full_removes_the_partial_checkpoint_and_keeps_the_previous(capsys, tiny_model_dir, tmp_path):
+    data = tmp_path / "pairs.tsv"
+    data.write_text(PAIRS)
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "size=36m")  # one checkpoint of the tiny model (~24 MB) fits, not two
+    try:
+        out = disk / "run"
+        code, _, err = call(capsys, train.main, ["--no-progress", "--model", tiny_model_dir, "--loss", "cosine",
+                                                 "--data", data, "--batch-size", 4, "--max-steps", 6,
+                                                 "--save-steps", 2, "--save-total-limit", 2, "--out", out])
+        assert_one_line_error(code, err, "train.py", ["writing checkpoint", "step-0000004", "removed the partial",
+                                                      "step-0000002 is intact", "--resume"])
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]
+        checkpoint = torch.load(out / "checkpoints" / "step-0000002" / train.CHECKPOINT, weights_only=True)
+        assert checkpoint["state"]["step"] == 2
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_read_only_out_is_one_line(capsys, tiny_model_dir, tmp_path):
+    data = tmp_path / "pairs.tsv"
+    data.write_text(PAIRS)
+    locked = tmp_path / "locked"
+    if os.geteuid() == 0:
+        mount_tmpfs(locked, "ro,size=1m")  # root ignores permissions, not a read-only filesystem
+    else:
+        locked.mkdir()
+        locked.chmod(0o555)
+    try:
+        code, _, err = call(capsys, train.main, ["--model", tiny_model_dir, "--loss", "cosine", "--data", data,
+                                                 "--out", locked / "run"])
+        assert_one_line_error(code, err, "train.py", ["--out", str(locked), "cannot write"])
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(locked)], capture_output=True)
+        else:
+            locked.chmod(0o755)
+
+
+def test_the_command_line_refuses_instead_of_hanging(tmp_path):
+    """The reported hang (every pair filtered out by --min-score) through the real command line: one line,
+    exit 2, within the timeout."""
+    data = tmp_path / "pairs.tsv"
+    data.write_text(PAIRS)
+    result = subprocess.run([sys.executable, "train.py", "--loss", "mnrl", "--min-score", "2", "--data", str(data),
+                             "--out", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env=child_env())
+    assert_one_line_error(result.returncode, result.stderr, "train.py", [str(data), "--min-score 2"])
+    assert not (tmp_path / "run").exists()
+
+
+# --- eval.py ---------------------------------------------------------------------------------------------------
+
+def stsb_like(folder: Path, line: str) -> Path:
+    folder.mkdir()
+    (folder / "test.tsv").write_text(line + "\n")
+    return folder
+
+
+EVAL_CASES = [
+    ("stsb-on-sick-file", lambda t, m: ["--model", m, "--task", "stsb", "--data", t / "SICK.tsv"],
+     ["--task stsb", "SICK.tsv", "STS-B folder"]),
+    ("stsb-wrong-columns", lambda t, m: ["--model", m, "--task", "stsb", "--data", stsb_like(t / "s", "a\tb\t0.5")],
+     ["test.tsv:1", "3 fields", "at least 7"]),
+    ("stsb-score-text", lambda t, m: ["--model", m, "--task", "stsb", "--data",
+                                      stsb_like(t / "s", "g\tf\ty\t1\thigh\ta\tb")], ["test.tsv:1", "'high'"]),
+    ("sick-wrong-columns", lambda t, m: ["--model", m, "--task", "sick", "--data", t / "pairs.tsv"],
+     ["pairs.tsv:1", "missing column(s)", "sentence_A"]),
+    ("pairs-bad-row", lambda t, m: ["--model", m, "--task", "pairs", "--data", t / "bad.tsv"], ["bad.tsv:3", "'x'"]),
+    ("json-into-missing-folder", lambda t, m: ["--model", t / "no-model", "--task", "stsb", "--data", t,
+                                               "--json", t / "missing" / "m.json"], ["--json", "missing", "not exist"]),
+    ("json-is-a-folder", lambda t, m: ["--model", m, "--task", "stsb", "--data", t, "--json", t],
+     ["--json", "is a folder"]),
+    ("batch-size-0", lambda t, m: ["--model", m, "--task", "stsb", "--data", t, "--batch-size", 0],
+     ["--batch-size", ">= 1"]),
+    ("device-cuda", lambda t, m: ["--model", m, "--task", "stsb", "--data", t, "--device", "cuda"],
+     ["--device cuda", "no CUDA"]),
+    ("model-missing", lambda t, m: ["--model", t / "no-model", "--task", "pairs", "--data", t / "pairs.tsv"],
+     ["--model", "no-model"]),
+    ("nli-without-classifier", lambda t, m: ["--model", m, "--task", "nli", "--data", t / "SICK.tsv"],
+     ["--task nli", "softmax_classifier"]),
+    ("bad-split", lambda t, m: ["--model", m, "--task", "stsb", "--data", t, "--split", "validation"],
+     ["--split", "'validation'"]),
+    ("data-missing", lambda t, m: ["--model", m, "--task", "pairs", "--data", t / "nope.tsv"],
+     ["--data", "nope.tsv", "no such file"]),
+    ("unknown-task", lambda t, m: ["--model", m, "--task", "glue", "--data", t], ["--task", "'glue'"]),
+]
+
+
+@pytest.mark.parametrize("case", EVAL_CASES, ids=[case[0] for case in EVAL_CASES])
+def test_eval_bad_input_is_one_line(case, capsys, tiny_model_dir, tmp_path):
+    _, make_argv, fragments = case
+    (tmp_path / "pairs.tsv").write_text(PAIRS)
+    (tmp_path / "bad.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t0.5\nc\td\tx\n")
+    (tmp_path / "SICK.tsv").write_text("pair_ID\tsentence_A\tsentence_B\tentailment_label\trelatedness_score\t"
+                                       "SemEval_set\n1\ta\tb\tNEUTRAL\t3.0\tTEST\n")
+    argv = make_argv(tmp_path, tiny_model_dir)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = call(capsys, eval_script.main, argv)
+    assert_one_line_error(code, err, "eval.py", fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# --- the model card --------------------------------------------------------------------------------------------
+
+def test_the_model_card_escapes_training_text(capsys, tiny_model_dir, tmp_path):
+    hostile = ['<script>alert(1)</script>', 'a | b ``` c', '[click](javascript:alert(1)) <img src=x onerror=y>']
+    data = tmp_path / "hostile.jsonl"
+    data.write_text("".join(json.dumps({"sentence1": hostile[i % 3], "sentence2": hostile[(i + 1) % 3],
+                                        "score": 0.5}) + "\n" for i in range(8)))
+    out = tmp_path / "run"
+    code, _, err = call(capsys, train.main, ["--no-progress", "--model", tiny_model_dir, "--loss", "cosine",
+                                             "--data", data, "--batch-size", 4, "--max-steps", 1, "--out", out])
+    assert code == 0, err
+    card = (out / "README.md").read_text()
+    assert "<script" not in card and "<img" not in card  # nowhere: front matter, code or text
+    # Markdown outside code fences: no link can form either. Fences: each closes with the fence that opened it.
+    outside, fence = [], None
+    front_matter_end = card.index("\n---\n", 4)  # the YAML block at the top holds data, not Markdown
+    assert "javascript" not in card[front_matter_end:].replace("&#91;click&#93;&#40;javascript", "")
+    for line in card[front_matter_end:].splitlines():
+        if fence is None and line.startswith("```"):
+            fence = line[:len(line) - len(line.lstrip("`"))]
+        elif fence is not None and line == fence:
+            fence = None
+        elif fence is None:
+            outside.append(line)
+    assert fence is None
+    assert "](javascript:" not in "\n".join(outside)
+    assert "&lt;script&gt;alert&#40;1&#41;&lt;/script&gt;" in card  # the text is kept, inert
