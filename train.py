@@ -335,16 +335,20 @@ def prepare_data(args, loss_class) -> tuple:
     return datasets, fingerprints
 
 
-def make_batches(datasets, loss_class, batch_size: int, seed: int, drop_last: bool) -> data.RoundRobinBatches:
-    """One sampler per dataset, as the loss declares: batches without repeated texts (and of 2 rows or more)
-    for in-batch negatives, plain shuffled batches otherwise; always (dataset index, row indices)."""
+def make_batches(datasets, loss_class, loss_params: dict, batch_size: int, seed: int,
+                 drop_last: bool) -> data.RoundRobinBatches:
+    """One sampler per dataset, as the loss declares: for in-batch negatives, batches of 2 rows or more, without
+    repeated texts where the loss does not mask duplicates itself; plain shuffled batches otherwise; always
+    (dataset index, row indices)."""
     samplers = []
     for _, rows, columns, _ in datasets:
-        if loss_class.in_batch_negatives:
+        if loss_class.in_batch_negatives and loss_class.needs_unique_texts(loss_params):
             samplers.append(data.NoDuplicatesBatchSampler(rows, batch_size, seed=seed, drop_last=drop_last,
                                                           columns=columns, min_size=2))
         else:
-            samplers.append(data.RandomBatchSampler(rows, batch_size, seed=seed, drop_last=drop_last))
+            min_size = 2 if loss_class.in_batch_negatives else 1
+            samplers.append(data.RandomBatchSampler(rows, batch_size, seed=seed, drop_last=drop_last,
+                                                    min_size=min_size))
     return data.RoundRobinBatches(samplers)
 
 
@@ -587,13 +591,15 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     try:
-        model = minilm.load(args.model, device=device, max_seq_length=args.max_seq_length)
+        model = minilm.load(args.model, device=device)
     except Exception as error:  # the loader's messages name the file and field
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"--model {args.model}: {reason}") from None
-    if args.max_seq_length and model.max_seq_length != args.max_seq_length:
-        raise UsageError(f"--max-seq-length {args.max_seq_length}: {args.model} takes at most "
-                         f"{model.max_seq_length} tokens")
+    if args.max_seq_length:
+        try:
+            model.max_seq_length = args.max_seq_length
+        except ValueError as error:
+            raise UsageError(f"--max-seq-length {args.max_seq_length}: {error}") from None
     if args.normalize != "keep":
         model.normalize = args.normalize == "yes"
     try:
@@ -609,8 +615,13 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
             raise UsageError(f"--eval-task {args.eval_task}: {error}") from None
 
     # Samplers draw global batches (world x batch size; only full ones under torchrun), each rank takes its slice.
-    batches = make_batches(datasets, loss_class, args.batch_size * world, args.seed, drop_last=world > 1)
+    batches = make_batches(datasets, loss_class, args.loss_params, args.batch_size * world, args.seed,
+                           drop_last=world > 1)
     batches_per_epoch = len(batches)
+    for location, rows, columns, _ in datasets if loss_class.in_batch_negatives else []:
+        if len({tuple(row[column] for column in columns) for row in rows}) < 2:  # masked: nothing to contrast
+            raise UsageError(f"--data {location}: gives no batch of 2 different rows for the {args.loss} loss "
+                             f"(all {len(rows)} rows are the same texts)")
     if batches_per_epoch == 0:
         need = f"{args.batch_size * world} rows" if world > 1 else "2 rows with no text twice"
         raise UsageError(f"--data {' '.join(args.data)}: gives no batch of {need} for the {args.loss} loss "

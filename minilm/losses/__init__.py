@@ -7,8 +7,9 @@ no loss), so adding a loss is one file here plus one line in LOSSES:
   label               None (no label), "score" (a float column `score`) or "class" (an int column `label`)
   score_range         for "score": (low, high) of the scores it can learn from, None for any finite score
   num_classes(params) for "class": how many labels (0..n-1) it takes under its --loss-params
-  in_batch_negatives  the other rows of a batch are its negatives: a batch needs 2 rows or more, and no text
-                      twice (a duplicate would be scored as its own negative)
+  in_batch_negatives  the other rows of a batch are its negatives: a batch needs 2 rows or more
+  needs_unique_texts(params)  for in_batch_negatives: whether a batch must hold no text twice (a duplicate would
+                      be scored as its own negative) because the loss does not mask duplicates itself
 A loss without a label also takes scored pairs (sentence1, sentence2[, score]): those scoring at least
 --min-score fill its first two text columns.
 """

@@ -147,6 +147,11 @@ class MultipleNegativesRankingLoss(nn.Module):
     score_range = None
     in_batch_negatives = True
 
+    @staticmethod
+    def needs_unique_texts(params: dict) -> bool:
+        """Batches need the no-duplicates sampler only when the loss does not mask duplicates itself."""
+        return not params.get("mask_duplicates", True)
+
     def __init__(self, model, scale: float = 20.0, similarity: str = "cos", symmetric: bool = False,
                  gather_across_devices: bool = False, mask_duplicates: bool = True, false_negative_margin=None):
         super().__init__()
