@@ -369,7 +369,7 @@ def make_bundle(target: Path, data: Path) -> None:
     print(f"wrote {target} ({size / 2**20:.1f} MiB)")
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/gpu-check", help="folder for report.md and report.json")
     parser.add_argument("--dry-run", action="store_true", help="every step at toy sizes on the CPU")
@@ -380,7 +380,7 @@ def main() -> int:
     parser.add_argument("--time-limit", type=float, default=450, help="seconds for all steps (default 450)")
     parser.add_argument("--steps", nargs="+", choices=[name.split()[0] for name, _, _ in STEPS],
                         help="run only these steps")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.bundle:
         make_bundle(Path(args.bundle), Path(args.data))
         return 0

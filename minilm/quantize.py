@@ -12,12 +12,9 @@ reference; tests/test_quantize.py holds them close. `quantize_linears(module)` s
 module (an inference copy: the weights are copies and take no gradients), the way gpt-fast's quantization
 rewrites Linears from outside the model.
 
-Which Linears to quantize (all-MiniLM-L6-v2, STS-B test Spearman, fp32 0.8203; one run each, ~0.0005 apart
-between runs): all of them 0.8178 (-0.0025), all but the attention's q/k/v projection 0.8196 (-0.0007), all but
-ffn_in -0.0011, all but ffn_out -0.0020, FFN only -0.0005, attention only -0.0006. The q/k/v projection is the
-sensitive one (its rounding reaches every softmax), so `keep_qkv_float` is the policy that holds the quality.
-Speed: with eager torch ops the per-token quantization (elementwise passes over the activations) costs more than
-the int8 GEMM saves, so this is slower than fp32/bf16 encode here; see benchmarks/README.md.
+Which Linears to quantize: the attention's q/k/v projection is the sensitive one (its rounding reaches every
+softmax), so `keep_qkv_float` is the policy encode(precision="int8") uses; the STS-B figures of each choice and
+the speed against fp32/bf16 are in benchmarks/README.md.
 """
 
 import torch

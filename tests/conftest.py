@@ -3,8 +3,13 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# One thread for the whole suite and every process it starts: on a 2-core machine, OpenMP's second thread buys
+# little wall time for these small tensors and costs CPU time in spinning (the suite's budget is CPU time). Set
+# before torch is imported; tests that need threads set them themselves.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Without a GPU the Triton kernels run under Triton's interpreter; it must be on before triton is first imported.
 if not torch.cuda.is_available():

@@ -90,8 +90,9 @@ def test_two_ranks_gathering_equal_one_rank(capsys, tiny_model_dir, stsb_slice, 
     two_losses, two = losses_and_weights(tmp_path / "two")
     assert len(single_losses) == len(two_losses) == 3
     assert min(single_losses) > 0.5  # a loss big enough for the comparison to mean something
-    # Measured: losses 5e-7 apart, weights 1.3e-6 (summation order, amplified by AdamW's normalised steps); a
-    # wrong gradient moves many weights by ~lr (1e-3) per step.
+    # Measured: losses 5e-7 apart, weights up to 1.6e-5 (attention query/key weights: summation order, amplified
+    # by AdamW's normalised steps where the gradient is near zero); a wrong gradient moves many weights by ~lr
+    # (1e-3) per step.
     for a, b in zip(single_losses, two_losses):
         assert abs(a - b) <= 1.5e-6, (single_losses, two_losses)
     start = load_file(tiny_model_dir / "model.safetensors")
@@ -100,7 +101,7 @@ def test_two_ranks_gathering_equal_one_rank(capsys, tiny_model_dir, stsb_slice, 
         # The key biases get no gradient in exact arithmetic (softmax ignores a constant added to a row of
         # scores), so AdamW normalises rounding noise into steps of up to lr: measured 9e-5 apart. Left out.
         if not key.endswith("attention.self.key.bias"):
-            assert (single[key] - two[key]).abs().max() <= 4e-6, key
+            assert (single[key] - two[key]).abs().max() <= 5e-5, key
 
 
 def test_without_gathering_each_rank_would_see_only_its_own_negatives(tiny_model_dir, stsb_slice):

@@ -40,8 +40,10 @@ def reference(model_dir):
     return sentences, data["embeddings"]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("batch_size, token_budget", [(1, True), (7, True), (64, True), (7, False)])
+@pytest.mark.parametrize("backend, batch_size, token_budget", [
+    *((backend, 7, True) for backend in CPU_BACKENDS),       # each backend on the whole fixture
+    ("sdpa", 64, True), ("sdpa", 1, True), ("sdpa", 7, False),  # batching: large, one sentence, fixed batches
+])
 def test_embeddings_equal_sentence_transformers(model, reference, backend, batch_size, token_budget):
     sentences, expected = reference
     assert len(sentences) >= 200
@@ -83,7 +85,7 @@ def test_live_parity_with_sentence_transformers(model, model_dir):
     reference = st.SentenceTransformer(str(model_dir), device="cpu")
     rng = np.random.default_rng()
     words = "alpha beta gamma delta Epsilon 42 ñandú 東京 code() {x: 1} — end".split()
-    sentences = [" ".join(rng.choice(words, size=rng.integers(1, 300))) for _ in range(12)]
+    sentences = [" ".join(rng.choice(words, size=rng.integers(1, 300))) for _ in range(6)]
     expected = reference.encode(sentences, convert_to_numpy=True)
     assert np.abs(model.encode(sentences, batch_size=5) - expected).max() < 1e-5
 
@@ -329,6 +331,8 @@ def test_other_bert_checkpoints_load_from_config(model_dir, tmp_path, sizes):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_encode_stays_close_to_fp32(model, reference, precision):
     sentences, expected = reference
+    if precision == "fp16":  # this CPU has no fp16 matmul: a slice of the fixture (short to longest) keeps it cheap
+        sentences, expected = sentences[::5], expected[::5]
     got = model.encode(sentences, precision=precision)
     assert got.dtype == np.float32 and got.shape == expected.shape
     cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)

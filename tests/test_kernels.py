@@ -106,7 +106,9 @@ def test_pool_uses_the_fused_kernel_equal_to_plain_pooling(normalize):
 
 def test_real_model_with_triton_backend_equals_sentence_transformers(model):
     """The encoder with the fused kernel reproduces the reference embeddings. The interpreter runs every program
-    in Python, so on a CPU this checks a slice of the fixture: the longest sentences and a few short ones."""
+    in Python (the longest sentences cost most), so on a CPU this checks a slice of the fixture: the longest
+    sentence of at most 100 tokens (several query and key blocks), a few short ones and a few of middle length, in
+    one ragged batch; the kernel tests above cover lengths up to 512 on random inputs."""
     import numpy as np
     from pathlib import Path
 
@@ -114,10 +116,11 @@ def test_real_model_with_triton_backend_equals_sentence_transformers(model):
     sentences = [str(s) for s in data["sentences"]]
     lengths = [len(ids) for ids in model.tokenizer.encode_ids(sentences)]
     order = np.argsort(lengths)
-    chosen = sorted(order[-3:].tolist() + order[:5].tolist() + order[len(order) // 2:][:8].tolist())
+    long_one = max((i for i in order if lengths[i] <= 100), key=lambda i: lengths[i])
+    chosen = sorted([long_one] + order[:2].tolist() + order[len(order) // 2:][:2].tolist())
     model.attention_backend = "triton"
     try:
-        got = model.encode([sentences[i] for i in chosen], batch_size=7)
+        got = model.encode([sentences[i] for i in chosen], batch_size=8)
     finally:
         model.attention_backend = None
     assert np.abs(got - data["embeddings"][chosen]).max() < 1e-5

@@ -114,7 +114,7 @@ def test_cli_writes_rows_train_reads_and_refuses_to_overwrite(tiny_model, tmp_pa
                       "--num-negatives", "2", "--batch-size", "8"]) == 0
     rows = data.read_dataset(out).rows
     assert len(rows) == len(pairs)
-    _, columns, _ = train.columns_for_loss(rows, "mnrl", 0.8, str(out))
+    _, columns, _ = train.columns_for_loss(rows, train.LOSSES["mnrl"], 0.8, str(out))
     assert columns == ["anchor", "positive", "negative_1", "negative_2"]
     before = out.read_bytes()
     with pytest.raises(SystemExit) as refused:

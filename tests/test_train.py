@@ -66,12 +66,14 @@ def weights_equal(a: Path, b: Path) -> None:
 
 # --- recipes ---------------------------------------------------------------------------------------------------
 
-def test_five_recipes_cover_the_seed_cards():
+def test_recipes_cover_every_seed_card():
+    """Every seed card has a recipe (on local stand-in data, and for three of them on real retrieval/NLI data),
+    and every recipe names a seed card that exists."""
     if not SEEDS.is_dir():
         pytest.skip(f"{SEEDS} is absent: the seed cards live in ../shared/seeds beside the repo")
-    assert len(RECIPES) == 5
     cards = {Path(json.loads(r.read_text())["seed_card"]).name for r in RECIPES}
     assert cards == {p.name for p in SEEDS.glob("*.txt")}
+    assert len(RECIPES) >= len(cards) == 5
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
