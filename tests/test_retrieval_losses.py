@@ -16,23 +16,11 @@ from minilm.packing import pack
 
 
 @pytest.fixture(scope="module")
-def tiny_model(model_dir, tmp_path_factory):
-    """A tiny random BERT (2 layers, width 64) with the real tokenizer and no dropout, saved and loaded the
-    way a user's model is (the same as conftest's tiny_model_dir on the train branch)."""
-    import torch
-
+def tiny_model(tiny_model_dir):
+    """conftest's tiny random BERT (2 layers, width 64, real tokenizer, no dropout), loaded as a user's model is."""
     import minilm
-    from minilm.encoder import BertConfig, BertEncoder
-    from minilm.model import SentenceEncoder
-    from minilm.tokenizer import SentenceTokenizer
 
-    torch.manual_seed(1234)
-    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                        max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    tokenizer = SentenceTokenizer.from_dir(model_dir, max_seq_length=128)
-    tiny = SentenceEncoder(BertEncoder(config), tokenizer, ("mean",), normalize=True, source_dir=model_dir)
-    path = tiny.save(tmp_path_factory.mktemp("tiny-bert") / "tiny-bert")
-    return minilm.load(str(path), device="cpu")
+    return minilm.load(str(tiny_model_dir), device="cpu")
 
 
 def test_text_ids_equal_exactly_for_equal_token_lists():
