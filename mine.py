@@ -42,6 +42,7 @@ import torch
 
 import minilm
 from minilm import data, evaluation
+from minilm.model import PRECISIONS
 
 
 def read_pairs(path, split: str = "train") -> list:
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
     add("--sampling", choices=["top", "random"], default="top", help="best eligible, or a random draw of them")
     add("--seed", type=int, default=42, help="for --sampling random (default: %(default)s)")
     add("--batch-size", type=int, default=64, help="encode batch size (default: %(default)s)")
-    add("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="encode precision")
+    add("--precision", choices=list(PRECISIONS), default="fp32", help="encode precision (default: fp32)")
     add("--max-seq-length", type=int, help="truncate texts to this many tokens (default: the model's)")
     add("--device", help="cpu, cuda, ... (default: CUDA when available)")
     add("--query-chunk", type=int, default=1024, help="anchors scored at once (memory, see above)")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: set up .venv (first run only), encode a few sentences, then fine-tune all-MiniLM-L6-v2 on the
-# local STS-B training pairs (CosineSimilarityLoss, 1 epoch) and compare STS-B test Spearman before and after.
+# The main job: set up .venv (first run only), encode a few sentences, fine-tune all-MiniLM-L6-v2 on the local
+# STS-B training pairs (CosineSimilarityLoss, 1 epoch) and compare STS-B test Spearman before and after, then embed
+# the STS-B test sentences with the fine-tuned model to an int8 corpus on disk and search it.
 # Arguments are passed to train.py (for example --max-steps 50 for a quick run).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -20,5 +21,11 @@ echo; echo "== fine-tuning on STS-B train (CosineSimilarityLoss, batch 16, 1 epo
 python train.py --loss cosine --data "$data/stsb" --batch-size 16 --epochs 1 --lr 5e-5 --seed 42 \
   --eval-task stsb --eval-split dev --out "$out" --overwrite "$@"
 echo; echo "== STS-B test after fine-tuning"
-python eval.py --model "$out" --task stsb --data "$data/stsb" --json "$out/sts-test.json"
-echo; echo "Model, model card (README.md), log.jsonl and loss.png are in $out"
+# beside the run folder, not in it: --overwrite replaces only what a run wrote itself
+python eval.py --model "$out" --task stsb --data "$data/stsb" --json "$out.sts-test.json"
+echo; echo "== embed the STS-B test sentences with the fine-tuned model (int8 output) and search them"
+cut -f6,7 "$data/stsb/test.tsv" | tr '\t' '\n' | sed 's/[[:space:]]*$//' | LC_ALL=C sort -u > runs/stsb-test-sentences.txt
+python -m minilm encode runs/stsb-test-sentences.txt --model "$out" --dtype int8 --out "$out.corpus" \
+  --overwrite --no-progress
+python -m minilm search "$out.corpus" "A man is playing a guitar." "Stocks fell sharply." --top-k 3
+echo; echo "Model, model card (README.md), log.jsonl and loss.png are in $out; the embedded corpus in $out.corpus"

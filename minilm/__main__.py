@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+from minilm.model import PRECISIONS
+
 EXAMPLES = ["A man is eating food.", "Someone is having a meal.", "A man is riding a horse.",
             "The stock market fell sharply today."]
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -150,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "byte (default: float32)")
     p.add_argument("--calibration-size", type=int, default=1000,
                    help="int8: texts from the start of INPUT to calibrate the ranges on (default: %(default)s)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="the encoder's compute precision (default: fp32)")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="encode's precision: fp32, bf16/fp16 weights and activations, or int8 Linears "
+                        "(default: fp32)")
     p.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction,
                    help="unit-length embeddings (default: as the model, Normalize in modules.json)")
     p.add_argument("--batch-size", type=int, default=32, help="encode batch size (default: %(default)s)")
