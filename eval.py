@@ -28,7 +28,9 @@ import torch
 
 import minilm
 from minilm import data, evaluation
+from minilm.errors import InputError
 from minilm.losses.softmax import SoftmaxLoss
+from minilm.model import resolve_device
 
 SPLITS = {"stsb": ("train", "dev", "test"), "stsb-binary": ("train", "dev", "test"),
           "sick": ("train", "trial", "test"), "nli": ("train", "trial", "test")}
@@ -92,12 +94,9 @@ def evaluate(argv=None) -> int:
         check_json_target(args.json)
     if args.device is not None:
         try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise UsageError(f"--device {args.device!r}: not a device; expected cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: this PyTorch ({torch.__version__}) sees no CUDA device; "
-                             "use --device cpu (or leave --device out)")
+            resolve_device(args.device)
+        except InputError as error:
+            raise UsageError(f"--device {args.device}: {error}") from None
     if not Path(args.data).exists():
         raise UsageError(f"--data {args.data}: no such file or folder")
     try:

@@ -44,7 +44,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import minilm
 from minilm import data, evaluation, model_card
+from minilm.errors import InputError
 from minilm.losses import LOSSES
+from minilm.model import resolve_device
 from minilm.run_folder import RunFolderError, check_output, create_run_folder, finish_run_folder, folder_lock
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -230,14 +232,9 @@ def check_args(args, world: int = 1) -> None:
                          "rows of its batch, so a batch needs at least 2 rows")
     if args.device is not None:
         try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise UsageError(f"--device {args.device!r}: not a device; expected cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: this PyTorch ({torch.__version__}) sees no CUDA device; "
-                             "use --device cpu (or leave --device out)")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA device(s)")
+            device = resolve_device(args.device)
+        except InputError as error:
+            raise UsageError(f"--device {args.device}: {error}") from None
         if device.type not in ("cpu", "cuda"):
             raise UsageError(f"--device {args.device}: train.py runs on cpu or cuda")
     if args.precision == "fp16" and (args.device or "cpu").startswith("cpu") and not torch.cuda.is_available():

@@ -240,6 +240,20 @@ def length_sorted_batches(lengths: list, batch_size: int, token_budget: bool = T
     return batches + [current] if current else batches
 
 
+def resolve_device(device) -> torch.device:
+    """"cpu", "cuda", "cuda:1", a torch.device, or None (CUDA when available) -> a device that exists here, else an
+    InputError that says which devices there are (train.py and eval.py check --device with it too)."""
+    try:
+        resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise InputError(f"device {device!r} is not a torch device; expected cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r}: this PyTorch ({torch.__version__}) sees no CUDA device; use cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
+
+
 def load(name_or_path, device=None, max_seq_length=None, attention_backend=None) -> SentenceEncoder:
     """Load a sentence-transformers BERT checkpoint: a local directory or a hub id (see minilm/hub.py).
 
@@ -247,10 +261,7 @@ def load(name_or_path, device=None, max_seq_length=None, attention_backend=None)
     (at most the model's position embeddings). attention_backend: one of minilm.fast_paths.ATTENTION (None:
     chosen per device). A malformed file is an InputError (a ValueError) naming the file and the field.
     """
-    try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, TypeError):
-        raise InputError(f"device {device!r} is not a torch device; expected e.g. 'cpu' or 'cuda'") from None
+    device = resolve_device(device)
     model_dir = resolve_model_dir(name_or_path)
     modules = _read_modules(model_dir)
     encoder = load_encoder(model_dir)

@@ -115,7 +115,7 @@ CASES = [
     ("no-loss", lambda c: ["--model", c.tiny, "--data", c.pairs, "--out", c.out], ["--loss and --data"]),
     ("no-data", lambda c: ["--model", c.tiny, "--loss", "cosine", "--out", c.out], ["--loss and --data"]),
     ("device-cuda-without-cuda", lambda c: c.cosine("--device", "cuda"), ["--device cuda", "no CUDA", "cpu"]),
-    ("device-unknown", lambda c: c.cosine("--device", "banana"), ["--device 'banana'", "cuda:N"]),
+    ("device-unknown", lambda c: c.cosine("--device", "banana"), ["--device banana", "'banana'", "cuda:N"]),
     ("in-batch-loss-batch-of-one", lambda c: c.loss("mnrl", c.pairs, "--batch-size", 1),
      ["--batch-size 1", "at least 2 rows"]),
     ("resume-and-overwrite", lambda c: ["--out", c.out, "--resume", "--overwrite"], ["--resume and --overwrite"]),
