@@ -65,6 +65,8 @@ def test_onednn_cpu_path_equals_plain_linear_path(model, reference, precision):
     if not onednn.available("cpu", dtype or torch.float32):
         pytest.skip(f"oneDNN prepacked linears are not available here for {precision}")
     sentences, expected = reference
+    # half the fixture, short to longest (the whole of it runs the fast path in the parity tests above)
+    sentences, expected = sentences[::2], expected[::2]
     fast = model.encode(sentences, batch_size=64, precision=precision)
     copy = model._inference_encoder(dtype, "onednn")
     assert isinstance(copy.layers[0].ffn_in, onednn.OneDNNLinear)  # the fast path really ran
