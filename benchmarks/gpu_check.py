@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import minilm  # noqa: E402
-from benchmarks.bench_encode import timed_in_turns  # noqa: E402
+from benchmarks.bench_encode import scifact_abstracts, timed_in_turns  # noqa: E402
 from benchmarks.bench_kernels import make_inputs, timed  # noqa: E402
 from benchmarks.bench_train import WRAPPER, last_json_line  # noqa: E402
 from minilm.data import load_stsb  # noqa: E402
@@ -177,17 +177,6 @@ def attention_timings(ctx) -> dict:
 
 # --- step 3: encode ----------------------------------------------------------------------------------------
 
-def scifact_abstracts(data: Path, count: int) -> list:
-    texts = []
-    with open(data / "scifact" / "corpus.jsonl", encoding="utf-8") as lines:
-        for line in lines:
-            row = json.loads(line)
-            texts.append(f"{row['title']} {row['text']}")
-            if len(texts) == count:
-                break
-    return texts
-
-
 def synchronized(fn, device):
     def call():
         result = fn()
@@ -201,7 +190,7 @@ def encode_check(ctx) -> dict:
     rows_stsb = load_stsb(ctx.data / "stsb", "test")[: 8 if ctx.dry else None]
     sentences = [row["sentence1"] for row in rows_stsb] + [row["sentence2"] for row in rows_stsb]
     scores = [row["score"] for row in rows_stsb]
-    corpora = {"STS-B test": sentences, "SciFact abstracts": scifact_abstracts(ctx.data, 8 if ctx.dry else 1000)}
+    corpora = {"STS-B test": sentences, "SciFact abstracts": scifact_abstracts(ctx.data / "scifact", 8 if ctx.dry else 1000)}
     model = minilm.load(ctx.model, device=ctx.device, max_seq_length=256)
     precisions = ["fp32", "bf16"] if ctx.dry else ["fp16", "bf16"]
     references = {}
