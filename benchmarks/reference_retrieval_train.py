@@ -20,6 +20,21 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+def training_rows(recipe: dict, data=None) -> tuple:
+    """The recipe's rows as train.py reads them -> (rows, text columns, label column or None)."""
+    import train
+    from minilm.losses import LOSSES
+
+    loss_class = LOSSES[recipe["loss"]]
+    num_labels = loss_class.num_classes(recipe.get("loss_params", {})) if loss_class.label == "class" else None
+    rows, columns, label = [], None, None
+    for location in data or recipe["data"]:
+        part, _, _ = train.load_training_rows(location, recipe.get("split", "train"), num_labels)
+        part, columns, label = train.columns_for_loss(part, loss_class, 0.8, location)
+        rows += part
+    return rows, columns, label
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True)
@@ -38,13 +53,7 @@ def main() -> None:
                                        SentenceTransformerTrainingArguments)
     from sentence_transformers.sentence_transformer import losses
 
-    import train
-
-    rows, columns, label = [], None, None
-    for location in args.data or recipe["data"]:
-        part = train.load_training_rows(location, recipe.get("split", "train"))
-        part, columns, label = train.columns_for_loss(part, recipe["loss"], 0.8, location)
-        rows += part
+    rows, columns, label = training_rows(recipe, args.data)
     names = columns + ([label] if label else [])
     dataset = Dataset.from_dict({name: [row[name] for row in rows] for name in names})
 

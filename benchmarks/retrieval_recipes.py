@@ -11,7 +11,8 @@ the same rows (minilm's readers), the recipe's hyperparameters, the same seed an
 epochs, or --epochs/--max-steps for both); both models are scored by the same evaluator (minilm's, equal to
 sentence-transformers' to 1e-6: tests/test_retrieval.py), train.py's at the end of its run, the reference's by
 eval.py. --toy: the same pipeline on small slices of the data (SciFact 300 documents, 200 SNLI pairs), to check
-the script, not the models. Prints a markdown table (mean and spread over seeds, seconds of each run).
+the script, not the models. Finished runs are kept in OUT/results.json, so the same command
+after an interruption runs only what is missing. Prints a markdown table (mean and spread over seeds, seconds of each run).
 """
 
 import argparse
@@ -112,7 +113,8 @@ def main() -> None:
         locations = {}
     schedule = (["--max-steps", str(args.max_steps)] if args.max_steps else []) + (
         ["--epochs", str(args.epochs)] if args.epochs else [])
-    results = {}
+    # Finished runs are kept: the same command after an interruption runs only what is missing.
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     for name in args.recipes:
         recipe, metric = RECIPES[name]
         task = json.loads((REPO / recipe).read_text())["eval_task"]
@@ -120,6 +122,8 @@ def main() -> None:
         if name in locations:
             data_flags, eval_data = ["--data", *locations[name][0]], locations[name][1]
         for seed in args.seeds:
+            if any(r["seed"] == seed for r in results.get(name, [])):
+                continue
             ours, theirs = out / f"minilm-{name}-{seed}", out / f"st-{name}-{seed}"
             ours_seconds = run([sys.executable, "train.py", "--recipe", recipe, *data_flags, *schedule,
                                 "--eval-data", eval_data, "--seed", str(seed), "--out", str(ours), "--overwrite",
@@ -139,6 +143,10 @@ def main() -> None:
     print("| recipe | metric | train.py mean (spread) | sentence-transformers mean (spread) | train.py s | ST s |")
     print("|---|---|---|---|---|---|")
     for name, runs in results.items():
+        runs = [r for r in runs if r["seed"] in args.seeds]
+        if name not in args.recipes or not runs:
+            continue
+
         def summary(key):
             values = [r[key] for r in runs]
             return f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f})"

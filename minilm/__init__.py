@@ -6,6 +6,7 @@
     print(model.similarity(embeddings, embeddings))
 """
 
+from minilm import onednn  # noqa: F401  (first: bounds oneDNN's primitive caches before oneDNN first runs)
 from minilm.errors import InputError
 from minilm.model import SentenceEncoder, batch_to, load
 from minilm.similarity_search import search

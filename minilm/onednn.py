@@ -12,10 +12,22 @@ private copy of the encoder and rebuilds that copy on any change. nn.Linear is t
 equal. The ops are torch's own (the ones torch.compile emits for CPU inference), reached through `torch.ops`.
 """
 
+import os
+
 import torch
 import torch.nn as nn
 
 from minilm.fast_paths import is_plain, replace_linears
+
+# oneDNN creates a primitive (JIT-compiled code, ~0.1 ms) for every distinct input shape and keeps it in two LRU
+# caches of 1,024 entries each: oneDNN's own and ideep's (torch's C++ wrapper around it). A packed batch has as
+# many shapes as token totals, so a long encode kept growing: +350 MB of RSS over 40,000 short texts, still rising
+# (benchmarks/README.md, "Corpus encoding"); bounding only one of the two caches did not stop it. Both are read
+# once, when oneDNN first runs: minilm/__init__.py imports this module first so that these are in place by then.
+# Rebuilding a primitive costs ~0.1 ms against ~100 ms for a batch. A value set by the user wins.
+PRIMITIVE_CACHE_CAPACITY = "64"
+for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_variable, PRIMITIVE_CACHE_CAPACITY)
 
 
 def available(device, dtype) -> bool:

@@ -156,3 +156,20 @@ def test_quora_split_is_deterministic_and_disjoint(tmp_path):
     assert 10 <= sum(len(docs) for docs in relevant.values()) / 2 <= 14  # ~10% of the 100 pairs
     evaluator = evaluation.for_task("retrieval", tmp_path / "a" / "test", "test")
     assert all(evaluator.skip[i] == evaluator.corpus_ids.index(q) for i, q in enumerate(evaluator.query_ids))
+
+
+@pytest.mark.parametrize("recipe, columns, count", [
+    ("003_snli_softmax.json", ["premise", "hypothesis", "label"], 10_000 - 158),
+    ("000_scifact_mnrl.json", ["anchor", "positive"], 919)])
+def test_reference_trainer_reads_the_rows_train_py_reads(recipe, columns, count):
+    """benchmarks/reference_retrieval_train.py feeds sentence-transformers' trainer through train.py's readers: a
+    change of their signatures must fail here, not an hour into benchmarks/retrieval_recipes.py."""
+    recipe = json.loads((REPO / "recipes" / recipe).read_text())
+    for location in recipe["data"]:
+        shared_data(*location.split("shared/data/")[1].split("/"))
+    spec = importlib.util.spec_from_file_location("reference", REPO / "benchmarks" / "reference_retrieval_train.py")
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    rows, text_columns, label = reference.training_rows(recipe, [str(REPO / path) for path in recipe["data"]])
+    assert [*text_columns, *([label] if label else [])] == columns and len(rows) == count
+    assert all(isinstance(row[c], str) and row[c] for row in rows for c in text_columns)
