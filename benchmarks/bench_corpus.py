@@ -94,13 +94,14 @@ def child(args) -> None:
     if args.child == "stream":
         out = Path(args.out)
         corpus.encode_corpus(model, args.input, out, model_name=args.model, field="text", id_field="id",
-                             window=args.window, batch_size=args.batch_size, overwrite=True, progress=False,
+                             window=args.window, batch_size=args.batch_size, precision=args.precision,
+                             overwrite=True, progress=False,
                              log=lambda message: None)
         count = json.loads((out / "manifest.json").read_text())["count"]
     else:
         with open(args.input, encoding="utf-8") as file:
             texts = [json.loads(line)["text"] for _, line in zip(range(args.count), file)]
-        embeddings = model.encode(texts, batch_size=args.batch_size)
+        embeddings = model.encode(texts, batch_size=args.batch_size, precision=args.precision)
         count = len(embeddings)
     seconds = time.perf_counter() - start
     print(json.dumps({"mode": args.child, "count": count, "seconds": seconds, "texts_per_s": count / seconds,
@@ -111,7 +112,7 @@ def child(args) -> None:
 def measure(args, mode: str, input_path: Path, count: int) -> dict:
     command = [sys.executable, __file__, "--child", mode, "--input", str(input_path), "--count", str(count),
                "--out", str(args.work / f"out-{count}"), "--model", args.model, "--window", str(args.window),
-               "--batch-size", str(args.batch_size)]
+               "--batch-size", str(args.batch_size), "--precision", args.precision]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"{mode} run failed:\n{result.stderr[-3000:]}")
@@ -202,6 +203,8 @@ def main() -> None:
                         help="in-memory / streaming comparisons, taken in turns (a shared machine: 3)")
     parser.add_argument("--window", type=int, default=10000)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"],
+                        help="encode's precision, both modes (SciFact is always fp32: the quality figures)")
     parser.add_argument("--child", choices=["stream", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
@@ -215,8 +218,8 @@ def main() -> None:
     sizes = sorted(int(size) for size in args.sizes.split(","))
     full = args.work / f"corpus-{sizes[-1]}.jsonl"
     make_corpus(args.data, full, sizes[-1])
-    print(f"threads: {os.environ.get('OMP_NUM_THREADS', 'torch default')}; window {args.window}, batch "
-          f"{args.batch_size}; each run in its own process, model loading not timed")
+    print(f"threads: {os.environ.get('OMP_NUM_THREADS', 'torch default')}; precision {args.precision}; window "
+          f"{args.window}, batch {args.batch_size}; each run in its own process, model loading not timed")
     rows = {}
     for size in sizes:
         rows[size] = measure(args, "stream", head(full, size, args.work / f"corpus-{size}.jsonl"), size)

@@ -81,6 +81,17 @@ def test_onednn_cpu_path_equals_plain_linear_path(model, reference, precision):
         assert np.abs(plain - expected).max() < 1e-5
 
 
+
+def test_import_bounds_onednn_primitive_caches_unless_the_user_set_them():
+    """oneDNN keeps a primitive per batch shape in two caches, read once when it first runs: `import minilm` must
+    bound both before that (a long corpus encode grew by ~0.3 MB a batch without it), and leave a user's value."""
+    probe = ("import os, minilm; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], "
+             "os.environ['LRU_CACHE_CAPACITY'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    for user, expected in (({}, "64 64"), ({"LRU_CACHE_CAPACITY": "5"}, "64 5")):
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
+                                env={**env, **user, "PYTHONPATH": str(REPO)})
+        assert result.stdout.split() == expected.split(), result.stderr
 def test_live_parity_with_sentence_transformers(model, model_dir):
     """Beside the stored fixture: the installed sentence-transformers, on sentences made here and now."""
     st = pytest.importorskip("sentence_transformers")
