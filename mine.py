@@ -7,8 +7,9 @@ that are not its positive, written as anchor, positive, negative_1..n rows that 
 
 --data: TSV/CSV (header) or JSONL with columns anchor, positive (query/answer accepted, as in train.py), or a
 BEIR folder (corpus.jsonl, queries.jsonl, qrels/<--split>.tsv): its (query, relevant document) pairs.
---corpus: the candidate texts: a BEIR corpus.jsonl (_id, title, text: title + " " + text is the text) or a text
-file with one text per line. Default: the distinct positives of --data.
+--corpus: the candidate texts: a BEIR corpus.jsonl (_id, title, text: title + " " + text is the text), a TSV/CSV
+with a header or any JSONL file with --corpus-column naming the text, or a text file with one text per line.
+Default: the distinct positives of --data.
 
 For each anchor, candidates are ranked by cosine similarity (exact search, minilm.search). Never mined: the
 anchor's positive, any other positive of the same anchor, and any text equal to one of them or to the anchor
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 
 import minilm
-from minilm import data, evaluation
+from minilm import corpus as corpus_files, data, evaluation
 from minilm.model import PRECISIONS
 
 
@@ -57,15 +58,28 @@ def read_pairs(path, split: str = "train") -> list:
     return [(row["anchor"], row["positive"]) for row in dataset.rows]
 
 
-def read_corpus_texts(path) -> list:
-    """Distinct candidate texts of a corpus file: BEIR corpus.jsonl, or one text per line."""
+def read_corpus_texts(path, column=None) -> list:
+    """Distinct candidate texts of a corpus file: a BEIR corpus.jsonl (title + " " + text), a TSV/CSV with a
+    header or a JSONL file with --corpus-column naming the text, or one text per line."""
     path = Path(path)
-    if path.suffix.lower() in (".jsonl", ".json"):
+    if path.is_dir():
+        raise data.DataError(f"--corpus {path} is a folder: pass its corpus.jsonl (or a TSV/CSV/text file)")
+    kind = corpus_files.input_format(path)
+    if kind in ("tsv", "csv") or (kind == "jsonl" and column):
+        if kind != "jsonl" and column is None:
+            raise data.DataError(f"--corpus {path}: name the column holding the texts with --corpus-column")
+        try:
+            reader = corpus_files.Reader(path, kind, field=column)
+            texts = [text for _, _, text, _ in reader.records()]
+        except corpus_files.CorpusError as error:
+            raise data.DataError(str(error).replace("pass --column", "pass --corpus-column")) from None
+    elif kind == "jsonl":
         texts = list(evaluation.read_corpus(path).values())
     else:
         texts = [line for line in data._open_text(path) if line.strip()]
-        if not texts:
-            raise data.DataError(f"{path}: the file is empty")
+    texts = [text for text in texts if text.strip()]
+    if not texts:
+        raise data.DataError(f"{path}: no texts")
     return list(dict.fromkeys(texts))
 
 
@@ -153,7 +167,9 @@ def main(argv=None) -> int:
     add("--data", required=True, help="(anchor, positive) pairs: TSV/CSV with a header, or JSONL; or a BEIR "
         "folder, whose --split qrels give (query, document) pairs")
     add("--split", default="train", help="qrels split when --data is a BEIR folder (default: %(default)s)")
-    add("--corpus", help="candidate texts: BEIR corpus.jsonl or one text per line (default: the positives)")
+    add("--corpus", help="candidate texts: a BEIR corpus.jsonl, a TSV/CSV with a header or a JSONL file (with "
+        "--corpus-column), or a text file, one text per line (default: the positives)")
+    add("--corpus-column", help="the TSV/CSV column or JSONL field of --corpus holding the texts")
     add("--out", required=True, help="output JSONL: anchor, positive, negative_1..n")
     add("--overwrite", action="store_true", help="replace an existing --out")
     add("--num-negatives", type=int, default=1, help="negatives per pair (default: %(default)s)")
@@ -185,13 +201,15 @@ def main(argv=None) -> int:
     if args.absolute_margin is not None and args.absolute_margin < 0:
         parser.error(f"--absolute-margin must be >= 0, not {args.absolute_margin}")
     out = Path(args.out)
+    if out.is_dir():
+        parser.error(f"--out {out} is a folder: --out is the JSONL file to write")
     if out.exists() and not args.overwrite:
         parser.error(f"--out {out} exists: choose another path or add --overwrite")
     if not out.parent.is_dir():
         parser.error(f"--out {out}: the folder {out.parent} does not exist")
     try:
         pairs = read_pairs(args.data, args.split)
-        corpus = read_corpus_texts(args.corpus) if args.corpus else None
+        corpus = read_corpus_texts(args.corpus, args.corpus_column) if args.corpus else None
         model = minilm.load(args.model, device=args.device, max_seq_length=args.max_seq_length)
     except (FileNotFoundError, ValueError) as error:  # DataError is a ValueError: one line, no usage block
         print(f"mine.py: error: {error}", file=sys.stderr)
@@ -213,4 +231,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # --out is written all at once at the end (write_atomically): nothing half-written
+        print("\nmine.py: interrupted; --out was not written", file=sys.stderr)
+        sys.exit(130)

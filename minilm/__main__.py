@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=10, help="hits per query (default: %(default)s)")
     p.add_argument("--rescore", type=int, default=None, metavar="M",
                    help="binary DIR: rescore the M * top-k best by Hamming distance with the float query "
-                        "(suggested: 4)")
+                        "(suggested: 4). A binary DIR's scores are cosines of +-1 vectors: the query's and the "
+                        "text's (1 - 2 * Hamming / dim), or with --rescore the float query's and the text's. They "
+                        "rank like the float cosine but run lower than it")
     p.add_argument("--model", default=None, help="the model that encoded DIR (default: the manifest's)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     p.set_defaults(run=search, parser=p)
@@ -192,7 +194,16 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "search" and args.top_k < 1:
         _fail(args.parser, f"--top-k must be at least 1, not {args.top_k}")
-    args.run(args)
+    if args.command == "search" and args.rescore is not None and args.rescore < 1:
+        _fail(args.parser, f"--rescore must be at least 1, not {args.rescore}")
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        # encode marks a window done only once its rows are on disk: nothing written is lost.
+        again = "; rerun the same command to continue from the last window written" if args.command == "encode" else ""
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\n{args.parser.prog}: interrupted{again}", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ class Reader:
 
     def __init__(self, path, fmt: str = "auto", field=None, id_field=None):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise CorpusError(f"{self.path} is a folder: INPUT is one file (.txt, .jsonl, .tsv or .csv)")
         if not self.path.is_file():
             raise CorpusError(f"{self.path}: no such file")
         self.format = input_format(self.path, fmt)
@@ -360,9 +362,8 @@ def _prepare(model, model_name, input_path, out, fmt, settings, encode, overwrit
     manifest = read_manifest(out)
     reader = Reader(input_path, fmt, settings["field"], settings["id_field"])
     settings["input_format"] = reader.format
-    if manifest is not None and not overwrite:
-        # A killed prepare never hashed the input: compare the settings only, then prepare again.
-        sha = file_sha256(input_path) if manifest["state"] != "preparing" else None
+    if manifest is not None and not overwrite and manifest["state"] != "preparing":  # preparing: nothing encoded
+        sha = file_sha256(input_path)
         differences = _differences(manifest, settings, sha)
         if differences:
             raise CorpusError(f"--out {out} was encoded with other settings or input ({differences}); use another "
@@ -373,8 +374,22 @@ def _prepare(model, model_name, input_path, out, fmt, settings, encode, overwrit
             return manifest
         if manifest["state"] == "encoding":
             return manifest
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     _remove_ours(out)
+    try:
+        return _lay_out(model, model_name, input_path, out, reader, settings, encode, log)
+    except (Exception, KeyboardInterrupt):
+        # Nothing was encoded yet and every file here is this run's: leave DIR as it was found (bad input, a
+        # full disk or Ctrl-C while preparing), so that it never blocks another command.
+        _remove_ours(out)
+        if created:
+            out.rmdir()
+        raise
+
+
+def _lay_out(model, model_name, input_path, out, reader, settings, encode, log) -> dict:
+    """A new run: validate INPUT in one pass, write ids.txt, offsets.npy, an empty embeddings.npy, done.bin."""
     manifest = {"format": FORMAT, "state": "preparing", "model": model_name, "settings": settings}
     _write_json(out / "manifest.json", manifest)  # first: from now on the DIR's files are known to be minilm's
 
@@ -503,6 +518,8 @@ class Corpus:
 
     def __init__(self, out):
         self.dir = Path(out)
+        if not self.dir.is_dir():
+            raise CorpusError(f"{self.dir}: no such folder (a DIR written by python -m minilm encode --out DIR)")
         if not (self.dir / "manifest.json").is_file():
             raise CorpusError(f"{self.dir}: no manifest.json; not a corpus made by python -m minilm encode")
         self.manifest = read_manifest(self.dir)

@@ -444,6 +444,12 @@ def for_task(task: str, location, split: str, classifier=None, binary_threshold:
         return InformationRetrievalEvaluator.from_beir(location, split)
     rows = data.read_dataset(location).rows
     name = Path(location).stem
+    needed = {"binary": ("sentence1", "sentence2", "label"), "retrieval": ("anchor", "positive")}.get(task, ())
+    missing = [column for column in needed if rows and column not in rows[0]]
+    if missing:
+        what = " (or a BEIR folder: corpus.jsonl, queries.jsonl, qrels/)" if task == "retrieval" else ""
+        raise data.DataError(f"{location}: columns {sorted(rows[0])}; the {task} task reads {', '.join(needed)}"
+                             f"{what}")
     if task == "pairs":
         return EmbeddingSimilarityEvaluator.from_rows(rows, name=name)
     if task == "binary":

@@ -236,6 +236,12 @@ def test_bad_input_ends_in_one_line(tiny_dir, tmp_path, capsys):
     (tmp_path / "c.txt").write_bytes(b"fine\n\xff\xfe broken\n")
     message = cli_error(capsys, base + [str(tmp_path / "o3"), str(tmp_path / "c.txt")])
     assert "c.txt line 2: not UTF-8" in message
+    # A failed check leaves nothing behind (o1..o3 never existed), so the DIR is free for any other input.
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
+    (tmp_path / "o5").mkdir()
+    cli_error(capsys, base + [str(tmp_path / "o5"), str(tmp_path / "c.txt")])
+    assert (tmp_path / "o5").is_dir() and not list((tmp_path / "o5").iterdir())  # a DIR that existed stays
+    assert "is a folder" in cli_error(capsys, base + [str(tmp_path / "o6"), str(tmp_path)])
     # Empty lines of a text file are kept as empty texts (row i stays line i + 1), and said so.
     (tmp_path / "d.txt").write_text("one\n\nthree\n")
     main(base + [str(tmp_path / "o4"), str(tmp_path / "d.txt")])

@@ -111,17 +111,35 @@ def test_cli_writes_rows_train_reads_and_refuses_to_overwrite(tiny_model, tmp_pa
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
 
+    # A TSV corpus is read by its --corpus-column (never as raw lines: no header or id mined as a text), the same
+    # candidates as a text file holding the texts alone.
+    texts = list(dict.fromkeys(p for _, p in pairs))
+    (tmp_path / "corpus.tsv").write_text("id\tbody\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(texts)))
+    (tmp_path / "corpus.txt").write_text("".join(f"{t}\n" for t in texts))
+    mined = []
+    for corpus, extra in (("corpus.tsv", ["--corpus-column", "body"]), ("corpus.txt", [])):
+        target = tmp_path / f"from-{corpus}.jsonl"
+        assert mine.main(["--model", str(tiny_model.source_dir), "--data", str(source), "--out", str(target),
+                          "--corpus", str(tmp_path / corpus), *extra]) == 0
+        mined.append(target.read_bytes())
+    assert mined[0] == mined[1] and b"id\tbody" not in mined[0]
+
 
 @pytest.mark.parametrize("argv, message", [
     (["--data", "{missing}"], "no such file"),
     (["--data", "{bad_columns}"], "needs anchor and positive"),
     (["--data", "{pairs}", "--range-min", "5", "--range-max", "5"], "--range-min"),
     (["--data", "{pairs}", "--relative-margin", "1.5"], "--relative-margin"),
+    (["--data", "{pairs}", "--out", "{folder}"], "is a folder: --out is the JSONL file to write"),
+    (["--data", "{pairs}", "--corpus", "{pairs}"], "name the column holding the texts with --corpus-column"),
+    (["--data", "{pairs}", "--corpus", "{pairs}", "--corpus-column", "body"], "no column 'body' (columns: anchor, "
+                                                                              "positive); pass --corpus-column"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "bad.tsv").write_text("sentence1\tsentence2\na\tb\n")
     (tmp_path / "pairs.tsv").write_text("anchor\tpositive\na\tb\n")
-    paths = {"missing": tmp_path / "nope.tsv", "bad_columns": tmp_path / "bad.tsv", "pairs": tmp_path / "pairs.tsv"}
+    paths = {"missing": tmp_path / "nope.tsv", "bad_columns": tmp_path / "bad.tsv", "pairs": tmp_path / "pairs.tsv",
+             "folder": tmp_path}
     argv = [a.format(**paths) for a in argv]
     try:
         code = mine.main(["--model", "unused-model", "--out", str(tmp_path / "o.jsonl"), *argv])

@@ -106,6 +106,13 @@ def test_reader_errors_name_the_file_and_line(tmp_path, damage, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_retrieval_on_a_file_without_pairs_names_the_columns(tmp_path):
+    (tmp_path / "docs.jsonl").write_text('{"_id": "d1", "title": "", "text": "x"}\n')
+    with pytest.raises(data.DataError, match=r"docs.jsonl: columns \['_id', 'text', 'title'\]; the retrieval task "
+                                             r"reads anchor, positive \(or a BEIR folder"):
+        evaluation.for_task("retrieval", tmp_path / "docs.jsonl", "test")
+
+
 def test_beir_pairs_are_the_judged_query_document_pairs(tmp_path):
     corpus = [{"_id": "a", "title": "T", "text": "alpha"}, {"_id": "b", "text": "beta"}]
     queries = [{"_id": "1", "text": "one"}, {"_id": "2", "text": "two"}]

@@ -105,3 +105,12 @@ def test_cli_search_prints_ids_and_texts(tiny, tiny_dir, tmp_path, capsys, dtype
         assert line.split()[2:] == [f"d{row}", *texts[row].split()], lines
     if dtype == "float32":
         assert lines[1].split()[1] == "1.0000"  # the query is the first text
+    else:  # a bad --rescore or a DIR that is not there: one line, exit 2
+        for argv, message in ((["--rescore", "0"], "--rescore must be at least 1, not 0"),
+                              (["--top-k", "0"], "--top-k must be at least 1")):
+            with pytest.raises(SystemExit) as stop:
+                main(["search", str(tmp_path / "out"), "a dog", "--device", "cpu", *argv])
+            assert stop.value.code == 2 and message in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            main(["search", str(tmp_path / "nowhere"), "a dog"])
+        assert "nowhere: no such folder" in capsys.readouterr().err
