@@ -19,7 +19,9 @@ import argparse
 import gzip
 import json
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,6 +86,21 @@ def mine_hard_negatives(folder: str, out: Path) -> None:
              "--out", str(out)])
 
 
+def run_json(command: list) -> tuple:
+    """Run a command (exits naming it if it fails) -> (wall seconds, its last stdout line as JSON)."""
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def training_seconds(run_dir: Path) -> float:
+    """train.py's seconds of training (its last step's log line), without loading and the final evaluation."""
+    steps = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    return steps[-1]["seconds"]
+
+
 def final_metrics(run_dir: Path) -> dict:
     evaluations = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()
                    if '"eval_' in line]
@@ -128,20 +145,23 @@ def main() -> None:
             ours_seconds = run([sys.executable, "train.py", "--recipe", recipe, *data_flags, *schedule,
                                 "--eval-data", eval_data, "--seed", str(seed), "--out", str(ours), "--overwrite",
                                 "--no-progress", "--save-steps", "0"])
-            theirs_seconds = run([sys.executable, "benchmarks/reference_retrieval_train.py", "--recipe", recipe,
-                                  *data_flags, *schedule, "--seed", str(seed), "--out", str(theirs)])
+            theirs_seconds, theirs_run = run_json([sys.executable, "benchmarks/reference_retrieval_train.py",
+                                                   "--recipe", recipe, *data_flags, *schedule, "--seed", str(seed),
+                                                   "--out", str(theirs)])
             run([sys.executable, "eval.py", "--model", str(theirs), "--task", task, "--data", eval_data,
                  "--split", "test", "--json", str(theirs / "metrics.json")])
             theirs_metrics = json.loads((theirs / "metrics.json").read_text())["metrics"]
             results.setdefault(name, []).append({
                 "seed": seed, "minilm": final_metrics(ours)[metric], "st": theirs_metrics[metric],
-                "minilm_seconds": ours_seconds, "st_seconds": theirs_seconds})
+                "minilm_seconds": ours_seconds, "st_seconds": theirs_seconds,
+                "minilm_train_seconds": training_seconds(ours), "st_train_seconds": theirs_run["train_seconds"]})
             (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     print(f"\nschedule: {' '.join(schedule) or 'each recipe as written'}; seeds {args.seeds}"
           + ("; TOY data" if args.toy else ""))
-    print("| recipe | metric | train.py mean (spread) | sentence-transformers mean (spread) | train.py s | ST s |")
-    print("|---|---|---|---|---|---|")
+    print("| recipe | metric | seeds | train.py mean (range) | sentence-transformers mean (range) | "
+          "training s: train.py / ST | process s: train.py (with its final evaluation) / ST |")
+    print("|---|---|---|---|---|---|---|")
     for name, runs in results.items():
         runs = [r for r in runs if r["seed"] in args.seeds]
         if name not in args.recipes or not runs:
@@ -150,9 +170,14 @@ def main() -> None:
         def summary(key):
             values = [r[key] for r in runs]
             return f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f})"
-        print(f"| {name} | {RECIPES[name][1]} | {summary('minilm')} | {summary('st')} | "
-              f"{statistics.mean(r['minilm_seconds'] for r in runs):.0f} | "
-              f"{statistics.mean(r['st_seconds'] for r in runs):.0f} |")
+
+        def seconds(key):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            return f"{statistics.mean(values):.0f}" if values else "-"
+
+        print(f"| {name} | {RECIPES[name][1]} | {len(runs)} | {summary('minilm')} | {summary('st')} | "
+              f"{seconds('minilm_train_seconds')} / {seconds('st_train_seconds')} | "
+              f"{seconds('minilm_seconds')} / {seconds('st_seconds')} |")
 
 
 if __name__ == "__main__":
