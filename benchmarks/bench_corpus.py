@@ -1,7 +1,9 @@
 """Corpus encoding at scale: streaming `python -m minilm encode` vs in-memory `encode()`, and SciFact NDCG@10 of
 float32 / int8 / binary(+rescore) embeddings.
 
-    python benchmarks/bench_corpus.py --sizes 100000,1000000      # the full run (~50 min on 2 quiet cores)
+    python benchmarks/bench_corpus.py --sizes 100000,1000000      # the full run, fp32 (~1 hour on 2 quiet cores)
+    python benchmarks/bench_corpus.py --sizes 100000,1000000 --compare-size 100000 --rounds 3 --precision bf16
+                                                                  # the figures in benchmarks/README.md (~36 min)
     python benchmarks/bench_corpus.py --sizes 100000 --rounds 3 --scifact-docs 0    # speed ratio, in turns
     python benchmarks/bench_corpus.py --sizes 5000,20000 --scifact-docs 300    # a quick check of the script
 
