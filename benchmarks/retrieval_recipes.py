@@ -11,17 +11,15 @@ the same rows (minilm's readers), the recipe's hyperparameters, the same seed an
 epochs, or --epochs/--max-steps for both); both models are scored by the same evaluator (minilm's, equal to
 sentence-transformers' to 1e-6: tests/test_retrieval.py), train.py's at the end of its run, the reference's by
 eval.py. --toy: the same pipeline on small slices of the data (SciFact 300 documents, 200 SNLI pairs), to check
-the script, not the models. Finished runs are kept in OUT/results.json, so the same command
-after an interruption runs only what is missing. Prints a markdown table (mean and spread over seeds, seconds of each run).
+the script, not the models. Finished runs are kept in OUT/results.json, so the same command after an
+interruption runs only what is missing. Prints a markdown table (mean and range over seeds, seconds of each run).
 """
 
 import argparse
 import gzip
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,15 +84,6 @@ def mine_hard_negatives(folder: str, out: Path) -> None:
              "--out", str(out)])
 
 
-def run_json(command: list) -> tuple:
-    """Run a command (exits naming it if it fails) -> (wall seconds, its last stdout line as JSON)."""
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start, json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def training_seconds(run_dir: Path) -> float:
     """train.py's seconds of training (its last step's log line), without loading and the final evaluation."""
     steps = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if '"loss"' in line]
@@ -145,9 +134,9 @@ def main() -> None:
             ours_seconds = run([sys.executable, "train.py", "--recipe", recipe, *data_flags, *schedule,
                                 "--eval-data", eval_data, "--seed", str(seed), "--out", str(ours), "--overwrite",
                                 "--no-progress", "--save-steps", "0"])
-            theirs_seconds, theirs_run = run_json([sys.executable, "benchmarks/reference_retrieval_train.py",
-                                                   "--recipe", recipe, *data_flags, *schedule, "--seed", str(seed),
-                                                   "--out", str(theirs)])
+            theirs_seconds, theirs_run = run([sys.executable, "benchmarks/reference_retrieval_train.py",
+                                              "--recipe", recipe, *data_flags, *schedule, "--seed", str(seed),
+                                              "--out", str(theirs)], last_json=True)
             run([sys.executable, "eval.py", "--model", str(theirs), "--task", task, "--data", eval_data,
                  "--split", "test", "--json", str(theirs / "metrics.json")])
             theirs_metrics = json.loads((theirs / "metrics.json").read_text())["metrics"]

@@ -31,12 +31,15 @@ def sts_test_spearman(model_dir: Path, data: str) -> float:
     return evaluator(SentenceTransformer(str(model_dir), device="cpu"))["sts-test_spearman_cosine"]
 
 
-def run(command: list) -> float:
+def run(command: list, last_json: bool = False):
+    """Run a command, exiting with its name and stderr if it fails -> its wall seconds, or with last_json
+    (wall seconds, its last stdout line read as JSON)."""
     start = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return (seconds, json.loads(result.stdout.strip().splitlines()[-1])) if last_json else seconds
 
 
 def main() -> None:

@@ -200,7 +200,8 @@ def main(argv=None) -> None:
         args.run(args)
     except KeyboardInterrupt:
         # encode marks a window done only once its rows are on disk: nothing written is lost.
-        again = "; rerun the same command to continue from the last window written" if args.command == "encode" else ""
+        again = ("; rerun the same command to continue from the last window written" if args.command == "encode"
+                 else "")
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"\n{args.parser.prog}: interrupted{again}", file=sys.stderr, flush=True)
         sys.exit(130)
