@@ -45,8 +45,9 @@ def sdpa_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
       when a batch has few runs (encode sorts by length: a batch holds a handful), SDPA is called once per run
       on a view: nothing padded or copied (in inference the keys are read a little past each sentence's end,
       masked out, because the kernel is fastest at key lengths in multiples of 16);
-    - otherwise (random training batches with many lengths, or CUDA without Triton), many small calls would
-      cost more than padding: pad around one call.
+    - also when padding would waste more than the calls cost: random training batches of long passages;
+    - otherwise (random training batches of short sentences of many lengths, or CUDA without Triton), many small
+      calls would cost more than padding: pad around one call.
     """
     runs = fast_paths.sdpa_runs(q.device, cu_seqlens)
     if runs is not None:

@@ -11,8 +11,8 @@ MINILM_LINEAR, read here only), which wins over the default. A forced name that 
 default that cannot run falls back to the plain path, and that is logged once.
 
 - attention: "math" is the float32 reference; "sdpa" is torch's fused attention, which on the CPU runs once per run of
-  equally long sentences when a batch has few such runs (`sdpa_runs`) and else pads around one call
-  ("sdpa_padded" forces the latter), and per run reads keys padded to a multiple of 16 in place where
+  equally long sentences when a batch has few such runs or padding would waste much (`sdpa_runs`), and else
+  pads around one call ("sdpa_padded" forces the latter), and per run reads keys padded to a multiple of 16 in place where
   `stretch_keys` says that is safe; "triton" is the kernel in minilm/kernels. See minilm/attention.py.
 - pooling: "triton" is minilm/kernels/pooling.py (mean pooling and normalization in one pass; mean mode only).
 - linear: the Linear modules of encode's private inference copy. "plain" keeps nn.Linear (the reference);
@@ -99,16 +99,32 @@ def linear_kind(device, dtype, forced=None) -> str:
     return "plain"
 
 
+# One more SDPA call (views, a dropout mask, an autograd node, the cat) costs about as much as attending this many
+# more query-key pairs per head (measured on the CPU with dropout, fwd+bwd: ~1 ms a call, ~0.4 us per pair; taken
+# a little high, so that ties stay padded).
+PAIRS_PER_CALL = 4096
+
+
 def sdpa_runs(device, cu_seqlens):
-    """The "sdpa" layout for one batch: [(length, count)] to call SDPA once per run of equally long sentences (on
-    the CPU, when there are few runs: encode sorts by length, so a batch holds a handful), or None to pad around one
-    call (many lengths, as in random training batches, would cost more in small calls than the padding does)."""
+    """The "sdpa" layout for one batch: [(length, count)] to call SDPA once per run of equally long sentences, or
+    None to pad around one call. CPU only. Runs are taken
+    - when there are few of them (encode sorts by length: a batch holds a handful), or
+    - when padding would waste more attention than the extra calls cost: padded, every sentence attends over the
+      longest one's length (batch x longest^2 query-key pairs per head) instead of its own (sum of length^2).
+      Random training batches of long passages (seed card 000: up to 512 tokens, mean ~300) waste most of it, and
+      under dropout the CPU runs SDPA's math path, which computes every padded pair: per sentence is ~3x faster
+      there (benchmarks/README.md). Batches of short sentences of many lengths stay padded."""
     from minilm.packing import length_runs
 
     if torch.device(device).type != "cpu":
         return None
     runs = length_runs(cu_seqlens)
-    return runs if len(runs) <= max(1, (len(cu_seqlens) - 1) // 4) else None
+    batch = len(cu_seqlens) - 1
+    if len(runs) <= max(1, batch // 4):
+        return runs
+    longest = max(length for length, _ in runs)
+    wasted_pairs = batch * longest ** 2 - sum(count * length ** 2 for length, count in runs)
+    return runs if wasted_pairs > PAIRS_PER_CALL * len(runs) else None
 
 
 def stretch_keys(q, k, v, dropout_p) -> bool:

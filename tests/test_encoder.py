@@ -133,6 +133,21 @@ def test_attention_backends_agree_on_random_inputs():
         minilm.attention.attention(q, k, v, cu_seqlens, max(lengths), backend="flash")
 
 
+def test_sdpa_layout_pads_short_mixed_batches_and_runs_long_ones_per_sentence():
+    """Training batches are random: many lengths. Short ones stay padded around one call; long passages (seed card
+    000, up to 512 tokens) run one call per sentence, where padding to the longest would waste most of the work."""
+    def layout(lengths):
+        cu_seqlens = torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32)
+        return minilm.fast_paths.sdpa_runs("cpu", cu_seqlens)
+
+    short = [8, 31, 12, 25, 40, 9, 17, 33] * 4  # 32 sentences, 8 lengths: more runs than a quarter of the batch
+    assert layout(short) is None
+    long = [251, 273, 357, 260, 475, 146, 301, 166, 264, 240, 512, 116, 279, 347, 117, 377]
+    assert layout(long) == [(length, 1) for length in long]
+    assert layout(sorted(short)) == [(length, 4) for length in sorted(set(short))]  # encode's sorted batches
+    assert minilm.fast_paths.sdpa_runs("cuda", torch.tensor([0, 300, 310], dtype=torch.int32)) is None
+
+
 @torch.no_grad()
 def test_stretched_keys_equal_math_attention(monkeypatch):
     """Inference on the CPU reads each run's keys and values padded to a multiple of 16 straight from the packed
