@@ -2,9 +2,12 @@
 
     python benchmarks/bench_kernels.py                       # MiniLM shapes: 12 heads x 32, lengths 16..512
     python benchmarks/bench_kernels.py --head-dim 64 --backward --dtype bf16
+    python benchmarks/bench_kernels.py --ragged --backward --dropout 0.1 --batch-sizes 16 --lengths 128,512
+                                                             # training batches: random lengths, dropout
 
 For every (batch, length) it runs the attention backends of `minilm.attention` ("math", "sdpa", "triton") on the
-same packed inputs and reports the median time, the max absolute error against "math" in float32, and the
+same packed inputs (on the CPU also "sdpa_padded": the sdpa backend always padded around one call, to show what
+its per-sentence layout saves) and reports the median time, the max absolute error against "math" in float32, and the
 achieved TFLOP/s and GB/s. On CUDA times come from CUDA events after warm-up. On a CPU only "math" and "sdpa"
 can be timed: Triton runs there only under its interpreter, whose times mean nothing, so the table says that
 "triton" was skipped (tests/test_kernels.py checks its values under the interpreter).
@@ -43,6 +46,9 @@ def parse_args():
     parser.add_argument("--ragged", action="store_true",
                         help="sentence lengths drawn uniformly from 1..L instead of all equal to L")
     parser.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="dropout on the attention probabilities while timing, as in training (errors are "
+                             "measured without it)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell (default 20 CUDA, 5 CPU)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -82,7 +88,7 @@ def timed(function, device, repeats):
 
 
 def attention_rows(args, device, dtype):
-    backends = ["math", "sdpa", "triton"]
+    backends = ["math", "sdpa", "triton"] + (["sdpa_padded"] if device.type == "cpu" else [])
     skipped = []
     if device.type != "cuda":
         backends.remove("triton")
@@ -113,12 +119,12 @@ def attention_rows(args, device, dtype):
                     grad = torch.randn_like(q)
 
                     def step():
-                        out = attention(*leaves, cu_seqlens, max_seqlen, backend=backend)
+                        out = attention(*leaves, cu_seqlens, max_seqlen, backend=backend, dropout_p=args.dropout)
                         torch.autograd.grad(out, leaves, grad)
                 else:
                     def step():
                         with torch.no_grad():
-                            attention(q, k, v, cu_seqlens, max_seqlen, backend=backend)
+                            attention(q, k, v, cu_seqlens, max_seqlen, backend=backend, dropout_p=args.dropout)
                 seconds = timed(step, device, repeats)
                 rows.append({"batch": batch, "length": length, "tokens": sum(lengths), "backend": backend,
                              "ms": seconds * 1e3, "max_abs_error": error, "tflops": flops / seconds / 1e12,
@@ -157,7 +163,7 @@ def main():
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"# attention, {'forward + backward' if args.backward else 'forward'}, {args.heads} heads x "
           f"{args.head_dim}, {str(dtype).replace('torch.', '')}, {'ragged' if args.ragged else 'equal'} lengths, "
-          f"{name}\n")
+          f"dropout {args.dropout}, {name}\n")
     rows, skipped = attention_rows(args, device, dtype)
     print("| batch | length | tokens | backend | ms | TFLOP/s | GB/s | max abs error vs math fp32 |")
     print("|---:|---:|---:|---|---:|---:|---:|---:|")
