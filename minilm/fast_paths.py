@@ -99,10 +99,10 @@ def linear_kind(device, dtype, forced=None) -> str:
     return "plain"
 
 
-# One more SDPA call (views, a dropout mask, an autograd node, the cat) costs about as much as attending this many
-# more query-key pairs per head (measured on the CPU with dropout, fwd+bwd: ~1 ms a call, ~0.4 us per pair; taken
-# a little high, so that ties stay padded).
-PAIRS_PER_CALL = 4096
+# One more SDPA call (views, a dropout mask, an autograd node, the cat) costs about as much as attending a few
+# thousand more query-key pairs per head: the measured break-even (2 threads, forward + backward under dropout,
+# random lengths) lies between ~4,000 and ~9,000 pairs a call. Taken at the high end, so that near-ties stay padded.
+PAIRS_PER_CALL = 8192
 
 
 def sdpa_runs(device, cu_seqlens):
