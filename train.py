@@ -499,6 +499,15 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def clip_gradients(model, max_norm: float) -> torch.Tensor:
+    """Scale the model's gradients so that their total norm is at most max_norm; returns the norm before.
+
+    The model's own weights only, as in sentence-transformers' trainer (transformers' Trainer clips
+    `model.parameters()`): a loss's own weights, SoftmaxLoss's new classifier, neither count in the norm nor are
+    scaled, so that a run clips exactly when the reference's does."""
+    return torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm)
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -752,7 +761,7 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
                 if accumulating:
                     continue
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.max_grad_norm)
+                grad_norm = clip_gradients(model, args.max_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()

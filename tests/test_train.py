@@ -152,6 +152,28 @@ def test_softmax_classifier_is_saved_and_beats_chance(capsys, tiny_model_dir, tm
     assert accuracy >= 0.8, accuracy
 
 
+def test_gradient_clipping_counts_the_model_not_the_loss_classifier(tiny_model_dir):
+    """As in sentence-transformers' trainer: the model's gradients are clipped together; SoftmaxLoss's classifier
+    neither counts in their norm nor is scaled."""
+    import minilm
+    from minilm.losses.softmax import SoftmaxLoss
+
+    model = minilm.load(str(tiny_model_dir), device="cpu")
+    loss_fn = SoftmaxLoss(model, 3)
+    generator = torch.Generator().manual_seed(0)
+    for parameter in loss_fn.parameters():
+        parameter.grad = torch.randn(parameter.shape, generator=generator)
+    loss_fn.classifier.weight.grad *= 1000  # far larger than the model's: it must not shrink them further
+    model_grads = [p.grad.clone() for p in model.parameters()]
+    classifier_grad = loss_fn.classifier.weight.grad.clone()
+    model_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in model_grads]))
+    assert model_norm > 1
+    assert torch.isclose(train.clip_gradients(model, 1.0), model_norm)
+    for before, parameter in zip(model_grads, model.parameters()):
+        assert torch.allclose(parameter.grad, before / model_norm, atol=1e-6)
+    assert torch.equal(loss_fn.classifier.weight.grad, classifier_grad)
+
+
 # --- resume, kill, signals -------------------------------------------------------------------------------------
 
 def tiny_run(tiny_model_dir, data, *extra):
