@@ -7,8 +7,8 @@
 
 For every (batch, length) it runs the attention backends of `minilm.attention` ("math", "sdpa", "triton") on the
 same packed inputs (on the CPU also "sdpa_padded": the sdpa backend always padded around one call, to show what
-its per-sentence layout saves) and reports the median time, the max absolute error against "math" in float32, and the
-achieved TFLOP/s and GB/s. On CUDA times come from CUDA events after warm-up. On a CPU only "math" and "sdpa"
+its per-sentence layout saves) and reports the median time, the max absolute error against "math" in float32,
+and the achieved TFLOP/s and GB/s. On CUDA times come from CUDA events after warm-up. On a CPU only "math" and "sdpa"
 can be timed: Triton runs there only under its interpreter, whose times mean nothing, so the table says that
 "triton" was skipped (tests/test_kernels.py checks its values under the interpreter).
 

@@ -12,8 +12,8 @@ default that cannot run falls back to the plain path, and that is logged once.
 
 - attention: "math" is the float32 reference; "sdpa" is torch's fused attention, which on the CPU runs once per run of
   equally long sentences when a batch has few such runs or padding would waste much (`sdpa_runs`), and else
-  pads around one call ("sdpa_padded" forces the latter), and per run reads keys padded to a multiple of 16 in place where
-  `stretch_keys` says that is safe; "triton" is the kernel in minilm/kernels. See minilm/attention.py.
+  pads around one call ("sdpa_padded" forces the latter), and per run reads keys padded to a multiple of 16 in
+  place where `stretch_keys` says that is safe; "triton" is the kernel in minilm/kernels. See minilm/attention.py.
 - pooling: "triton" is minilm/kernels/pooling.py (mean pooling and normalization in one pass; mean mode only).
 - linear: the Linear modules of encode's private inference copy. "plain" keeps nn.Linear (the reference);
   "onednn" swaps in minilm/onednn.py's OneDNNLinear (weights prepacked once, the FFN's activation inside the matmul);
