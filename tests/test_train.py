@@ -174,6 +174,28 @@ def test_gradient_clipping_counts_the_model_not_the_loss_classifier(tiny_model_d
     assert torch.equal(loss_fn.classifier.weight.grad, classifier_grad)
 
 
+def test_trainer_equivalence_starts_train_py_from_the_given_classifier(tiny_model_dir, tmp_path):
+    """benchmarks/trainer_equivalence.py patches the reference's initial classifier into train.py's SoftmaxLoss:
+    an all-zero classifier gives logits of 0, so the first step's loss is ln 3 exactly; the patch is undone."""
+    import importlib.util
+    import math
+    import minilm
+    from minilm.losses.softmax import SoftmaxLoss
+
+    spec = importlib.util.spec_from_file_location("equivalence", REPO / "benchmarks" / "trainer_equivalence.py")
+    equivalence = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(equivalence)
+    dim = minilm.load(str(tiny_model_dir), device="cpu").embedding_dim
+    zero = {"weight": torch.zeros(3, 3 * dim), "bias": torch.zeros(3)}
+    data = tmp_path / "nli.jsonl"
+    data.write_text("".join(json.dumps({"premise": f"a man plays {word}", "hypothesis": "a man plays", "label": i % 3})
+                            + "\n" for i, word in enumerate(["chess", "golf", "cards", "the piano"])))
+    init = SoftmaxLoss.__init__
+    losses = equivalence.minilm_run(tiny_model_dir, "softmax", data, 4, 2, tmp_path / "run", zero, 1.0)
+    assert len(losses) == 2 and losses[0] == pytest.approx(math.log(3), abs=1e-6) and losses[1] != losses[0]
+    assert SoftmaxLoss.__init__ is init
+
+
 # --- resume, kill, signals -------------------------------------------------------------------------------------
 
 def tiny_run(tiny_model_dir, data, *extra):
