@@ -19,7 +19,6 @@ order of lr in most weights. Data: SNLI dev (softmax; MNRL on its entailment pai
 """
 
 import argparse
-import gzip
 import json
 import shutil
 import sys
@@ -29,27 +28,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data"
-NLI_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
 
 
 def snli_rows(count: int, entailment_only: bool) -> list:
     """The first `count` labelled SNLI dev pairs (for MNRL: entailment pairs with a premise not seen before)."""
+    from minilm import data
+
     rows, premises = [], set()
-    with gzip.open(DATA / "snli" / "snli_1.0_dev.jsonl.gz", "rt", encoding="utf-8") as file:
-        for line in file:
-            pair = json.loads(line)
-            if pair["gold_label"] not in NLI_LABELS:
-                continue
-            if entailment_only:
-                if pair["gold_label"] != "entailment" or pair["sentence1"] in premises:
-                    continue
-                premises.add(pair["sentence1"])
-                rows.append({"anchor": pair["sentence1"], "positive": pair["sentence2"]})
-            else:
-                rows.append({"premise": pair["sentence1"], "hypothesis": pair["sentence2"],
-                             "label": NLI_LABELS[pair["gold_label"]]})
-            if len(rows) == count:
-                return rows
+    for pair in data.load_snli(DATA / "snli" / "snli_1.0_dev.jsonl.gz"):
+        if not entailment_only:
+            rows.append(pair)
+        elif pair["label"] == data.NLI_LABELS["entailment"] and pair["premise"] not in premises:
+            premises.add(pair["premise"])
+            rows.append({"anchor": pair["premise"], "positive": pair["hypothesis"]})
+        if len(rows) == count:
+            break
     return rows
 
 
@@ -69,6 +62,7 @@ def model_without_dropout(folder: Path) -> Path:
 
 def reference(model_dir: Path, loss_name: str, rows: list, steps: int, out: Path, max_grad_norm: float) -> tuple:
     """sentence-transformers' trainer: one batch of all rows per step. -> (losses, initial classifier or None)."""
+    import torch
     from datasets import Dataset
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments)
@@ -77,6 +71,7 @@ def reference(model_dir: Path, loss_name: str, rows: list, steps: int, out: Path
     model = SentenceTransformer(str(model_dir), device="cpu")
     initial = None
     if loss_name == "softmax":
+        torch.manual_seed(42)  # the classifier's draw, the same in every run of this script
         loss = losses.SoftmaxLoss(model, model.get_sentence_embedding_dimension(), num_labels=3)
         initial = {k: v.detach().clone().contiguous() for k, v in loss.classifier.state_dict().items()}
     elif loss_name == "mnrl":
