@@ -61,7 +61,8 @@ def model_without_dropout(folder: Path) -> Path:
 
 
 def reference(model_dir: Path, loss_name: str, rows: list, steps: int, out: Path, max_grad_norm: float) -> tuple:
-    """sentence-transformers' trainer: one batch of all rows per step. -> (losses, initial classifier or None)."""
+    """sentence-transformers' trainer: one batch of all rows per step.
+    -> (losses, the classifier's initial weights, its trained weights; both None without a classifier)."""
     import torch
     from datasets import Dataset
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
@@ -86,11 +87,8 @@ def reference(model_dir: Path, loss_name: str, rows: list, steps: int, out: Path
     trainer = SentenceTransformerTrainer(model=model, args=arguments, train_dataset=dataset, loss=loss)
     trainer.train()
     model.save(str(out))
-    if initial is not None:
-        from safetensors.torch import save_file
-        save_file({k: v.detach().contiguous() for k, v in loss.classifier.state_dict().items()},
-                  str(out / "softmax_classifier.safetensors"))
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], initial
+    trained = loss.classifier.state_dict() if initial is not None else None
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], initial, trained
 
 
 def minilm_run(model_dir: Path, loss_name: str, data_file: Path, rows: int, steps: int, out: Path,
@@ -117,13 +115,15 @@ def minilm_run(model_dir: Path, loss_name: str, data_file: Path, rows: int, step
     return [entry["loss"] for entry in log if "loss" in entry and "step" in entry]
 
 
-def compare(ours: Path, theirs: Path, base: Path, extra: str = None) -> dict:
-    """Largest difference between the two trained models, and how many weights differ beyond 1e-6."""
+def compare(ours: Path, theirs: Path, base: Path, theirs_classifier=None) -> dict:
+    """Largest difference between the two trained models (and classifiers, if any), and how many weights differ
+    beyond 1e-6."""
     from safetensors.torch import load_file
+    from minilm.losses.softmax import SoftmaxLoss
     ours_w, theirs_w, base_w = (load_file(str(folder / "model.safetensors")) for folder in (ours, theirs, base))
-    if extra:
-        ours_w.update({"classifier." + k: v for k, v in load_file(str(ours / extra)).items()})
-        theirs_w.update({"classifier." + k: v for k, v in load_file(str(theirs / extra)).items()})
+    if theirs_classifier is not None:
+        ours_w.update({"classifier." + k: v for k, v in SoftmaxLoss.load_classifier(ours).state_dict().items()})
+        theirs_w.update({"classifier." + k: v for k, v in theirs_classifier.items()})
     assert ours_w.keys() == theirs_w.keys(), sorted(ours_w.keys() ^ theirs_w.keys())
     largest, differing, total, largest_update, where = 0.0, 0, 0, 0.0, None
     for name, theirs_tensor in theirs_w.items():
@@ -159,14 +159,13 @@ def main() -> None:
                     else stsb_rows(args.rows))
             data_file = work / f"{loss_name}.jsonl"
             data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-            theirs_losses, initial = reference(model_dir, loss_name, rows, args.steps, work / f"st-{loss_name}",
+            theirs_losses, initial, theirs_classifier = reference(model_dir, loss_name, rows, args.steps, work / f"st-{loss_name}",
                                                args.max_grad_norm)
             ours_losses = minilm_run(model_dir, loss_name, data_file, len(rows), args.steps,
                                      work / f"minilm-{loss_name}", initial, args.max_grad_norm)
             results[loss_name] = {
                 "rows": len(rows), "steps": args.steps, "minilm_losses": ours_losses, "st_losses": theirs_losses,
-                **compare(work / f"minilm-{loss_name}", work / f"st-{loss_name}", model_dir,
-                          "softmax_classifier.safetensors" if loss_name == "softmax" else None)}
+                **compare(work / f"minilm-{loss_name}", work / f"st-{loss_name}", model_dir, theirs_classifier)}
 
     print("\n| loss | rows x steps | loss per step: train.py / sentence-transformers | max weight difference "
           "(where) | weights over 1e-6 | largest update |")
