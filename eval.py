@@ -3,6 +3,7 @@
     python eval.py --model sentence-transformers/all-MiniLM-L6-v2 --task stsb --data ../shared/data/stsb
     python eval.py --model runs/cosine --task sick --data ../shared/data/sick/SICK.tsv --json metrics.json
     python eval.py --model sentence-transformers/all-MiniLM-L6-v2 --task retrieval --data ../shared/data/scifact
+    python eval.py --model runs/mnrl --task stsb --data ../shared/data/stsb --precision bf16   # the bf16 fast path
 
 Tasks:
   stsb      STS benchmark: Pearson/Spearman of cosine similarity vs gold scores (--data: the stsb directory)
@@ -30,7 +31,7 @@ import minilm
 from minilm import data, evaluation
 from minilm.errors import InputError
 from minilm.losses.softmax import SoftmaxLoss
-from minilm.model import resolve_device
+from minilm.model import PRECISIONS, resolve_device
 
 SPLITS = {"stsb": ("train", "dev", "test"), "stsb-binary": ("train", "dev", "test"),
           "sick": ("train", "trial", "test"), "nli": ("train", "trial", "test")}
@@ -84,6 +85,10 @@ def evaluate(argv=None) -> int:
     parser.add_argument("--split", default="test", help="split of stsb/sick/nli or of a BEIR folder's qrels "
                         "(default: test)")
     parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                        help="encode's precision: fp32 (default, the reference), bf16 or fp16 weights and "
+                        "activations, or int8 Linears (all but the attention's q/k/v); to check what a faster "
+                        "precision costs in quality")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
@@ -108,17 +113,18 @@ def evaluate(argv=None) -> int:
         evaluator = evaluation.for_task(args.task, args.data, args.split, classifier=classifier)
     except (OSError, ValueError, KeyError) as error:
         raise UsageError(f"--task {args.task} --data {args.data}: {_first_line(error)}") from None
-    evaluator.batch_size = args.batch_size
+    evaluator.batch_size, evaluator.precision = args.batch_size, args.precision
     start = time.perf_counter()
     with torch.inference_mode():
         metrics = evaluator(model)
     seconds = time.perf_counter() - start
 
-    print(f"{args.task} ({args.split}) with {args.model}, {seconds:.1f} s")
+    print(f"{args.task} ({args.split}) with {args.model}, precision {args.precision}, {seconds:.1f} s")
     for key, value in metrics.items():
         print(f"  {key:32s} {value:.4f}")
     if args.json:
-        result = {"model": args.model, "task": args.task, "split": args.split, "metrics": metrics}
+        result = {"model": args.model, "task": args.task, "split": args.split, "precision": args.precision,
+                  "metrics": metrics}
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

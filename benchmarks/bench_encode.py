@@ -13,7 +13,8 @@ Prints texts/s (the "sentences/s" column) of each path, their ratio to sentence-
 same run, the roofline (useful FLOPs of the real tokens / time / the GEMM GFLOP/s this machine reaches in that
 precision, measured in the same run), STS-B test Spearman from each path's embeddings, the largest difference
 from the reference's, and the peak memory held by tensors during one more encode (torch.profiler's allocation
-records).
+records). Last, the ceiling this CPU sets: how many times faster than the reference an encode could be if every
+useful FLOP ran at the fastest GEMM rate measured here (any precision), with nothing else costing time.
 
 The paths take turns, one encode each per round, so that a slow spell of a shared machine hits all of them; each
 path's time is its median over the rounds, and the range of its per-round ratios to the reference is printed too.
@@ -147,8 +148,7 @@ def main() -> None:
     useful_flops = sum(length * flops_per_token(model.encoder.config, length) for length in lengths)
     peaks = {"fp32": measure_matmul_gflops(torch.float32), "bf16": measure_matmul_gflops(torch.bfloat16),
              "fp16": measure_matmul_gflops(torch.float16)}
-    if "int8" in args.precisions:
-        peaks["int8"] = measure_matmul_gflops(torch.int8)
+    peaks["int8"] = measure_matmul_gflops(torch.int8)  # also for the ceiling printed at the end
     print(f"{args.corpus}: {len(sentences)} texts, {sum(lengths)} tokens, {useful_flops / 1e9:.1f} GFLOP of useful "
           f"work; batch {args.batch_size}; {args.threads} threads; matmul peak measured here: "
           + ", ".join(f"{name} {peaks[name]:.0f} G(FL)OP/s" for name in peaks if name != "fp16")
@@ -195,6 +195,19 @@ def main() -> None:
         print(f"| {name} | {len(sentences) / seconds:.0f} | {ratio} | "
               f"{100 * useful_flops / seconds / 1e9 / peaks[precision]:.0f}% | {spearman} | "
               f"{difference} | {memory[name]:.1f} |")
+    if REFERENCE in measured:
+        print_ceiling(useful_flops, statistics.median(measured[REFERENCE][0]), peaks)
+
+
+def print_ceiling(useful_flops: float, reference_seconds: float, peaks: dict) -> None:
+    """No encode can beat useful FLOPs / the fastest GEMM rate: the most any precision can gain on this CPU.
+    (The attention's FLOPs run in float in every precision, so the int8 bound is looser than it can reach.)"""
+    reference_rate = useful_flops / reference_seconds / 1e9
+    print(f"\nCeiling on this CPU: sentence-transformers fp32 does {reference_rate:.0f} GFLOP/s of useful work "
+          f"({100 * reference_rate / peaks['fp32']:.0f}% of the fp32 GEMM peak). With every useful FLOP at 100% of "
+          "a GEMM peak and nothing else taking time, an encode is at most "
+          + ", ".join(f"{peaks[precision] / reference_rate:.1f}x it in {precision}" for precision in
+                      ("fp32", "bf16", "int8")) + ".")
 
 
 if __name__ == "__main__":

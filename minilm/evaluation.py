@@ -19,14 +19,6 @@ from minilm import data
 TASKS = ("stsb", "stsb-binary", "sick", "nli", "pairs", "binary", "retrieval")
 
 
-def _embed(model, texts: list, batch_size: int) -> torch.Tensor:
-    """Embed each distinct text once -> [len(texts), dim] float32 on the CPU."""
-    unique = list(dict.fromkeys(texts))
-    embeddings = model.encode(unique, batch_size=batch_size, convert_to="tensor").float().cpu()
-    position = {text: index for index, text in enumerate(unique)}
-    return embeddings[[position[text] for text in texts]]
-
-
 def rank_average_ties(values: np.ndarray) -> np.ndarray:
     """Ranks 1..n, tied values sharing the average of their ranks (what Spearman's rho needs)."""
     order = np.argsort(values, kind="stable")
@@ -314,7 +306,23 @@ def beir_pairs(folder, split: str) -> list:
             for query_id, docs in relevant.items() for doc_id in docs]
 
 
-class EmbeddingSimilarityEvaluator:
+class Evaluator:
+    """What every evaluator shares: how it embeds. batch_size and precision (encode's: "fp32", "bf16", "fp16" or
+    "int8") are plain attributes, set by eval.py (--batch-size, --precision) after construction."""
+
+    batch_size = 32
+    precision = "fp32"
+
+    def embed(self, model, texts: list) -> torch.Tensor:
+        """Embed each distinct text once -> [len(texts), dim] float32 on the CPU."""
+        unique = list(dict.fromkeys(texts))
+        embeddings = model.encode(unique, batch_size=self.batch_size, convert_to="tensor",
+                                  precision=self.precision).float().cpu()
+        position = {text: index for index, text in enumerate(unique)}
+        return embeddings[[position[text] for text in texts]]
+
+
+class EmbeddingSimilarityEvaluator(Evaluator):
     """Pearson/Spearman of cosine similarity against gold similarity scores (STS)."""
 
     primary_metric = "spearman_cosine"
@@ -328,11 +336,11 @@ class EmbeddingSimilarityEvaluator:
         return cls([r["sentence1"] for r in rows], [r["sentence2"] for r in rows], [r["score"] for r in rows], name)
 
     def __call__(self, model) -> dict:
-        embeddings = _embed(model, self.sentences1 + self.sentences2, self.batch_size)
+        embeddings = self.embed(model, self.sentences1 + self.sentences2)
         return similarity_metrics(embeddings[: len(self.sentences1)], embeddings[len(self.sentences1):], self.scores)
 
 
-class BinaryClassificationEvaluator:
+class BinaryClassificationEvaluator(Evaluator):
     """Is a pair similar (label 1) or not (0)? Cosine accuracy, F1, precision, recall, AP at best thresholds."""
 
     primary_metric = "cosine_ap"
@@ -345,11 +353,11 @@ class BinaryClassificationEvaluator:
         self.name, self.batch_size = name, batch_size
 
     def __call__(self, model) -> dict:
-        embeddings = _embed(model, self.sentences1 + self.sentences2, self.batch_size)
+        embeddings = self.embed(model, self.sentences1 + self.sentences2)
         return binary_metrics(embeddings[: len(self.sentences1)], embeddings[len(self.sentences1):], self.labels)
 
 
-class InformationRetrievalEvaluator:
+class InformationRetrievalEvaluator(Evaluator):
     """Each query should find its relevant documents in the corpus: MRR@10, NDCG@10, Recall@k, MAP@100."""
 
     primary_metric = "cosine_ndcg@10"
@@ -391,12 +399,12 @@ class InformationRetrievalEvaluator:
         return cls(queries, corpus, relevant, name or f"{Path(folder).name}-{split}", ignore_identical_ids=True)
 
     def __call__(self, model) -> dict:
-        queries = _embed(model, self.queries, self.batch_size)
-        corpus = _embed(model, self.corpus, self.batch_size)
+        queries = self.embed(model, self.queries)
+        corpus = self.embed(model, self.corpus)
         return retrieval_metrics(queries, corpus, self.relevant, skip=self.skip)
 
 
-class LabelAccuracyEvaluator:
+class LabelAccuracyEvaluator(Evaluator):
     """Accuracy of a pair classifier (SoftmaxLoss's Linear over concat(u, v, |u - v|))."""
 
     primary_metric = "accuracy"
@@ -408,7 +416,7 @@ class LabelAccuracyEvaluator:
     def __call__(self, model) -> dict:
         from minilm.losses.softmax import pair_features
 
-        embeddings = _embed(model, self.sentences1 + self.sentences2, self.batch_size)
+        embeddings = self.embed(model, self.sentences1 + self.sentences2)
         u, v = embeddings[: len(self.sentences1)], embeddings[len(self.sentences1):]
         weight = next(self.classifier.parameters())
         with torch.no_grad():

@@ -187,6 +187,8 @@ EVAL_CASES = [
     ("data-missing", lambda t, m: ["--model", m, "--task", "pairs", "--data", t / "nope.tsv"],
      ["--data", "nope.tsv", "no such file"]),
     ("unknown-task", lambda t, m: ["--model", m, "--task", "glue", "--data", t], ["--task", "'glue'"]),
+    ("unknown-precision", lambda t, m: ["--model", m, "--task", "pairs", "--data", t / "pairs.tsv", "--precision",
+                                        "int4"], ["--precision", "'int4'", "bf16"]),
 ]
 
 
