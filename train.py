@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -46,8 +47,10 @@ import minilm
 from minilm import data, evaluation, model_card
 from minilm.errors import InputError
 from minilm.losses import LOSSES
+from minilm.losses.params import check_params
 from minilm.model import resolve_device
-from minilm.run_folder import RunFolderError, check_output, create_run_folder, finish_run_folder, folder_lock
+from minilm.run_folder import (RunFolderError, check_output, create_run_folder, finish_run_folder, folder_lock,
+                               remove_failed_run, save_started)
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 CHECKPOINT = "state.pt"  # checkpoints/step-N/state.pt: everything to resume (rank r > 0: rng-rank{r}.pt beside)
@@ -221,12 +224,16 @@ def check_args(args, world: int = 1) -> None:
     if not args.loss or not args.data:
         raise UsageError("--loss and --data are required (or a --recipe that sets them)")
     loss_class = LOSSES[args.loss]
-    try:  # the loss's own arguments, by name, before anything is loaded
+    try:  # the loss's own arguments, by name and value, before anything is loaded
         inspect.signature(loss_class).bind(None, **args.loss_params)
     except TypeError:
         names = [name for name in inspect.signature(loss_class).parameters if name != "model"]
         raise UsageError(f"--loss-params {json.dumps(args.loss_params)}: the {args.loss} loss takes "
                          f"{', '.join(names) or 'no parameters'}") from None
+    try:
+        check_params(args.loss_params)
+    except ValueError as error:
+        raise UsageError(f"--loss-params {json.dumps(args.loss_params)}: {error}") from None
     if loss_class.in_batch_negatives and args.batch_size * world < 2:
         raise UsageError(f"--batch-size {args.batch_size}: the {args.loss} loss scores each row against the other "
                          "rows of its batch, so a batch needs at least 2 rows")
@@ -275,6 +282,15 @@ def columns_for_loss(rows: list, loss_class, min_score: float, source: str):
     columns, label column or None). A loss without labels takes scored pairs scoring at least min_score."""
     columns = set(rows[0]) if rows else set()
     label_column = {"score": "score", "class": "label", None: None}[loss_class.label]
+    if loss_class.label is None and "label" in columns and "score" not in columns:
+        # NLI (entailment/neutral/contradiction) or binary (0/1) rows: a loss without labels would take every row,
+        # contradictions and non-duplicates too, as a pair to pull together. (Rows that also have a score, such as
+        # SICK's, are chosen by --min-score below.)
+        labels = sorted({row["label"] for row in rows})
+        raise data.DataError(f"{source}: its rows carry a label column (labels {labels[:6]}), and the "
+                             f"{loss_class.__name__} loss reads none: it would learn every pair as a match, "
+                             "contradictions and non-matches too. Keep only the matching pairs in the file (e.g. "
+                             "entailment, or label 1) and drop the label column, or train --loss softmax")
     prefix = loss_class.extra_text_columns
     for layout in loss_class.text_columns:
         if set(layout) <= columns and (label_column is None or label_column in columns):
@@ -662,10 +678,12 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
     # Everything is checked: only now is anything written.
     if rank == 0 and not args.resume:
         staging = folder != Path(args.out)
+        created = not folder.exists()
         create_run_folder(folder, Path(args.out) if staging else None)
-        if staging:  # a retry that fails before its first checkpoint leaves no trace; the old run stays as it was
-            held.push(lambda failed, *_: failed and latest_checkpoint(folder) is None
-                      and shutil.rmtree(folder, ignore_errors=True))
+        # A new run that fails before its first checkpoint leaves no trace: a plain re-run can start again, and an
+        # --overwrite retry leaves the old run as it was. (Pushed before the lock: undone after it is released.)
+        held.push(lambda failed, *_: failed and latest_checkpoint(folder) is None
+                  and remove_failed_run(folder, created or staging))
         held.enter_context(folder_lock(folder, args.out))
     barrier()
     with StopRequest() as stop:
@@ -739,7 +757,9 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
         finished = state["step"] >= total_steps
         while not finished:
             batches.set_epoch(state["epoch"])
-            for index, (dataset_index, batch_indices) in enumerate(batches):
+            # An epoch's last batches short of a whole --grad-accum are dropped, not carried into the next step.
+            for index, (dataset_index, batch_indices) in enumerate(
+                    itertools.islice(batches, steps_per_epoch * args.grad_accum)):
                 if index < state["batch_in_epoch"]:
                     continue  # resumed mid-epoch: these batches were trained on already
                 batch_indices = batch_indices[rank * args.batch_size:(rank + 1) * args.batch_size]  # this rank's
@@ -809,6 +829,7 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
 
         final_metrics = run_evaluation() if evaluator else {}
         try:
+            since = save_started(folder)
             model.save(folder)
             if hasattr(loss_fn, "save"):
                 loss_fn.save(folder)  # SoftmaxLoss's classifier, for eval.py --task nli
@@ -819,7 +840,7 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
         except OSError as error:
             raise UsageError(f"saving the model to {folder} failed ({error.strerror or error}); the checkpoints "
                              "stay: free space, then --resume") from None
-    final = finish_run_folder(folder)
+    final = finish_run_folder(folder, since)
     print(f"saved to {final} after {state['step']} steps in {state['train_seconds']:.0f} s"
           + "".join(f"\n  {key}: {value:.4f}" for key, value in final_metrics.items()))
     return 0

@@ -1,7 +1,8 @@
 """A training run's folder: what train.py may write, replace and lock, checked before anything is written.
 
 A run writes into a folder of its own, new or empty, and marks it at once with minilm-run.json, the list of the
-files the run wrote (completed when it ends). Nothing else is ever written there by minilm, and only what such a
+files the run wrote (completed when it ends, with only what the run itself wrote: a file the user put there
+stays unlisted, so it is never removed). Nothing else is ever written there by minilm, and only what such a
 list names is ever removed:
 - --overwrite replaces a folder only when it is a minilm run (every entry listed in its minilm-run.json). The new
   run trains in a staging folder beside it (.NAME.minilm-new) and takes the old run's place only once it has
@@ -9,6 +10,8 @@ list names is ever removed:
 - A folder is locked (flock on minilm.lock) while a run uses it; the kernel drops the lock when the process dies,
   so a killed run leaves no stale lock.
 - --out may not be the current folder or one above it, nor a folder that holds the data or the model.
+- A finished run is not resumed (its last checkpoint is older than its model): --overwrite starts a new one.
+- A new run that fails before its first checkpoint removes what it wrote: a plain re-run can start again.
 Problems are RunFolderError: one line naming --out and what is there.
 """
 
@@ -78,9 +81,11 @@ def check_output(args) -> Path:
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {args.out}: is a file, not a folder; give a new or empty folder")
     if args.resume:
-        if read_manifest(out) is None:
+        manifest = read_manifest(out)
+        if manifest is None:
             raise RunFolderError(f"--out {args.out}: --resume: no minilm run here (no {MANIFEST}); start a run with "
                              "--loss and --data")
+        check_unfinished(out, args.out)
         return out
     if out.exists() and os.listdir(out):
         manifest = read_manifest(out)
@@ -103,6 +108,17 @@ def check_output(args) -> Path:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise RunFolderError(f"--out {args.out}: cannot write in {ancestor} (read-only or no permission)")
     return out
+
+
+def check_unfinished(out: Path, shown: str) -> None:
+    """--resume continues a stopped run only: a finished run's last checkpoint is older than its saved model, so
+    resuming it would train the last steps again and replace the model."""
+    if (read_manifest(out) or {}).get("finished"):
+        staging = staging_folder(out)
+        hint = (f"; the --overwrite run that was to replace it did not finish: --out {staging} --resume continues "
+                "that one" if staging.is_dir() else "; --overwrite starts a new run there")
+        raise RunFolderError(f"--out {shown}: --resume: this run finished (its model is saved); nothing to "
+                             f"resume{hint}")
 
 
 @contextlib.contextmanager
@@ -137,12 +153,49 @@ def create_run_folder(folder: Path, replaces) -> None:
         raise RunFolderError(f"--out {folder}: cannot create it ({error.strerror})") from None
 
 
-def finish_run_folder(folder: Path) -> Path:
-    """List everything the run wrote in its manifest; an --overwrite run then takes the place of the old run,
-    whose files (and only those) are removed. -> the final folder."""
+def remove_failed_run(folder: Path, created: bool) -> None:
+    """Undo a new run that failed before its first checkpoint: remove what its manifest lists (never anything
+    else), and the folder when the run created it and nothing else is left there."""
     manifest = read_manifest(folder)
-    manifest["files"] = sorted(name for name in set(manifest["files"]) | set(os.listdir(folder))
-                               if (folder / name).exists() and name != f".{MANIFEST}.tmp")
+    for name in manifest["files"] if manifest else []:
+        target = folder / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+    if created:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty
+
+
+def save_started(folder: Path) -> float:
+    """Call right before the final save: -> the time (on the file system's clock) from which what the folder
+    holds was written by this run (see finish_run_folder)."""
+    marker = folder / f".{MANIFEST}.tmp"
+    marker.write_text("")
+    started = marker.stat().st_mtime
+    marker.unlink()
+    return started
+
+
+def _newest_change(path: Path) -> float:
+    """The latest modification time of path and, for a folder, of everything inside it."""
+    if path.is_dir() and not path.is_symlink():
+        return max([path.lstat().st_mtime] + [child.lstat().st_mtime for child in path.rglob("*")])
+    return path.lstat().st_mtime
+
+
+def finish_run_folder(folder: Path, since: float) -> Path:
+    """List in the manifest what the run wrote: its own files, and what was written in the folder from `since`
+    (save_started's time, right before the final save) on. A file the user put in the folder earlier, during
+    the run or between a stop and --resume, stays unlisted, so no later --overwrite removes it. An --overwrite
+    run then takes the place of the old run, whose listed files (and only those) are removed. -> the final
+    folder."""
+    manifest = read_manifest(folder)
+    manifest["files"] = sorted(name for name in os.listdir(folder)
+                               if name != f".{MANIFEST}.tmp" and (name in manifest["files"]
+                                                                  or _newest_change(folder / name) >= since))
+    manifest["finished"] = True
     replaces = manifest.pop("replaces", None)
     if not replaces:
         write_manifest(folder, manifest)

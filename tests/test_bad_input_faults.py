@@ -4,6 +4,7 @@ escaping, and the command line itself (no hang, one line)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 import eval as eval_script
 import train
 from conftest import REPO, child_env
+from minilm import run_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,7 +42,8 @@ def assert_one_line_error(code, err, prog, fragments):
 
 @pytest.fixture
 def run_with_checkpoints(capsys, tiny_model_dir, tmp_path):
-    """A finished 6-step run with checkpoints at steps 2 and 4."""
+    """A 6-step run with checkpoints at steps 2 and 4, killed before it finished (as a SIGKILL after step 5 would
+    leave it; tests/test_train.py kills real processes): what --resume continues."""
     data = tmp_path / "pairs.tsv"
     data.write_text(PAIRS)
     out = tmp_path / "run"
@@ -48,6 +51,11 @@ def run_with_checkpoints(capsys, tiny_model_dir, tmp_path):
                                              "--data", data, "--batch-size", 4, "--max-steps", 6, "--save-steps", 2,
                                              "--log-steps", 2, "--out", out])
     assert code == 0, err
+    running = [run_folder.MANIFEST, run_folder.LOCK, "log.jsonl", "checkpoints"]  # what a run lists until it ends
+    for name in set(run_folder.read_manifest(out)["files"]) - set(running):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()  # the model was never saved
+    run_folder.write_manifest(out, {"minilm_run": 1, "replaces": None, "files": running})
     return out
 
 

@@ -61,6 +61,18 @@ def call(capsys, argv) -> tuple:
     return code, captured.err
 
 
+def stopped_run(capsys, monkeypatch, argv) -> None:
+    """Run train.py as if Ctrl-C came during the first step: a stopped run (checkpoint at step 1) that --resume
+    may continue (a finished run is refused before anything else)."""
+    def stopped_at_once(self):
+        self.signal = "SIGINT"
+        return self
+    with monkeypatch.context() as patch:
+        patch.setattr(train.StopRequest, "__enter__", stopped_at_once)
+        code, err = call(capsys, argv)
+    assert code == 130, err
+
+
 def assert_one_line_error(code, err, fragments):
     assert code == 2, err
     lines = err.strip("\n").splitlines()
@@ -111,6 +123,26 @@ CASES = [
      ["--loss-params", "mnrl loss takes", "scale"]),
     ("loss-params-bad-value", lambda c: c.loss("mnrl", c.pairs, "--loss-params", '{"similarity": "l2"}'),
      ["--loss-params", "similarity", "'l2'"]),
+    ("loss-params-scale-text", lambda c: c.loss("mnrl", c.pairs, "--loss-params", '{"scale": "x"}'),
+     ["--loss-params", "scale is 'x'", "a number > 0"]),
+    ("loss-params-scale-zero", lambda c: c.loss("cosent", c.pairs, "--loss-params", '{"scale": 0}'),
+     ["--loss-params", "scale is 0", "a number > 0"]),
+    ("loss-params-scale-huge", lambda c: c.loss("mnrl", c.pairs, "--loss-params", '{"scale": 1e39}'),
+     ["--loss-params", "scale is 1e+39", "at most 10000"]),
+    ("loss-params-flag-text", lambda c: c.loss("mnrl", c.pairs, "--loss-params", '{"mask_duplicates": "no"}'),
+     ["--loss-params", "mask_duplicates is 'no'", "true or false"]),
+    ("loss-params-mini-batch-0", lambda c: c.loss("cached-mnrl", c.pairs, "--loss-params",
+                                                  '{"mini_batch_size": 0}'), ["mini_batch_size is 0", ">= 1"]),
+    ("loss-params-num-labels-text", lambda c: c.loss("softmax", c.pairs, "--loss-params", '{"num_labels": "3"}'),
+     ["--loss-params", "num_labels is '3'", "whole number >= 2"]),
+    ("loss-params-num-labels-fraction", lambda c: c.loss("softmax", c.pairs, "--loss-params",
+                                                         '{"num_labels": 2.5}'), ["num_labels is 2.5"]),
+    ("mnrl-on-nli-labels", lambda c: c.loss("mnrl", c.write("n.jsonl", jsonl(
+        {"premise": "a", "hypothesis": "b", "label": "entailment"},
+        {"premise": "c", "hypothesis": "d", "label": "contradiction"}))),
+     ["n.jsonl", "label column", "contradictions", "--loss softmax"]),
+    ("mnrl-on-binary-labels", lambda c: c.loss("mnrl", c.write("b.tsv", "sentence1\tsentence2\tlabel\na\tb\t1\n"
+                                                                "c\td\t0\n")), ["b.tsv", "label column", "label 1"]),
     ("no-out", lambda c: ["--model", c.tiny, "--loss", "cosine", "--data", c.pairs], ["--out is required"]),
     ("no-loss", lambda c: ["--model", c.tiny, "--data", c.pairs, "--out", c.out], ["--loss and --data"]),
     ("no-data", lambda c: ["--model", c.tiny, "--loss", "cosine", "--out", c.out], ["--loss and --data"]),
@@ -256,13 +288,12 @@ def test_overwrite_refuses_a_run_folder_with_an_added_user_file(capsys, tiny_mod
     assert_one_line_error(code, err, ["not empty", "--resume continues it, --overwrite replaces it"])
 
 
-def test_a_second_run_on_a_held_folder_is_refused(capsys, tiny_model_dir, tmp_path):
+def test_a_second_run_on_a_held_folder_is_refused(capsys, tiny_model_dir, tmp_path, monkeypatch):
     """While one run holds the folder's lock, --resume and --overwrite on it are refused; the lock is the
     kernel's (flock), so a killed run leaves none behind (tests/test_train.py resumes killed runs)."""
     context = Context(tmp_path, tiny_model_dir)
     out = tmp_path / "run"
-    code, err = call(capsys, context.cosine("--out", out, "--save-steps", 1))
-    assert code == 0, err
+    stopped_run(capsys, monkeypatch, context.cosine("--out", out, "--save-steps", 1))
     before = sorted(os.listdir(out))
     overwrite = ["--model", tiny_model_dir, "--loss", "cosine", "--data", context.pairs, "--out", out, "--overwrite"]
     with run_folder.folder_lock(out, str(out)):
@@ -273,11 +304,11 @@ def test_a_second_run_on_a_held_folder_is_refused(capsys, tiny_model_dir, tmp_pa
     assert not run_folder.staging_folder(out).exists()
 
 
-def test_resume_refusals(capsys, tiny_model_dir, tmp_path):
+def test_resume_refusals(capsys, tiny_model_dir, tmp_path, monkeypatch):
     context = Context(tmp_path, tiny_model_dir)
     out = tmp_path / "run"
-    code, err = call(capsys, context.cosine("--out", out, "--max-steps", 4, "--save-steps", 2))
-    assert code == 0, err
+    stopped_run(capsys, monkeypatch, context.cosine("--out", out, "--max-steps", 4, "--save-steps", 2))
+    stopped_run(capsys, monkeypatch, ["--out", out, "--resume"])  # on to step 2
     for argv, fragments in [
         (["--resume", "--batch-size", 4], ["--batch-size 4", "used 32", "--max-steps"]),
         (["--resume", "--loss", "cosent"], ["--loss cosent", "used cosine"]),
@@ -285,7 +316,11 @@ def test_resume_refusals(capsys, tiny_model_dir, tmp_path):
     ]:
         code, err = call(capsys, ["--out", out, *argv])
         assert_one_line_error(code, err, fragments)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+    code, err = call(capsys, ["--out", out, "--resume"])
+    assert code == 0, err
+    code, err = call(capsys, ["--out", out, "--resume"])  # finished: nothing to resume
+    assert_one_line_error(code, err, ["--out", "this run finished", "--overwrite"])
 
 
 def test_score_scale_trains_on_0_to_5_scores(capsys, tiny_model_dir, tmp_path):

@@ -300,18 +300,35 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(capsys, tiny_model_dir, tm
     assert not (out / "model.safetensors").exists()
 
 
-def test_resume_refuses_changed_flags_and_data_and_accepts_safe_ones(capsys, tiny_model_dir, tmp_path):
+def stopped_at_once(self):
+    """StopRequest.__enter__ as if Ctrl-C came during the first step: the run checkpoints step 1 and exits 130."""
+    self.signal = "SIGINT"
+    return self
+
+
+def test_resume_refuses_changed_flags_and_data_and_accepts_safe_ones(capsys, tiny_model_dir, tmp_path,
+                                                                     monkeypatch):
     data = tmp_path / "pairs.tsv"
-    data.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a{i}\tb{i}\t0.{i % 10}\n" for i in range(40)))
+    original = "sentence1\tsentence2\tscore\n" + "".join(f"a{i}\tb{i}\t0.{i % 10}\n" for i in range(40))
+    data.write_text(original)
     out = tmp_path / "run"
-    code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 8, "--save-steps", 2),
-                             "--out", out)
-    assert code == 0, err
+    with monkeypatch.context() as patch:
+        patch.setattr(train.StopRequest, "__enter__", stopped_at_once)
+        code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 8, "--save-steps", 2),
+                                 "--out", out)
+    assert code == 130, err
     code, _, err = run_train(capsys, "--out", out, "--resume", "--lr", "0.1")
     assert code == 2 and "--lr 0.1: the run being resumed used 0.001" in err
-    data.write_text(data.read_text() + "c\td\t0.5\n")
+    data.write_text(original + "c\td\t0.5\n")
     code, _, err = run_train(capsys, "--out", out, "--resume", "--max-steps", 10)
     assert code == 2 and f"{data} changed since the checkpoint" in err and len(err.splitlines()) == 1
+    data.write_text(original)
+    ok(capsys, "--out", out, "--resume", "--max-steps", 10)  # --max-steps may change
+    assert log_steps(out)[-1] == 10
+    # A finished run is not resumed: its last checkpoint is older than its model, so it would train again.
+    code, _, err = run_train(capsys, "--out", out, "--resume", "--max-steps", 12)
+    assert code == 2 and "this run finished" in err and "--overwrite" in err
+    assert log_steps(out)[-1] == 10
 
 
 # --- output folders --------------------------------------------------------------------------------------------
@@ -344,9 +361,6 @@ def test_an_interrupted_overwrite_keeps_the_old_run_and_resumes_into_its_place(c
     ok(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 2, "--save-steps", 0), "--out", out)
     first = (out / "model.safetensors").read_bytes()
 
-    def stopped_at_once(self):  # as if Ctrl-C came during the first step
-        self.signal = "SIGINT"
-        return self
     with monkeypatch.context() as patch:
         patch.setattr(train.StopRequest, "__enter__", stopped_at_once)
         code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 4), "--out", out,
@@ -355,8 +369,61 @@ def test_an_interrupted_overwrite_keeps_the_old_run_and_resumes_into_its_place(c
     assert code == 130 and f"--out {staging} --resume" in err
     assert (out / "model.safetensors").read_bytes() == first  # the old run is untouched
     assert (staging / "checkpoints" / "step-0000001").is_dir()
+    # Resuming the old, finished run instead is refused, and the message points to the unfinished one.
+    code, _, err = run_train(capsys, "--out", out, "--resume")
+    assert code == 2 and "this run finished" in err and f"--out {staging} --resume" in err
 
     ok(capsys, "--out", staging, "--resume")
     assert not staging.exists() and (out / "model.safetensors").read_bytes() != first
     assert log_steps(out) == [2, 4]
     assert sorted(os.listdir(tmp_path)) == ["pairs.tsv", "run"]
+
+
+def test_a_file_the_user_puts_in_a_run_folder_is_never_listed_or_removed(capsys, tiny_model_dir, tmp_path,
+                                                                          monkeypatch):
+    """A note dropped into a stopped run's folder, then --resume to the end: the manifest does not list the
+    note as the run's, so --overwrite refuses the folder (naming it) instead of deleting it with the run."""
+    data = tmp_path / "pairs.tsv"
+    data.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a{i}\tb{i}\t0.{i % 10}\n" for i in range(24)))
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(train.StopRequest, "__enter__", stopped_at_once)
+        code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 3), "--out", out)
+    assert code == 130, err
+    (out / "my-notes.txt").write_text("mine")
+    ok(capsys, "--out", out, "--resume")
+    listed = run_folder.read_manifest(out)["files"]
+    assert "my-notes.txt" not in listed and {"model.safetensors", "config.json", "1_Pooling"} <= set(listed)
+    code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 2), "--out", out, "--overwrite")
+    assert code == 2 and "my-notes.txt" in err and "no minilm run wrote" in err
+    assert (out / "my-notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("folder", ["new", "empty"])
+def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_no_trace(capsys, tiny_model_dir, tmp_path, folder):
+    """NaN at the first step: nothing of the failed run stays (a new --out is removed, an empty one emptied), so
+    the same command, corrected, runs again without --overwrite or --resume."""
+    data = tmp_path / "pairs.tsv"
+    data.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a{i}\tb{i}\t0.{i % 10}\n" for i in range(24)))
+    out = tmp_path / "run"
+    if folder == "empty":
+        out.mkdir()
+    code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 4, "--log-steps", 1),
+                             "--lr", "1e30", "--out", out)
+    assert code == 2 and "became" in err and "none was written yet" in err
+    assert (os.listdir(out) == []) if folder == "empty" else not out.exists()
+    ok(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 2), "--out", out)
+
+
+def test_grad_accum_drops_an_epochs_leftover_batches(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    """6 rows, batch 2, --grad-accum 2: each epoch has 3 batches, so 1 step; the third batch is dropped, not
+    added into the next epoch's step (which would make that gradient 1.5x as large)."""
+    data = tmp_path / "pairs.tsv"
+    data.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a{i}\tb{i}\t0.{i}\n" for i in range(6)))
+    calls = []
+    forward = train.LOSSES["cosine"].forward
+    monkeypatch.setattr(train.LOSSES["cosine"], "forward", lambda self, *a: calls.append(1) or forward(self, *a))
+    ok(capsys, "--model", tiny_model_dir, "--loss", "cosine", "--data", data, "--batch-size", 2, "--grad-accum", 2,
+       "--epochs", 3, "--save-steps", 0, "--log-steps", 1, "--out", tmp_path / "run")
+    assert log_steps(tmp_path / "run") == [1, 2, 3]
+    assert len(calls) == 3 * 2  # steps x micro-batches per step

@@ -3,6 +3,7 @@
 import torch
 
 from minilm.losses.mnrl import MultipleNegativesRankingLoss
+from minilm.losses.params import check_params
 from minilm.packing import split as split_packed
 
 CITATION = """@misc{gao2021scaling,
@@ -47,6 +48,7 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
                  false_negative_margin=None):
         super().__init__(model, scale, similarity, symmetric, gather_across_devices, mask_duplicates,
                          false_negative_margin)
+        check_params({"mini_batch_size": mini_batch_size})
         self.mini_batch_size = mini_batch_size
 
     def forward(self, features: list, labels=None) -> torch.Tensor:

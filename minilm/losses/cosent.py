@@ -4,6 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minilm.losses.params import check_params
+
 CITATION = """@article{10531646,
     author={Huang, Xiang and Peng, Hao and Zou, Dongcheng and Liu, Zhiwei and Li, Jianxin and Liu, Kay and Wu, Jia and Su, Jianlin and Yu, Philip S.},
     journal={IEEE/ACM Transactions on Audio, Speech, and Language Processing},
@@ -35,6 +37,7 @@ class CoSENTLoss(nn.Module):
 
     def __init__(self, model, scale: float = 20.0):
         super().__init__()
+        check_params({"scale": scale})
         self.model, self.scale = model, scale
 
     def forward(self, features: list, labels: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minilm.losses.params import check_params
+
 CITATION = """@misc{henderson2017efficient,
     title={Efficient Natural Language Response Suggestion for Smart Reply},
     author={Matthew Henderson and Rami Al-Rfou and Brian Strope and Yun-hsuan Sung and Laszlo Lukacs and Ruiqi Guo and Sanjiv Kumar and Balint Miklos and Ray Kurzweil},
@@ -155,6 +157,9 @@ class MultipleNegativesRankingLoss(nn.Module):
     def __init__(self, model, scale: float = 20.0, similarity: str = "cos", symmetric: bool = False,
                  gather_across_devices: bool = False, mask_duplicates: bool = True, false_negative_margin=None):
         super().__init__()
+        check_params({"scale": scale, "similarity": similarity, "symmetric": symmetric, "gather_across_devices":
+                      gather_across_devices, "mask_duplicates": mask_duplicates,
+                      "false_negative_margin": false_negative_margin})
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {sorted(SIMILARITIES)}, not {similarity!r}")
         if false_negative_margin is not None and not isinstance(false_negative_margin, (int, float)):

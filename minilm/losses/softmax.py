@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from minilm.losses.params import check_params
+
 CLASSIFIER_FILE = "softmax_classifier.safetensors"
 CLASSIFIER_CONFIG = "softmax_classifier.json"
 
@@ -42,6 +44,7 @@ class SoftmaxLoss(nn.Module):
 
     def __init__(self, model, num_labels: int = 3, embedding_dim=None):
         super().__init__()
+        check_params({"num_labels": num_labels, "embedding_dim": embedding_dim})
         self.model, self.num_labels = model, num_labels
         embedding_dim = embedding_dim or model.embedding_dim
         self.classifier = nn.Linear(3 * embedding_dim, num_labels)
