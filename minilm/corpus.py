@@ -162,6 +162,13 @@ class Reader:
             if not isinstance(text, str):
                 raise CorpusError(f"{self.path} {where}: field {self.field!r} is {type(text).__name__}, not a "
                                   "string")
+            if not text.isascii():  # JSON can escape half a surrogate pair ("\\ud800"): no character to embed
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    raise CorpusError(f"{self.path} {where}: field {self.field!r} holds "
+                                      f"{text[error.start:error.end]!r}, half of a UTF-16 surrogate pair and no "
+                                      "Unicode character; fix the escape in the file") from None
             if record_id is not None and not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
                 raise CorpusError(f"{self.path} {where}: field {self.id_field!r} is {type(record_id).__name__}; "
                                   "ids are strings or whole numbers")

@@ -68,13 +68,34 @@ def _convert(row: dict, path, line: int, num_labels=None, label_names=None) -> d
                 raise DataError(f"{path}:{line}: score {value!r} is not a finite number")
         elif column == "label":
             converted[column] = _label(value, path, line, num_labels, label_names)
-        else:
+        elif is_text_column(column):
             if not isinstance(value, str):  # JSON null, numbers, lists...: never trained on as their Python text
                 kind = "null" if value is None else type(value).__name__
                 raise DataError(f"{path}:{line}: field {column!r} is {kind} {json.dumps(value)[:40]}, "
                                 "expected a string")
+            _check_unicode(value, path, line, column)
             converted[column] = value
+        else:
+            converted[column] = value  # another field (an id, a source...): kept as it is, never read as text
     return converted
+
+
+def is_text_column(column: str) -> bool:
+    """A column that holds text some loss or task reads: anchor, positive, negative..., sentence1..., premise..."""
+    return (column in TEXT_COLUMNS or column.startswith("negative")
+            or (column.startswith("sentence") and column[len("sentence"):].isdigit()))
+
+
+def _check_unicode(text: str, path, line: int, column: str) -> None:
+    """JSON can spell half of a UTF-16 surrogate pair ("\\ud800") that is no character at all; the tokenizer
+    cannot take it, so it is named here, with its line."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise DataError(f"{path}:{line}: field {column!r} holds {text[error.start:error.end]!r} at character "
+                            f"{error.start}, half of a UTF-16 surrogate pair and no Unicode character; fix the "
+                            "escape in the file") from None
 
 
 def _label(value, path, line, num_labels, label_names) -> int:
@@ -121,6 +142,10 @@ def read_dataset(path, num_labels=None) -> Dataset:
             missing = [c for c in columns if c not in record]
             if missing:
                 raise DataError(f"{path}:{number}: missing column(s) {missing}")
+            added = [ALIASES.get(c, c) for c in record if c not in columns and is_text_column(ALIASES.get(c, c))]
+            if added:  # the columns are the first record's: a text field only some records have would be dropped
+                raise DataError(f"{path}:{number}: field(s) {added} that the first record ({columns}) does not "
+                                "have; every record needs the same text fields")
             rows.append(_convert(record, path, number, num_labels, label_names))
             row_lines.append(number)
     else:

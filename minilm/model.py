@@ -136,7 +136,6 @@ class SentenceEncoder(nn.Module):
         inference.attention_backend = self.encoder.attention_backend
         return inference
 
-    @torch.inference_mode()
     def encode(self, sentences, batch_size=32, normalize=None, convert_to="numpy", show_progress=False,
                precision="fp32", token_budget=True):
         """Embed sentences in batches of similar length, returned in the input order.
@@ -151,7 +150,9 @@ class SentenceEncoder(nn.Module):
         sentences as fit in that first batch's number of tokens: peak memory stays that of batch_size
         sentences, the matrix multiplies get more rows, and the embeddings are the same (to float rounding,
         ~1e-7). token_budget=False: exactly batch_size sentences per forward pass.
-        Returns [n, embedding_dim], or [embedding_dim] for a single string. Text past max_seq_length is truncated.
+        Returns [n, embedding_dim], or [embedding_dim] for a single string, an ordinary tensor or array (the model
+        runs under inference_mode, the result is not an inference tensor: it can be changed in place or used in
+        autograd). Text past max_seq_length is truncated.
         A bad argument is an InputError (a ValueError) that names it and says what is accepted.
         The fast paths (attention backend, pooling kernel, Linear kind) are chosen in minilm/fast_paths.py.
         """
@@ -170,9 +171,10 @@ class SentenceEncoder(nn.Module):
         dtype = PRECISIONS[precision]
         linear = "int8" if precision == "int8" else self.linear_kind
         encoder = self._inference_encoder(dtype, fast_paths.linear_kind(self.device, dtype or torch.float32, linear))
-        for indices in batches:
-            batch = batch_to(pack([id_lists[i] for i in indices]), self.device)
-            output[torch.tensor(indices, device=self.device)] = self(batch, normalize, encoder)
+        with torch.inference_mode():  # output was made outside it: an ordinary tensor, written in place
+            for indices in batches:
+                batch = batch_to(pack([id_lists[i] for i in indices]), self.device)
+                output[torch.tensor(indices, device=self.device)] = self(batch, normalize, encoder)
         self.train(was_training)
         if single:
             output = output[0]

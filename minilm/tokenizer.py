@@ -69,7 +69,18 @@ class SentenceTokenizer:
         """Token ids of each text ([CLS] ... [SEP]), truncated to max_seq_length. Tokenizes in parallel."""
         if self.do_lower_case:
             texts = [text.lower() for text in texts]
-        return [encoding.ids for encoding in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+        try:
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        except TypeError:  # the tokenizer takes only valid Unicode: name the text that is not
+            for index, text in enumerate(texts):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    raise InputError(f"text {index} holds {text[error.start:error.end]!r} at character "
+                                     f"{error.start}, half of a UTF-16 surrogate pair and no Unicode character: "
+                                     f"{text[:60]!r}") from None
+            raise
+        return [encoding.ids for encoding in encodings]
 
     def __call__(self, texts: list) -> dict:
         return pack(self.encode_ids(texts))

@@ -175,6 +175,7 @@ BAD_ENCODE_ARGUMENTS = {
     "sentence-none-in-list": (dict(sentences=["a", "b", None]), "sentence 2 is NoneType"),
     "sentence-bytes-in-tuple": (dict(sentences=("a", b"b")), "sentence 1 is bytes"),
     "sentence-list-in-list": (dict(sentences=["a", ["b"]]), "sentence 1 is list"),
+    "sentence-lone-surrogate": (dict(sentences=["a", "b \ud800"]), "text 1 holds '\\ud800' at character 2"),
     "batch-size-zero": (dict(batch_size=0), "batch_size must be an integer >= 1, not 0"),
     "batch-size-float": (dict(batch_size=1.5), "batch_size must be an integer >= 1, not 1.5"),
     "batch-size-bool": (dict(batch_size=True), "batch_size must be an integer >= 1, not True"),

@@ -202,6 +202,13 @@ CASES = [
         {"sentence1": True, "sentence2": "b", "score": 0.5}))), ["d.jsonl:1", "'sentence1'", "bool"]),
     ("jsonl-score-bool", lambda c: c.cosine(data=c.write("d.jsonl", jsonl(
         {"sentence1": "a", "sentence2": "b", "score": True}))), ["d.jsonl:1", "score True"]),
+    ("jsonl-lone-surrogate", lambda c: c.cosine(data=c.write("d.jsonl", '{"sentence1": "a", "sentence2": "b", '
+                                                                '"score": 0.5}\n{"sentence1": "a\\ud800", '
+                                                                '"sentence2": "b", "score": 0.5}\n')),
+     ["d.jsonl:2", "'sentence1'", "surrogate"]),
+    ("jsonl-text-field-not-in-first-record", lambda c: c.loss("mnrl", c.write("d.jsonl", jsonl(
+        {"anchor": "a", "positive": "b"}, {"anchor": "c", "positive": "d", "negative": "x"}))),
+     ["d.jsonl:2", "['negative']", "first record"]),
     ("jsonl-broken", lambda c: c.cosine(data=c.write("d.jsonl", '{"sentence1": "a",\n')), ["d.jsonl:1", "JSON"]),
     ("jsonl-array", lambda c: c.cosine(data=c.write("d.jsonl", '["a", "b", 0.5]\n')), ["d.jsonl:1", "JSON object"]),
     ("jsonl-missing-column", lambda c: c.cosine(data=c.write("d.jsonl", jsonl(

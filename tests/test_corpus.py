@@ -236,6 +236,9 @@ def test_bad_input_ends_in_one_line(tiny_dir, tmp_path, capsys):
     (tmp_path / "c.txt").write_bytes(b"fine\n\xff\xfe broken\n")
     message = cli_error(capsys, base + [str(tmp_path / "o3"), str(tmp_path / "c.txt")])
     assert "c.txt line 2: not UTF-8" in message
+    (tmp_path / "s.jsonl").write_text('{"text": "fine"}\n{"text": "half a pair: \\ud800"}\n')
+    message = cli_error(capsys, base + [str(tmp_path / "o3"), str(tmp_path / "s.jsonl")])
+    assert "s.jsonl line 2: field 'text' holds '\\ud800'" in message and "surrogate" in message
     # A failed check leaves nothing behind (o1..o3 never existed), so the DIR is free for any other input.
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
     (tmp_path / "o5").mkdir()

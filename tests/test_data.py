@@ -120,3 +120,16 @@ def test_samplers_leave_out_batches_below_their_minimum():
     assert [len(batch) for batch in sampler] == [4, 4] and len(sampler) == 2  # the row left over is not a batch
     duplicates = [{"anchor": "same", "positive": "same too"}] * 5
     assert list(data.NoDuplicatesBatchSampler(duplicates, 4, columns=["anchor", "positive"], min_size=2)) == []
+
+
+def test_fields_no_loss_reads_as_text_are_kept_as_they_are(tmp_path):
+    """An id or other metadata (a number, null) beside the text columns is no error; text columns are checked."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"id": 5, "anchor": "a", "positive": "b", "meta": null}\n'
+                    '{"id": 6, "anchor": "c", "positive": "d", "meta": {"k": 1}}\n')
+    rows = data.read_dataset(path).rows
+    assert rows == [{"id": 5, "anchor": "a", "positive": "b", "meta": None},
+                    {"id": 6, "anchor": "c", "positive": "d", "meta": {"k": 1}}]
+    path.write_text('{"anchor": "a", "positive": 7}\n')
+    with pytest.raises(data.DataError, match="field 'positive' is int 7"):
+        data.read_dataset(path)

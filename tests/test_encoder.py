@@ -217,7 +217,10 @@ def test_encode_shapes_and_bad_input(model):
     assert model.encode([]).shape == (0, 384)
     single = model.encode("one sentence")
     assert single.shape == (384,) and abs(np.linalg.norm(single) - 1) < 1e-5
-    assert model.encode(["x"], convert_to="tensor").dtype == torch.float32
+    tensor = model.encode(["x", "y"], convert_to="tensor")
+    assert tensor.dtype == torch.float32 and not tensor.is_inference() and not tensor.requires_grad
+    tensor.add_(1)  # an ordinary tensor: in-place changes and autograd work on it
+    assert (torch.nn.Parameter(tensor) * 2).sum().requires_grad
     raw = model.encode(["a sentence"], normalize=False)
     assert abs(np.linalg.norm(raw) - 1) > 1e-3, "normalize=False skips the model's Normalize"
     with pytest.raises(TypeError, match="sentence 2 is NoneType"):
