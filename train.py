@@ -456,12 +456,31 @@ def load_checkpoint(out: Path, rank: int) -> tuple:
     raise UsageError(f"--resume: no usable checkpoint in {out / 'checkpoints'}: {'; '.join(problems)}")
 
 
+PATH_FLAGS = ("data", "model", "eval_data")  # read relative to the folder train.py was started in
+
+
+def absolute_paths(value, folder: str):
+    """A path flag's value (a string, a list of them, or None) with each path that exists relative to `folder`
+    made absolute, so that --resume finds the run's files from any folder and takes ../x/data.tsv for
+    /y/x/data.tsv; anything else (a hub id) is kept as it is."""
+    if isinstance(value, list):
+        return [absolute_paths(item, folder) for item in value]
+    if value is None or not (Path(folder) / value).exists():
+        return value
+    return os.path.realpath(Path(folder) / value)
+
+
 def resume_args(checkpoint: dict, given: dict):
-    """The run's own flags, with the flags given now where they may change; others must equal the run's."""
-    saved = checkpoint["args"]
+    """The run's own flags, with the flags given now where they may change; others must equal the run's.
+    Paths are compared and used as absolute paths: the run's against the folder it was started in."""
+    started_in = checkpoint.get("cwd", os.getcwd())  # checkpoints of earlier versions lack it
+    saved = {key: absolute_paths(value, started_in) if key in PATH_FLAGS else value
+             for key, value in checkpoint["args"].items()}
     for key, value in given.items():
         if key in ("out", "resume") or key in SAFE_ON_RESUME:
             continue
+        if key in PATH_FLAGS:
+            value = absolute_paths(value, os.getcwd())
         if saved.get(key) != value:
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"{flag} {value}: the run being resumed used {saved.get(key)}; --resume continues it "
@@ -473,7 +492,7 @@ def resume_args(checkpoint: dict, given: dict):
 
 def check_same_data(saved: list, now: list) -> None:
     for before, after in zip(saved, now):
-        if before != after:
+        if (before["bytes"], before["sha256"]) != (after["bytes"], after["sha256"]):
             raise UsageError(f"--resume: {after['file']} changed since the checkpoint (was {before['bytes']} bytes, "
                              f"sha256 {before['sha256'][:12]}; now {after['bytes']} bytes, sha256 "
                              f"{after['sha256'][:12]}); restore it, or start a new run")
@@ -702,7 +721,9 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
             state = checkpoint["state"]
             if rank == 0:
                 print(f"resuming from {checkpoint_dir} at step {state['step']}")
-        settings = {key: value for key, value in vars(args).items()}
+        # As the run was started: path flags as given, read relative to started_in (see resume_args).
+        settings = {**vars(args), **({key: checkpoint["args"][key] for key in PATH_FLAGS} if checkpoint else {})}
+        started_in = checkpoint.get("cwd", os.getcwd()) if checkpoint else os.getcwd()
         log_file = None
         if rank == 0:
             # The log holds exactly the entries up to the checkpoint: steps after it are trained again.
@@ -725,7 +746,7 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
         def checkpoint_now() -> Path:
             state["train_seconds"] = time.perf_counter() - started
             return save_checkpoint(folder, {
-                "args": settings, "model": model.state_dict(), "loss": own_state(loss_fn),
+                "args": settings, "cwd": started_in, "model": model.state_dict(), "loss": own_state(loss_fn),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "state": state, "data": fingerprints, "world": world},
                 args.save_total_limit, rank)
@@ -833,7 +854,8 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
             model.save(folder)
             if hasattr(loss_fn, "save"):
                 loss_fn.save(folder)  # SoftmaxLoss's classifier, for eval.py --task nli
-            model_card.write(folder, settings=settings, model=model, loss_fn=loss_fn, datasets=datasets,
+            shown = [(name, *dataset[1:]) for name, dataset in zip(settings["data"], datasets)]  # as given
+            model_card.write(folder, settings=settings, model=model, loss_fn=loss_fn, datasets=shown,
                              history=state["history"], metrics=final_metrics,
                              eval_name=evaluator.name if evaluator else None, train_seconds=state["train_seconds"])
             log_file.close()

@@ -427,3 +427,22 @@ def test_grad_accum_drops_an_epochs_leftover_batches(capsys, tiny_model_dir, tmp
        "--epochs", 3, "--save-steps", 0, "--log-steps", 1, "--out", tmp_path / "run")
     assert log_steps(tmp_path / "run") == [1, 2, 3]
     assert len(calls) == 3 * 2  # steps x micro-batches per step
+
+
+def test_resume_from_another_folder_finds_the_runs_relative_paths(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    """A run started with relative paths resumes from any folder; the same file named another way
+    (../work/pairs.tsv) is the same flag, and the log after the resume equals an uninterrupted run's."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    (work / "pairs.tsv").write_text("sentence1\tsentence2\tscore\n"
+                                    + "".join(f"a{i}\tb{i}\t0.{i % 10}\n" for i in range(24)))
+    monkeypatch.chdir(work)
+    with monkeypatch.context() as patch:
+        patch.setattr(train.StopRequest, "__enter__", stopped_at_once)
+        code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, "pairs.tsv", "--max-steps", 4), "--out", "run")
+    assert code == 130, err
+    monkeypatch.chdir(elsewhere)
+    ok(capsys, "--out", work / "run", "--resume", "--data", "../work/pairs.tsv")
+    assert log_steps(work / "run") == [2, 4]
+    card = (work / "run" / "README.md").read_text()
+    assert "**Training Dataset:** pairs.tsv" in card and str(work) not in card  # as given, not the resolved path
