@@ -22,6 +22,7 @@ settings and kind of hardware: float rounding differs between CPU and GPU.) pwri
 memory map: a page holding the rows of two windows is then never written back whole by two machines.
 """
 
+import array
 import csv
 import hashlib
 import json
@@ -402,12 +403,14 @@ def _lay_out(model, model_name, input_path, out, reader, settings, encode, log) 
 
     # One pass over INPUT: validate every record (bad input fails here, before any encoding), write the ids and
     # the record offsets, keep the calibration sample. Offsets go raw to a scratch file: the count is unknown.
-    count, empty, sample = 0, 0, []
+    count, empty, sample, id_hashes = 0, 0, [], array.array("Q")
     want_sample = settings["calibration_size"] if settings["dtype"] == "int8" else 0
     scratch = out / ("done.bin" + PARTIAL)
     with open(out / ("ids.txt" + PARTIAL), "w", encoding="utf-8", newline="\n") as ids, open(scratch, "wb") as raw:
         block = []
         for offset, line_number, text, record_id in reader.records():
+            if record_id is not None:  # 8 bytes a record, to find repeated ids after the pass (_repeated_ids)
+                id_hashes.append(int.from_bytes(hashlib.blake2b(record_id.encode(), digest_size=8).digest(), "little"))
             record_id = str(line_number) if record_id is None else record_id
             if not record_id or any(c in record_id for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"):
                 raise CorpusError(f"{input_path} line {line_number}: id {record_id!r} is empty or holds a line "
@@ -456,8 +459,30 @@ def _lay_out(model, model_name, input_path, out, reader, settings, encode, log) 
     if empty:
         log(f"note: {empty} of {count} texts in {input_path} are empty or blank; they are kept (embedded as "
             "the empty text) so that rows stay aligned with the input")
+    repeated = _repeated_ids(reader, id_hashes)
+    if repeated:
+        (first, lines), more = repeated[0], len(repeated) - 1
+        log(f"note: id {first!r} is on lines {', '.join(map(str, lines[:5]))} of {input_path}"
+            + (f", and {more} more id(s) repeat" if more else "") + "; all rows are kept, but a search hit names "
+            "its row by id, so rows that share an id cannot be told apart by it (chunks of one document may "
+            "mean to)")
     return manifest
 
+
+def _repeated_ids(reader, id_hashes: array.array) -> list:
+    """[(id, [line numbers])] of the ids that occur more than once, in the order of their first line. The pass
+    kept 8-byte hashes only (a set of the ids themselves could outgrow memory on a large corpus); a second pass
+    reads the candidates' real ids, so a hash collision reports nothing."""
+    hashes = np.frombuffer(id_hashes, dtype=np.uint64) if len(id_hashes) else np.zeros(0, dtype=np.uint64)
+    ordered = np.sort(hashes)
+    candidates = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+    if not candidates:
+        return []
+    lines = {}
+    for (_, line_number, _, record_id), hashed in zip(reader.records(), hashes.tolist()):
+        if hashed in candidates:
+            lines.setdefault(record_id, []).append(line_number)
+    return [(record_id, found) for record_id, found in lines.items() if len(found) > 1]
 
 def _encode_windows(model, manifest, out, rank, world, encode, progress) -> None:
     """Encode this process's share of the windows not yet done; each is marked done once its rows are on disk."""

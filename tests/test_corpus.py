@@ -250,6 +250,13 @@ def test_bad_input_ends_in_one_line(tiny_dir, tmp_path, capsys):
     main(base + [str(tmp_path / "o4"), str(tmp_path / "d.txt")])
     assert "1 of 3 texts" in capsys.readouterr().out
     assert (tmp_path / "o4" / "ids.txt").read_text().split() == ["1", "2", "3"]
+    # Repeated ids are kept (chunks of one document may share one) and said so, with their lines.
+    (tmp_path / "e.jsonl").write_text("".join(f'{{"text": "t{i}", "id": "{name}"}}\n'
+                                              for i, name in enumerate(["a", "b", "a", "c", "b", "a"])))
+    main(base + [str(tmp_path / "o7"), str(tmp_path / "e.jsonl"), "--id-field", "id"])
+    said = capsys.readouterr().out
+    assert "id 'a' is on lines 1, 3, 6" in said and "1 more id(s) repeat" in said
+    assert (tmp_path / "o7" / "ids.txt").read_text().split() == ["a", "b", "a", "c", "b", "a"]
 
 
 def test_mismatched_or_foreign_dir_is_refused_and_kept(tiny_dir, tiny, texts_file, straight, tmp_path, capsys):
