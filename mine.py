@@ -159,9 +159,26 @@ def write_atomically(path: Path, rows: list) -> None:
         raise
 
 
+class UsageError(Exception):
+    """A problem with the flags or the files: one line for the user, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors (a missing flag, a bad choice) too: one line, no usage block
+        raise UsageError(message)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mine.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """-> exit status: 0, or 2 after one line naming the flag or file at fault."""
+    try:
+        return run(argv)
+    except (UsageError, data.DataError) as error:
+        print(f"mine.py: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(argv=None) -> int:
+    parser = Parser(prog="mine.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--model", required=True, help="a model directory or hub id")
     add("--data", required=True, help="(anchor, positive) pairs: TSV/CSV with a header, or JSONL; or a BEIR "
@@ -190,30 +207,32 @@ def main(argv=None) -> int:
 
     for flag in ("num_negatives", "batch_size", "query_chunk", "corpus_chunk", "encode_window", "range_max"):
         if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
     if not 0 <= args.range_min < args.range_max:
-        parser.error(f"--range-min ({args.range_min}) must be >= 0 and below --range-max ({args.range_max})")
+        raise UsageError(f"--range-min ({args.range_min}) must be >= 0 and below --range-max ({args.range_max})")
     if args.range_max - args.range_min < args.num_negatives:
-        parser.error(f"the rank window [--range-min, --range-max) = [{args.range_min}, {args.range_max}) holds "
-                     f"fewer than --num-negatives {args.num_negatives} candidates")
+        raise UsageError(f"the rank window [--range-min, --range-max) = [{args.range_min}, {args.range_max}) "
+                         f"holds fewer than --num-negatives {args.num_negatives} candidates")
     if args.relative_margin is not None and not 0 <= args.relative_margin < 1:
-        parser.error(f"--relative-margin must be in [0, 1), not {args.relative_margin}")
+        raise UsageError(f"--relative-margin must be in [0, 1), not {args.relative_margin}")
     if args.absolute_margin is not None and args.absolute_margin < 0:
-        parser.error(f"--absolute-margin must be >= 0, not {args.absolute_margin}")
+        raise UsageError(f"--absolute-margin must be >= 0, not {args.absolute_margin}")
     out = Path(args.out)
     if out.is_dir():
-        parser.error(f"--out {out} is a folder: --out is the JSONL file to write")
+        raise UsageError(f"--out {out} is a folder: --out is the JSONL file to write")
     if out.exists() and not args.overwrite:
-        parser.error(f"--out {out} exists: choose another path or add --overwrite")
+        raise UsageError(f"--out {out} exists: choose another path or add --overwrite")
     if not out.parent.is_dir():
-        parser.error(f"--out {out}: the folder {out.parent} does not exist")
+        raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
     try:
         pairs = read_pairs(args.data, args.split)
         corpus = read_corpus_texts(args.corpus, args.corpus_column) if args.corpus else None
+    except (FileNotFoundError, ValueError) as error:  # the readers' messages name the file and line
+        raise UsageError(str(error)) from None
+    try:
         model = minilm.load(args.model, device=args.device, max_seq_length=args.max_seq_length)
-    except (FileNotFoundError, ValueError) as error:  # DataError is a ValueError: one line, no usage block
-        print(f"mine.py: error: {error}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError) as error:  # the loader's messages name the file and field
+        raise UsageError(f"--model {args.model}: {error}") from None
     with torch.inference_mode():
         rows, dropped = mine(model, pairs, corpus, args.num_negatives, args.range_min, args.range_max,
                              args.absolute_margin, args.relative_margin, args.sampling, args.seed, args.batch_size,
@@ -222,9 +241,8 @@ def main(argv=None) -> int:
         print(f"mine.py: {dropped} of {len(pairs)} pairs had fewer than {args.num_negatives} eligible negatives "
               f"and were dropped", file=sys.stderr)
     if not rows:
-        print("mine.py: error: no pair has enough eligible negatives: widen --range-max, lower the margins or "
-              "--num-negatives", file=sys.stderr)
-        return 2
+        raise UsageError("no pair has enough eligible negatives: widen --range-max, lower the margins or "
+                         "--num-negatives")
     write_atomically(out, rows)
     print(f"wrote {len(rows)} rows with {args.num_negatives} negative(s) each to {out}")
     return 0
