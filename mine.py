@@ -28,7 +28,8 @@ matrix. Texts are tokenized and encoded --encode-window at a time, on encode's f
 window and the activations of one batch come on top). Measured (benchmarks/bench_mining.py, bf16): peak RSS
 grows by the embeddings and ~470 MB more, the same at 100,000 and 200,000 corpus texts (1.07 / 1.28 GB in all).
 The output is written to a temporary file beside --out and renamed into place: an interrupted run leaves no
-partial file, and an existing --out is kept unless --overwrite.
+partial file, and an existing --out is kept unless --overwrite. --out is never one of the inputs (--data, a file of
+a --data or --model folder, --corpus), whatever links or ../ lead to it.
 """
 
 import argparse
@@ -168,6 +169,36 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def input_files(args) -> list:
+    """(what it is, path) for each file --out must not be: --data (or every file of a --data folder, and the BEIR
+    files read from it, named even when a link leads out of the folder), --corpus, every file of a --model folder."""
+    files = []
+    for flag in ("data", "model"):
+        location = Path(getattr(args, flag))
+        if location.is_dir():
+            listed = [Path(folder, name) for folder, _, names in os.walk(location) for name in names]
+            if flag == "data":
+                listed += [location / "corpus.jsonl", location / "queries.jsonl",
+                           location / "qrels" / f"{args.split}.tsv"]
+            files += [(f"{path}, a file of the --{flag} folder {location}", path) for path in listed]
+        elif flag == "data":
+            files.append((f"the --data file {location}", location))
+    if args.corpus:
+        files.append((f"the --corpus file {args.corpus}", Path(args.corpus)))
+    return files
+
+
+def check_out_is_no_input(out: Path, args) -> None:
+    """--overwrite replaces --out: refuse an --out that is one of the files mine.py reads, compared as files (links,
+    ../ and hard links included), so that no flag combination writes the mined rows over their own input."""
+    if not out.exists():
+        return  # a path that is not there cannot be an input (a dangling link is replaced, not its target)
+    for what, path in input_files(args):
+        if path.exists() and os.path.samefile(out, path):
+            raise UsageError(f"--out {out}: is {what}; mined rows go to a file of their own, away from their inputs "
+                             f"(--overwrite replaces an earlier output, never an input)")
+
+
 def main(argv=None) -> int:
     """-> exit status: 0, or 2 after one line naming the flag or file at fault."""
     try:
@@ -188,7 +219,7 @@ def run(argv=None) -> int:
         "--corpus-column), or a text file, one text per line (default: the positives)")
     add("--corpus-column", help="the TSV/CSV column or JSONL field of --corpus holding the texts")
     add("--out", required=True, help="output JSONL: anchor, positive, negative_1..n")
-    add("--overwrite", action="store_true", help="replace an existing --out")
+    add("--overwrite", action="store_true", help="replace an existing --out (never an input file)")
     add("--num-negatives", type=int, default=1, help="negatives per pair (default: %(default)s)")
     add("--range-min", type=int, default=0, help="skip this many top-ranked candidates (default: %(default)s)")
     add("--range-max", type=int, default=50, help="consider candidates ranked below this (default: %(default)s)")
@@ -220,6 +251,7 @@ def run(argv=None) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder: --out is the JSONL file to write")
+    check_out_is_no_input(out, args)  # before the --overwrite question: no flag makes an input writable
     if out.exists() and not args.overwrite:
         raise UsageError(f"--out {out} exists: choose another path or add --overwrite")
     if not out.parent.is_dir():

@@ -151,3 +151,46 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("mine.py: error: "), err
     assert message in err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def beir_folder(folder):
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": "a cat sleeps"}\n')
+    (folder / "queries.jsonl").write_text('{"_id": "q1", "text": "where is the cat"}\n')
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    return folder
+
+
+@pytest.mark.parametrize("data, out, extra, what", [
+    ("pairs.tsv", "pairs.tsv", [], "is the --data file"),
+    ("pairs.tsv", "sub/../pairs.tsv", [], "is the --data file"),
+    ("pairs.tsv", "link.tsv", [], "is the --data file"),  # a symbolic link to the input
+    ("pairs.tsv", "hard.tsv", [], "is the --data file"),  # a hard link: the same file under another name
+    ("beir", "beir/corpus.jsonl", ["--split", "test"], "a file of the --data folder"),
+    ("beir", "beir/qrels/test.tsv", ["--split", "test"], "a file of the --data folder"),
+    ("beir", "beir/qrels/../queries.jsonl", ["--split", "test"], "a file of the --data folder"),
+    ("pairs.tsv", "corpus.txt", ["--corpus", "corpus.txt"], "is the --corpus file"),
+    ("pairs.tsv", "link-to-corpus.txt", ["--corpus", "sub/../corpus.txt"], "is the --corpus file"),
+    ("pairs.tsv", "model/config.json", ["--model", "model"], "a file of the --model folder"),
+])
+def test_overwrite_never_replaces_an_input(tmp_path, capsys, monkeypatch, data, out, extra, what):
+    """--overwrite replaces an earlier output, never an input: an --out that is (links and ../ resolved) the --data
+    file, a file of the --data or --model folder or the --corpus file is refused in one line, before the model is
+    loaded ("unused-model" is no model), and every input keeps its bytes."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "pairs.tsv").write_text("anchor\tpositive\na\tb\n")
+    (tmp_path / "corpus.txt").write_text("a\nb\nc\n")
+    (tmp_path / "link.tsv").symlink_to(tmp_path / "pairs.tsv")
+    (tmp_path / "link-to-corpus.txt").symlink_to("corpus.txt")
+    (tmp_path / "hard.tsv").hardlink_to(tmp_path / "pairs.tsv")
+    beir_folder(tmp_path / "beir")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    argv = ["--model", "unused-model", "--data", data, "--out", out, "--overwrite", *extra]
+    code = mine.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"mine.py: error: --out {out}: ") and what in err and "never an input" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
