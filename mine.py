@@ -36,14 +36,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import minilm
-from minilm import corpus as corpus_files, data, evaluation
+from minilm import corpus as corpus_files, data, evaluation, files
 from minilm.model import PRECISIONS
 
 
@@ -148,16 +147,11 @@ def mine(model, pairs: list, corpus=None, num_negatives: int = 1, range_min: int
 
 
 def write_atomically(path: Path, rows: list) -> None:
-    """JSONL through a temporary file in the same folder, renamed into place (all or nothing)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """JSONL through a temporary file in the same folder, renamed into place (all or nothing), with the mode of a
+    new file (not mkstemp's 0600)."""
+    with files.replaced_atomically(path) as temporary, open(temporary, "w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 class UsageError(Exception):
@@ -172,7 +166,7 @@ class Parser(argparse.ArgumentParser):
 def input_files(args) -> list:
     """(what it is, path) for each file --out must not be: --data (or every file of a --data folder, and the BEIR
     files read from it, named even when a link leads out of the folder), --corpus, every file of a --model folder."""
-    files = []
+    found = []
     for flag in ("data", "model"):
         location = Path(getattr(args, flag))
         if location.is_dir():
@@ -180,12 +174,12 @@ def input_files(args) -> list:
             if flag == "data":
                 listed += [location / "corpus.jsonl", location / "queries.jsonl",
                            location / "qrels" / f"{args.split}.tsv"]
-            files += [(f"{path}, a file of the --{flag} folder {location}", path) for path in listed]
+            found += [(f"{path}, a file of the --{flag} folder {location}", path) for path in listed]
         elif flag == "data":
-            files.append((f"the --data file {location}", location))
+            found.append((f"the --data file {location}", location))
     if args.corpus:
-        files.append((f"the --corpus file {args.corpus}", Path(args.corpus)))
-    return files
+        found.append((f"the --corpus file {args.corpus}", Path(args.corpus)))
+    return found
 
 
 def check_out_is_no_input(out: Path, args) -> None:

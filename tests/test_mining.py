@@ -3,6 +3,8 @@ CLI writes rows train.py reads, atomically, and refuses to overwrite."""
 
 import itertools
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -109,6 +111,16 @@ def test_cli_writes_rows_train_reads_and_refuses_to_overwrite(tiny_model, tmp_pa
     assert "--overwrite" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    out.write_text("an earlier output\n")
+    previous = os.umask(0o027)
+    try:
+        assert mine.main(["--model", str(tiny_model.source_dir), "--data", str(source), "--out", str(out),
+                          "--num-negatives", "2", "--batch-size", "8", "--overwrite"]) == 0
+    finally:
+        os.umask(previous)
+    assert out.read_bytes() == before  # replaced, with the mode of a new file (not a temporary file's 0600)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
     # A TSV corpus is read by its --corpus-column (never as raw lines: no header or id mined as a text), the same
     # candidates as a text file holding the texts alone.
