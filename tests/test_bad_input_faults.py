@@ -179,7 +179,9 @@ EVAL_CASES = [
     ("device-cuda", lambda t, m: ["--model", m, "--task", "stsb", "--data", t, "--device", "cuda"],
      ["--device cuda", "no CUDA"]),
     ("model-missing", lambda t, m: ["--model", t / "no-model", "--task", "pairs", "--data", t / "pairs.tsv"],
-     ["--model", "no-model"]),
+     ["--model", "cannot find model", "no folder", "no-model"]),  # the whole message: one line
+    ("model-is-a-file", lambda t, m: ["--model", t / "pairs.tsv", "--task", "pairs", "--data", t / "pairs.tsv"],
+     ["cannot find model", "pairs.tsv is a file, not a model folder"]),
     ("nli-without-classifier", lambda t, m: ["--model", m, "--task", "nli", "--data", t / "SICK.tsv"],
      ["--task nli", "softmax_classifier"]),
     ("bad-split", lambda t, m: ["--model", m, "--task", "stsb", "--data", t, "--split", "validation"],

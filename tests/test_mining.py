@@ -149,6 +149,7 @@ def test_cli_writes_rows_train_reads_and_refuses_to_overwrite(tiny_model, tmp_pa
     (["--data", "{pairs}", "--sampling", "best"], "--sampling: invalid choice: 'best'"),  # argparse's own errors
     (["--data", "{pairs}", "--batch-size", "many"], "--batch-size: invalid int value: 'many'"),
     (["--data", "{pairs}", "--out", "{nested}"], "the folder"),
+    (["--data", "{pairs}", "--model", "{missing}"], "--model {missing}: cannot find model '{missing}': no folder"),
     (["--out", "{nested}"], "the following arguments are required: --data"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
