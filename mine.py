@@ -28,21 +28,21 @@ matrix. Texts are tokenized and encoded --encode-window at a time, on encode's f
 window and the activations of one batch come on top). Measured (benchmarks/bench_mining.py, bf16): peak RSS
 grows by the embeddings and ~470 MB more, the same at 100,000 and 200,000 corpus texts (1.07 / 1.28 GB in all).
 The output is written to a temporary file beside --out and renamed into place: an interrupted run leaves no
-partial file, and an existing --out is kept unless --overwrite.
+partial file, and an existing --out is kept unless --overwrite. --out is never one of the inputs (--data, a file of
+a --data or --model folder, --corpus), whatever links or ../ lead to it.
 """
 
 import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import minilm
-from minilm import corpus as corpus_files, data, evaluation
+from minilm import corpus as corpus_files, data, evaluation, files
 from minilm.model import PRECISIONS
 
 
@@ -147,21 +147,63 @@ def mine(model, pairs: list, corpus=None, num_negatives: int = 1, range_min: int
 
 
 def write_atomically(path: Path, rows: list) -> None:
-    """JSONL through a temporary file in the same folder, renamed into place (all or nothing)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """JSONL through a temporary file in the same folder, renamed into place (all or nothing), with the mode of a
+    new file (not mkstemp's 0600)."""
+    with files.replaced_atomically(path) as temporary, open(temporary, "w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+class UsageError(Exception):
+    """A problem with the flags or the files: one line for the user, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors (a missing flag, a bad choice) too: one line, no usage block
+        raise UsageError(message)
+
+
+def input_files(args) -> list:
+    """(what it is, path) for each file --out must not be: --data (or every file of a --data folder, and the BEIR
+    files read from it, named even when a link leads out of the folder), --corpus, every file of a --model folder."""
+    found = []
+    for flag in ("data", "model"):
+        location = Path(getattr(args, flag))
+        if location.is_dir():
+            listed = [Path(folder, name) for folder, _, names in os.walk(location) for name in names]
+            if flag == "data":
+                listed += [location / "corpus.jsonl", location / "queries.jsonl",
+                           location / "qrels" / f"{args.split}.tsv"]
+            found += [(f"{path}, a file of the --{flag} folder {location}", path) for path in listed]
+        elif flag == "data":
+            found.append((f"the --data file {location}", location))
+    if args.corpus:
+        found.append((f"the --corpus file {args.corpus}", Path(args.corpus)))
+    return found
+
+
+def check_out_is_no_input(out: Path, args) -> None:
+    """--overwrite replaces --out: refuse an --out that is one of the files mine.py reads, compared as files (links,
+    ../ and hard links included), so that no flag combination writes the mined rows over their own input."""
+    if not out.exists():
+        return  # a path that is not there cannot be an input (a dangling link is replaced, not its target)
+    for what, path in input_files(args):
+        if path.exists() and os.path.samefile(out, path):
+            raise UsageError(f"--out {out}: is {what}; mined rows go to a file of their own, away from their inputs "
+                             f"(--overwrite replaces an earlier output, never an input)")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mine.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """-> exit status: 0, or 2 after one line naming the flag or file at fault."""
+    try:
+        return run(argv)
+    except (UsageError, data.DataError) as error:
+        print(f"mine.py: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(argv=None) -> int:
+    parser = Parser(prog="mine.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--model", required=True, help="a model directory or hub id")
     add("--data", required=True, help="(anchor, positive) pairs: TSV/CSV with a header, or JSONL; or a BEIR "
@@ -171,7 +213,7 @@ def main(argv=None) -> int:
         "--corpus-column), or a text file, one text per line (default: the positives)")
     add("--corpus-column", help="the TSV/CSV column or JSONL field of --corpus holding the texts")
     add("--out", required=True, help="output JSONL: anchor, positive, negative_1..n")
-    add("--overwrite", action="store_true", help="replace an existing --out")
+    add("--overwrite", action="store_true", help="replace an existing --out (never an input file)")
     add("--num-negatives", type=int, default=1, help="negatives per pair (default: %(default)s)")
     add("--range-min", type=int, default=0, help="skip this many top-ranked candidates (default: %(default)s)")
     add("--range-max", type=int, default=50, help="consider candidates ranked below this (default: %(default)s)")
@@ -190,30 +232,33 @@ def main(argv=None) -> int:
 
     for flag in ("num_negatives", "batch_size", "query_chunk", "corpus_chunk", "encode_window", "range_max"):
         if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
     if not 0 <= args.range_min < args.range_max:
-        parser.error(f"--range-min ({args.range_min}) must be >= 0 and below --range-max ({args.range_max})")
+        raise UsageError(f"--range-min ({args.range_min}) must be >= 0 and below --range-max ({args.range_max})")
     if args.range_max - args.range_min < args.num_negatives:
-        parser.error(f"the rank window [--range-min, --range-max) = [{args.range_min}, {args.range_max}) holds "
-                     f"fewer than --num-negatives {args.num_negatives} candidates")
+        raise UsageError(f"the rank window [--range-min, --range-max) = [{args.range_min}, {args.range_max}) "
+                         f"holds fewer than --num-negatives {args.num_negatives} candidates")
     if args.relative_margin is not None and not 0 <= args.relative_margin < 1:
-        parser.error(f"--relative-margin must be in [0, 1), not {args.relative_margin}")
+        raise UsageError(f"--relative-margin must be in [0, 1), not {args.relative_margin}")
     if args.absolute_margin is not None and args.absolute_margin < 0:
-        parser.error(f"--absolute-margin must be >= 0, not {args.absolute_margin}")
+        raise UsageError(f"--absolute-margin must be >= 0, not {args.absolute_margin}")
     out = Path(args.out)
     if out.is_dir():
-        parser.error(f"--out {out} is a folder: --out is the JSONL file to write")
+        raise UsageError(f"--out {out} is a folder: --out is the JSONL file to write")
+    check_out_is_no_input(out, args)  # before the --overwrite question: no flag makes an input writable
     if out.exists() and not args.overwrite:
-        parser.error(f"--out {out} exists: choose another path or add --overwrite")
+        raise UsageError(f"--out {out} exists: choose another path or add --overwrite")
     if not out.parent.is_dir():
-        parser.error(f"--out {out}: the folder {out.parent} does not exist")
+        raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
     try:
         pairs = read_pairs(args.data, args.split)
         corpus = read_corpus_texts(args.corpus, args.corpus_column) if args.corpus else None
+    except (FileNotFoundError, ValueError) as error:  # the readers' messages name the file and line
+        raise UsageError(str(error)) from None
+    try:
         model = minilm.load(args.model, device=args.device, max_seq_length=args.max_seq_length)
-    except (FileNotFoundError, ValueError) as error:  # DataError is a ValueError: one line, no usage block
-        print(f"mine.py: error: {error}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError) as error:  # the loader's messages name the file and field
+        raise UsageError(f"--model {args.model}: {error}") from None
     with torch.inference_mode():
         rows, dropped = mine(model, pairs, corpus, args.num_negatives, args.range_min, args.range_max,
                              args.absolute_margin, args.relative_margin, args.sampling, args.seed, args.batch_size,
@@ -222,9 +267,8 @@ def main(argv=None) -> int:
         print(f"mine.py: {dropped} of {len(pairs)} pairs had fewer than {args.num_negatives} eligible negatives "
               f"and were dropped", file=sys.stderr)
     if not rows:
-        print("mine.py: error: no pair has enough eligible negatives: widen --range-max, lower the margins or "
-              "--num-negatives", file=sys.stderr)
-        return 2
+        raise UsageError("no pair has enough eligible negatives: widen --range-max, lower the margins or "
+                         "--num-negatives")
     write_atomically(out, rows)
     print(f"wrote {len(rows)} rows with {args.num_negatives} negative(s) each to {out}")
     return 0

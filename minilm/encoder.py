@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from minilm import fast_paths
+from minilm import fast_paths, files
 from minilm.attention import attention
 from minilm.errors import InputError, MissingFileError
 from minilm.packing import token_coordinates
@@ -298,7 +297,7 @@ def load_encoder(model_dir) -> BertEncoder:
 def save_encoder(encoder: BertEncoder, model_dir) -> None:
     """Write `model.safetensors` (checkpoint names) and `config.json` so transformers' BertModel loads it."""
     model_dir = Path(model_dir)
-    save_file(checkpoint_state(encoder), str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    files.save_tensors(checkpoint_state(encoder), model_dir / "model.safetensors", metadata={"format": "pt"})
     config = {
         "architectures": ["BertModel"],
         "model_type": "bert",

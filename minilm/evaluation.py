@@ -452,7 +452,8 @@ def for_task(task: str, location, split: str, classifier=None, binary_threshold:
         return InformationRetrievalEvaluator.from_beir(location, split)
     rows = data.read_dataset(location).rows
     name = Path(location).stem
-    needed = {"binary": ("sentence1", "sentence2", "label"), "retrieval": ("anchor", "positive")}.get(task, ())
+    needed = {"pairs": ("sentence1", "sentence2", "score"), "binary": ("sentence1", "sentence2", "label"),
+              "retrieval": ("anchor", "positive")}.get(task, ())
     missing = [column for column in needed if rows and column not in rows[0]]
     if missing:
         what = " (or a BEIR folder: corpus.jsonl, queries.jsonl, qrels/)" if task == "retrieval" else ""

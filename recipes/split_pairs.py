@@ -8,16 +8,23 @@ each question must find its duplicate among all held-out questions (eval.py/trai
 query itself, as BEIR and MTEB do). The split is deterministic (no random state): questions linked by pairs form
 groups, a group is held out or kept whole (no held-out question is seen in training), and groups are taken in
 the order of a SHA-256 of their texts until --test-fraction of the pairs is held out.
+
+An earlier split in OUT is replaced only with --overwrite (its four files; nothing else in OUT is touched), never one
+that is the input, and each file is written whole (a temporary file renamed into place): an interrupted run leaves
+the old file or the new one, never half of one.
 """
 
 import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from minilm import data, files  # noqa: E402
 
 
 def split(pairs: list, test_fraction: float):
@@ -48,6 +55,10 @@ def split(pairs: list, test_fraction: float):
     return ([p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held])
 
 
+# What a split writes into --out, and all it may replace there.
+OUTPUTS = ("train.tsv", "test/corpus.jsonl", "test/queries.jsonl", "test/qrels/test.tsv")
+
+
 def write_beir(folder: Path, pairs: list) -> None:
     ids = {}
     for pair in pairs:
@@ -55,38 +66,74 @@ def write_beir(folder: Path, pairs: list) -> None:
             ids.setdefault(text, f"q{len(ids):06d}")
     (folder / "qrels").mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"_id": i, "title": "", "text": t}, ensure_ascii=False) + "\n" for t, i in ids.items()]
-    (folder / "corpus.jsonl").write_text("".join(lines), encoding="utf-8")
+    files.write_text(folder / "corpus.jsonl", "".join(lines))
     lines = [json.dumps({"_id": i, "text": t}, ensure_ascii=False) + "\n" for t, i in ids.items()]
-    (folder / "queries.jsonl").write_text("".join(lines), encoding="utf-8")
+    files.write_text(folder / "queries.jsonl", "".join(lines))
     judged = dict.fromkeys((ids[a], ids[b]) for a, p in pairs for a, b in ((a, p), (p, a)) if a != b)
-    (folder / "qrels" / "test.tsv").write_text(
-        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in judged), encoding="utf-8")
+    files.write_text(folder / "qrels" / "test.tsv",
+                     "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in judged))
+
+
+class UsageError(Exception):
+    """A problem with the flags or the files: one line for the user, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors too: one line, no usage block
+        raise UsageError(message)
+
+
+def check_out(data_path: Path, out: Path, overwrite: bool) -> None:
+    """Before anything is read or written: --out is a folder whose outputs are not the input (compared as files:
+    links and ../ included), and which holds no earlier split unless --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; give the folder to write train.tsv and test/ into")
+    for name in OUTPUTS:
+        target = out / name
+        if target.exists() and data_path.exists() and os.path.samefile(target, data_path):
+            raise UsageError(f"--out {out}: the split would write {target} over the input {data_path}; give another "
+                             "--out (--overwrite replaces an earlier split, never the input)")
+    if (out / "test").exists() and not (out / "test").is_dir():
+        raise UsageError(f"--out {out}: {out / 'test'} is a file, where the held-out folder test/ goes")
+    earlier = [name for name in ("train.tsv", "test") if (out / name).exists()]
+    if earlier and not overwrite:
+        raise UsageError(f"--out {out}: holds {' and '.join(earlier)} already (an earlier split?); choose another "
+                         "--out or add --overwrite to replace them")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="split_pairs.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """-> exit status: 0, or 2 after one line naming the flag or file at fault."""
+    try:
+        return run(argv)
+    except UsageError as error:
+        print(f"split_pairs.py: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(argv=None) -> int:
+    parser = Parser(prog="split_pairs.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", help="pairs file with anchor, positive columns (TSV/CSV with a header, or JSONL)")
     parser.add_argument("--out", required=True, help="output folder (train.tsv and test/)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the train.tsv and test/ files of an "
+                        "earlier split in --out (never the input)")
     parser.add_argument("--test-fraction", type=float, default=0.1, help="pairs held out (default: %(default)s)")
     args = parser.parse_args(argv)
     if not 0 < args.test_fraction < 1:
-        parser.error(f"--test-fraction must be between 0 and 1, not {args.test_fraction}")
-    from minilm import data
-
+        raise UsageError(f"--test-fraction must be between 0 and 1, not {args.test_fraction}")
+    out = Path(args.out)
+    check_out(Path(args.data), out, args.overwrite)
     try:
         rows = data.read_dataset(args.data).rows
-    except data.DataError as error:
-        parser.error(str(error))
+    except (OSError, data.DataError) as error:
+        raise UsageError(str(error)) from None
     if not rows or not {"anchor", "positive"} <= set(rows[0]):
-        parser.error(f"{args.data}: needs anchor and positive columns")
+        raise UsageError(f"{args.data}: needs anchor and positive columns")
     bad = [r for r in rows if any(c in r[k] for k in ("anchor", "positive") for c in "\t\n")]
     if bad:
-        parser.error(f"{args.data}: a text holds a tab or a line break, which train.tsv cannot: {bad[0]}")
+        raise UsageError(f"{args.data}: a text holds a tab or a line break, which train.tsv cannot: {bad[0]}")
     train, held = split([(r["anchor"], r["positive"]) for r in rows], args.test_fraction)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train.tsv").write_text("anchor\tpositive\n" + "".join(f"{a}\t{p}\n" for a, p in train), encoding="utf-8")
+    files.write_text(out / "train.tsv", "anchor\tpositive\n" + "".join(f"{a}\t{p}\n" for a, p in train))
     write_beir(out / "test", held)
     print(f"{len(train)} training pairs -> {out / 'train.tsv'}; {len(held)} held-out pairs -> {out / 'test'}")
     return 0

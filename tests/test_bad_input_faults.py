@@ -178,6 +178,10 @@ EVAL_CASES = [
     ("sick-wrong-columns", lambda t, m: ["--model", m, "--task", "sick", "--data", t / "pairs.tsv"],
      ["pairs.tsv:1", "missing column(s)", "sentence_A"]),
     ("pairs-bad-row", lambda t, m: ["--model", m, "--task", "pairs", "--data", t / "bad.tsv"], ["bad.tsv:3", "'x'"]),
+    ("pairs-wrong-columns", lambda t, m: ["--model", m, "--task", "pairs", "--data", t / "anchors.tsv"],
+     ["--task pairs", "anchors.tsv: columns ['anchor', 'positive']", "the pairs task reads sentence1, sentence2, score"]),
+    ("binary-wrong-columns", lambda t, m: ["--model", m, "--task", "binary", "--data", t / "pairs.tsv"],
+     ["pairs.tsv: columns ['score', 'sentence1', 'sentence2']", "the binary task reads sentence1, sentence2, label"]),
     ("json-into-missing-folder", lambda t, m: ["--model", t / "no-model", "--task", "stsb", "--data", t,
                                                "--json", t / "missing" / "m.json"], ["--json", "missing", "not exist"]),
     ("json-is-a-folder", lambda t, m: ["--model", m, "--task", "stsb", "--data", t, "--json", t],
@@ -187,7 +191,9 @@ EVAL_CASES = [
     ("device-cuda", lambda t, m: ["--model", m, "--task", "stsb", "--data", t, "--device", "cuda"],
      ["--device cuda", "no CUDA"]),
     ("model-missing", lambda t, m: ["--model", t / "no-model", "--task", "pairs", "--data", t / "pairs.tsv"],
-     ["--model", "no-model"]),
+     ["--model", "cannot find model", "no folder", "no-model"]),  # the whole message: one line
+    ("model-is-a-file", lambda t, m: ["--model", t / "pairs.tsv", "--task", "pairs", "--data", t / "pairs.tsv"],
+     ["cannot find model", "pairs.tsv is a file, not a model folder"]),
     ("nli-without-classifier", lambda t, m: ["--model", m, "--task", "nli", "--data", t / "SICK.tsv"],
      ["--task nli", "softmax_classifier"]),
     ("bad-split", lambda t, m: ["--model", m, "--task", "stsb", "--data", t, "--split", "validation"],
@@ -205,6 +211,7 @@ def test_eval_bad_input_is_one_line(case, capsys, tiny_model_dir, tmp_path):
     _, make_argv, fragments = case
     (tmp_path / "pairs.tsv").write_text(PAIRS)
     (tmp_path / "bad.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t0.5\nc\td\tx\n")
+    (tmp_path / "anchors.tsv").write_text("anchor\tpositive\nA man eats food.\tSomeone is eating.\n")
     (tmp_path / "SICK.tsv").write_text("pair_ID\tsentence_A\tsentence_B\tentailment_label\trelatedness_score\t"
                                        "SemEval_set\n1\ta\tb\tNEUTRAL\t3.0\tTEST\n")
     argv = make_argv(tmp_path, tiny_model_dir)

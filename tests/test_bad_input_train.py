@@ -151,7 +151,9 @@ CASES = [
     ("in-batch-loss-batch-of-one", lambda c: c.loss("mnrl", c.pairs, "--batch-size", 1),
      ["--batch-size 1", "at least 2 rows"]),
     ("resume-and-overwrite", lambda c: ["--out", c.out, "--resume", "--overwrite"], ["--resume and --overwrite"]),
-    ("model-missing", lambda c: c.cosine("--model", c.tmp / "no-such-model"), ["--model", "no-such-model"]),
+    ("model-missing", lambda c: c.cosine("--model", c.tmp / "no-such-model"),
+     ["--model", "cannot find model", "no folder", "no-such-model"]),  # the whole message: one line
+    ("model-is-a-file", lambda c: c.cosine("--model", c.pairs), ["cannot find model", "is a file, not a model folder"]),
     # recipes: the same checks, naming the recipe file and key
     ("recipe-missing", lambda c: c.cosine("--recipe", c.tmp / "nope.json"), ["--recipe", "nope.json", "cannot read"]),
     ("recipe-malformed", lambda c: c.cosine("--recipe", recipe(c, "r.json", '{"loss": "cosine",\n "lr": }')),

@@ -3,6 +3,8 @@ CLI writes rows train.py reads, atomically, and refuses to overwrite."""
 
 import itertools
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -105,11 +107,20 @@ def test_cli_writes_rows_train_reads_and_refuses_to_overwrite(tiny_model, tmp_pa
     _, columns, _ = train.columns_for_loss(rows, train.LOSSES["mnrl"], 0.8, str(out))
     assert columns == ["anchor", "positive", "negative_1", "negative_2"]
     before = out.read_bytes()
-    with pytest.raises(SystemExit) as refused:
-        mine.main(["--model", str(tiny_model.source_dir), "--data", str(source), "--out", str(out)])
-    assert refused.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert mine.main(["--model", str(tiny_model.source_dir), "--data", str(source), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    out.write_text("an earlier output\n")
+    previous = os.umask(0o027)
+    try:
+        assert mine.main(["--model", str(tiny_model.source_dir), "--data", str(source), "--out", str(out),
+                          "--num-negatives", "2", "--batch-size", "8", "--overwrite"]) == 0
+    finally:
+        os.umask(previous)
+    assert out.read_bytes() == before  # replaced, with the mode of a new file (not a temporary file's 0600)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
     # A TSV corpus is read by its --corpus-column (never as raw lines: no header or id mined as a text), the same
     # candidates as a text file holding the texts alone.
@@ -134,18 +145,65 @@ def test_cli_writes_rows_train_reads_and_refuses_to_overwrite(tiny_model, tmp_pa
     (["--data", "{pairs}", "--corpus", "{pairs}"], "name the column holding the texts with --corpus-column"),
     (["--data", "{pairs}", "--corpus", "{pairs}", "--corpus-column", "body"], "no column 'body' (columns: anchor, "
                                                                               "positive); pass --corpus-column"),
+    (["--data", "{pairs}", "--num-negatives", "0"], "--num-negatives must be at least 1, not 0"),
+    (["--data", "{pairs}", "--sampling", "best"], "--sampling: invalid choice: 'best'"),  # argparse's own errors
+    (["--data", "{pairs}", "--batch-size", "many"], "--batch-size: invalid int value: 'many'"),
+    (["--data", "{pairs}", "--out", "{nested}"], "the folder"),
+    (["--data", "{pairs}", "--model", "{missing}"], "--model {missing}: cannot find model '{missing}': no folder"),
+    (["--out", "{nested}"], "the following arguments are required: --data"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "bad.tsv").write_text("sentence1\tsentence2\na\tb\n")
     (tmp_path / "pairs.tsv").write_text("anchor\tpositive\na\tb\n")
     paths = {"missing": tmp_path / "nope.tsv", "bad_columns": tmp_path / "bad.tsv", "pairs": tmp_path / "pairs.tsv",
-             "folder": tmp_path}
-    argv = [a.format(**paths) for a in argv]
-    try:
-        code = mine.main(["--model", "unused-model", "--out", str(tmp_path / "o.jsonl"), *argv])
-    except SystemExit as error:  # flag errors: argparse's usage and one error line
-        code = error.code
+             "folder": tmp_path, "nested": tmp_path / "no-folder" / "o.jsonl"}
+    argv, message = [a.format(**paths) for a in argv], message.format(**paths)
+    code = mine.main(["--model", "unused-model", "--out", str(tmp_path / "o.jsonl"), *argv])
     err = capsys.readouterr().err
-    assert code == 2 and message in err and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("mine.py: error:")
+    # One line, as train.py and eval.py: no usage block, even for argparse's own errors.
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("mine.py: error: "), err
+    assert message in err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def beir_folder(folder):
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": "a cat sleeps"}\n')
+    (folder / "queries.jsonl").write_text('{"_id": "q1", "text": "where is the cat"}\n')
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    return folder
+
+
+@pytest.mark.parametrize("data, out, extra, what", [
+    ("pairs.tsv", "pairs.tsv", [], "is the --data file"),
+    ("pairs.tsv", "sub/../pairs.tsv", [], "is the --data file"),
+    ("pairs.tsv", "link.tsv", [], "is the --data file"),  # a symbolic link to the input
+    ("pairs.tsv", "hard.tsv", [], "is the --data file"),  # a hard link: the same file under another name
+    ("beir", "beir/corpus.jsonl", ["--split", "test"], "a file of the --data folder"),
+    ("beir", "beir/qrels/test.tsv", ["--split", "test"], "a file of the --data folder"),
+    ("beir", "beir/qrels/../queries.jsonl", ["--split", "test"], "a file of the --data folder"),
+    ("pairs.tsv", "corpus.txt", ["--corpus", "corpus.txt"], "is the --corpus file"),
+    ("pairs.tsv", "link-to-corpus.txt", ["--corpus", "sub/../corpus.txt"], "is the --corpus file"),
+    ("pairs.tsv", "model/config.json", ["--model", "model"], "a file of the --model folder"),
+])
+def test_overwrite_never_replaces_an_input(tmp_path, capsys, monkeypatch, data, out, extra, what):
+    """--overwrite replaces an earlier output, never an input: an --out that is (links and ../ resolved) the --data
+    file, a file of the --data or --model folder or the --corpus file is refused in one line, before the model is
+    loaded ("unused-model" is no model), and every input keeps its bytes."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "pairs.tsv").write_text("anchor\tpositive\na\tb\n")
+    (tmp_path / "corpus.txt").write_text("a\nb\nc\n")
+    (tmp_path / "link.tsv").symlink_to(tmp_path / "pairs.tsv")
+    (tmp_path / "link-to-corpus.txt").symlink_to("corpus.txt")
+    (tmp_path / "hard.tsv").hardlink_to(tmp_path / "pairs.tsv")
+    beir_folder(tmp_path / "beir")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    argv = ["--model", "unused-model", "--data", data, "--out", out, "--overwrite", *extra]
+    code = mine.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"mine.py: error: --out {out}: ") and what in err and "never an input" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

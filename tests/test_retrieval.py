@@ -5,6 +5,8 @@ chunked ranking; the SNLI reader and the Quora split of the recipes."""
 import gzip
 import importlib.util
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -144,13 +146,23 @@ def test_real_snli_files():
         assert len(rows) == 10_000 - unlabelled and {r["label"] for r in rows} == {0, 1, 2}
 
 
-def test_quora_split_is_deterministic_and_disjoint(tmp_path):
+@pytest.fixture(scope="module")
+def split_pairs():
+    spec = importlib.util.spec_from_file_location("split_pairs", REPO / "recipes" / "split_pairs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def quora_like(path):
     lines = ["anchor\tpositive"] + [f"question {i}\tquestion {i} again" for i in range(80)]
     lines += [f"question {i}\tquestion {i} once more" for i in range(0, 80, 4)]  # linked pairs: split as a group
-    (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
-    spec = importlib.util.spec_from_file_location("split_pairs", REPO / "recipes" / "split_pairs.py")
-    split_pairs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(split_pairs)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_quora_split_is_deterministic_and_disjoint(tmp_path, split_pairs):
+    quora_like(tmp_path / "pairs.tsv")
     outputs = []
     for name in ("a", "b"):
         assert split_pairs.main([str(tmp_path / "pairs.tsv"), "--out", str(tmp_path / name)]) == 0
@@ -163,6 +175,98 @@ def test_quora_split_is_deterministic_and_disjoint(tmp_path):
     assert 10 <= sum(len(docs) for docs in relevant.values()) / 2 <= 14  # ~10% of the 100 pairs
     evaluator = evaluation.for_task("retrieval", tmp_path / "a" / "test", "test")
     assert all(evaluator.skip[i] == evaluator.corpus_ids.index(q) for i, q in enumerate(evaluator.query_ids))
+
+
+def files_in(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(capsys, code, fragments):
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("split_pairs.py: error: "), err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+@pytest.mark.parametrize("data, out", [
+    ("x/train.tsv", "x"),  # the audit's case: the input is the train.tsv the split writes
+    ("x/test/qrels/test.tsv", "x"),
+    ("link.tsv", "x"),  # a symbolic link to x/train.tsv
+    ("x/train.tsv", "x/../x"),
+])
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_split_never_writes_over_its_input(tmp_path, capsys, monkeypatch, split_pairs, data, out, overwrite):
+    monkeypatch.chdir(tmp_path)
+    quora_like(tmp_path / "pairs.tsv")
+    assert split_pairs.main(["pairs.tsv", "--out", "x"]) == 0
+    capsys.readouterr()
+    (tmp_path / "link.tsv").symlink_to(tmp_path / "x" / "train.tsv")
+    before = files_in(tmp_path)
+    code = split_pairs.main([data, "--out", out, *overwrite])
+    one_line_error(capsys, code, [f"--out {out}: the split would write", f"over the input {data}", "never the input"])
+    assert files_in(tmp_path) == before
+
+
+def test_split_replaces_an_earlier_split_only_with_overwrite(tmp_path, capsys, split_pairs):
+    quora_like(tmp_path / "pairs.tsv")
+    fresh, out = tmp_path / "fresh", tmp_path / "out"
+    assert split_pairs.main([str(tmp_path / "pairs.tsv"), "--out", str(fresh)]) == 0
+    out.mkdir()
+    (out / "train.tsv").write_text("anchor\tpositive\nan earlier\tsplit\n")
+    (out / "notes.txt").write_text("the user's")
+    before = files_in(out)
+    code = split_pairs.main([str(tmp_path / "pairs.tsv"), "--out", str(out)])
+    one_line_error(capsys, code, [f"--out {out}: holds train.tsv already", "--overwrite"])
+    assert files_in(out) == before
+    previous = os.umask(0o027)
+    try:
+        assert split_pairs.main([str(tmp_path / "pairs.tsv"), "--out", str(out), "--overwrite"]) == 0
+    finally:
+        os.umask(previous)
+    # The split's four files, as a fresh split writes them and with a new file's mode; the user's file untouched.
+    assert files_in(out) == {**files_in(fresh), "notes.txt": b"the user's"}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file() and p.name != "notes.txt"} == {0o640}
+    (out / "train.tsv").unlink()
+    code = split_pairs.main([str(tmp_path / "pairs.tsv"), "--out", str(out)])  # test/ alone is an earlier split too
+    one_line_error(capsys, code, [f"--out {out}: holds test already", "--overwrite"])
+
+
+def test_an_interrupted_split_leaves_no_half_file(tmp_path, monkeypatch, split_pairs):
+    quora_like(tmp_path / "pairs.tsv")
+    out = tmp_path / "out"
+    assert split_pairs.main([str(tmp_path / "pairs.tsv"), "--out", str(out)]) == 0
+    before = files_in(out)
+    (tmp_path / "pairs.tsv").write_text("anchor\tpositive\n" + "".join(f"new {i}\tnew {i} again\n" for i in range(50)))
+
+    def interrupted(path, text):  # Ctrl-C halfway through writing the corpus
+        with split_pairs.files.replaced_atomically(path) as temporary:
+            temporary.write_text(text[: len(text) // 2])
+            if path.name == "corpus.jsonl":
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(split_pairs.files, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        split_pairs.main([str(tmp_path / "pairs.tsv"), "--out", str(out), "--overwrite"])
+    after = files_in(out)
+    assert after.keys() == before.keys()  # no temporary file left
+    assert after["test/corpus.jsonl"] == before["test/corpus.jsonl"]  # the old corpus, whole
+    assert after["train.tsv"] != before["train.tsv"]  # written (in halves, by this stand-in) before the corpus
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["pairs.tsv", "--out", "o", "--test-fraction", "1.5"], ["--test-fraction must be between 0 and 1"]),
+    (["bad.tsv", "--out", "o"], ["bad.tsv: needs anchor and positive columns"]),
+    (["missing.tsv", "--out", "o"], ["missing.tsv"]),
+    (["pairs.tsv", "--out", "pairs.tsv"], ["--out pairs.tsv: is a file"]),
+    (["pairs.tsv"], ["the following arguments are required: --out"]),
+])
+def test_split_bad_input_is_one_line(tmp_path, capsys, monkeypatch, split_pairs, argv, fragments):
+    monkeypatch.chdir(tmp_path)
+    quora_like(tmp_path / "pairs.tsv")
+    (tmp_path / "bad.tsv").write_text("sentence1\tsentence2\na\tb\n")
+    before = files_in(tmp_path)
+    one_line_error(capsys, split_pairs.main(argv), fragments)
+    assert files_in(tmp_path) == before
 
 
 @pytest.mark.parametrize("recipe, columns, count", [

@@ -1,6 +1,8 @@
 """A saved model loads in sentence-transformers and transformers and gives minilm's embeddings."""
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -69,3 +71,37 @@ def test_model_without_normalize_round_trips(model_dir, tmp_path):
     reference = st.SentenceTransformer(str(tmp_path), device="cpu")
     assert len(reference) == 2 and reference.max_seq_length == 512
     assert np.abs(reference.encode(SENTENCES) - model.encode(SENTENCES)).max() < 1e-5
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_get_the_umask_mode(tiny_model_dir, tmp_path, umask):
+    """Every file of a saved model (the safetensors ones included, which safetensors' save_file would leave 0600)
+    and the SoftmaxLoss classifier get 0666 less the umask, as any file the user creates; saving again over them
+    too, and no temporary file stays behind."""
+    from minilm.losses.softmax import SoftmaxLoss
+
+    model = minilm.load(str(tiny_model_dir), device="cpu")
+    previous = os.umask(umask)
+    try:
+        for _ in range(2):  # a new folder, then the same folder again (files replaced)
+            model.save(tmp_path / "saved")
+            SoftmaxLoss(model).save(tmp_path / "saved")
+    finally:
+        os.umask(previous)
+    saved = [path for path in (tmp_path / "saved").rglob("*") if path.is_file()]
+    assert {"model.safetensors", "softmax_classifier.safetensors", "config.json"} <= {p.name for p in saved}
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in saved}
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
+    assert not [p for p in saved if p.name.startswith(".")]
+    assert SoftmaxLoss.load_classifier(tmp_path / "saved").in_features == 3 * model.embedding_dim
+
+
+def test_a_failed_tensor_save_keeps_the_old_file(tmp_path):
+    from minilm import files
+
+    path = tmp_path / "weights.safetensors"
+    files.save_tensors({"a": torch.ones(2)}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):  # a non-contiguous tensor: safetensors refuses it midway
+        files.save_tensors({"a": torch.zeros(2), "b": torch.ones(4, 4).t()}, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"]

@@ -6,7 +6,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from minilm import files
 
 from minilm.losses.params import check_params
 
@@ -62,8 +64,8 @@ class SoftmaxLoss(nn.Module):
 
     def save(self, out_dir) -> None:
         out_dir = Path(out_dir)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.classifier.state_dict().items()},
-                  str(out_dir / CLASSIFIER_FILE))
+        files.save_tensors({k: v.detach().contiguous().cpu() for k, v in self.classifier.state_dict().items()},
+                           out_dir / CLASSIFIER_FILE)
         (out_dir / CLASSIFIER_CONFIG).write_text(json.dumps(
             {"num_labels": self.num_labels, "in_features": self.classifier.in_features}, indent=2) + "\n")
 
