@@ -142,13 +142,13 @@ def test_tasks_read_local_benchmarks():
 
 def test_eval_precision_reaches_encode_and_keeps_the_quality(model_dir, tmp_path):
     """eval.py --precision evaluates encode's fast precisions: bf16 and int8 embeddings differ from fp32's (the
-    flag reaches encode), and their Spearman on 200 STS-B dev pairs stays within 0.002 of fp32's (measured:
-    bf16 1e-5, int8 2e-4; issue 13's condition on the whole test set is 0.002)."""
+    flag reaches encode), and their Spearman on 100 STS-B dev pairs stays within 0.002 of fp32's (measured:
+    bf16 5e-4, int8 3e-4; issue 13's condition on the whole test set is 0.002)."""
     import json
 
     import eval as eval_script
 
-    rows = evaluation.data.load_stsb(shared_data("stsb"), "dev")[:200]
+    rows = evaluation.data.load_stsb(shared_data("stsb"), "dev")[:100]
     pairs = tmp_path / "pairs.tsv"
     pairs.write_text("sentence1\tsentence2\tscore\n" + "".join(
         f"{r['sentence1']}\t{r['sentence2']}\t{r['score']}\n" for r in rows), encoding="utf-8")
