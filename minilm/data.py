@@ -101,18 +101,33 @@ def _check_unicode(text: str, path, line: int, column: str) -> None:
 def _label(value, path, line, num_labels, label_names) -> int:
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise DataError(f"{path}:{line}: label {value!r} is not an integer")
-    if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+    named = False
+    if isinstance(value, str) and not _is_number(value):
         if label_names is None:
             raise DataError(f"{path}:{line}: label {value!r} is not an integer")
-        label = label_names.setdefault(value, len(label_names))
+        name = value.strip()
+        name = name.lower() if name.lower() in NLI_LABELS else name  # "Entailment", "CONTRADICTION"
+        label, named = label_names.setdefault(name, len(label_names)), True
     else:
         try:
-            label = int(float(value))
+            number = float(value)
         except (TypeError, ValueError):
             raise DataError(f"{path}:{line}: label {value!r} is not an integer") from None
+        if not number.is_integer():  # "1.5" as text, as the number 1.5 above
+            raise DataError(f"{path}:{line}: label {value!r} is not an integer")
+        label = int(number)  # 1, 1.0 and "1.0" are class 1
     if label < 0 or (num_labels is not None and label >= num_labels):
-        raise DataError(f"{path}:{line}: label {value!r} is outside 0..{(num_labels or 1) - 1}")
+        how = (f" (a name that is not one of {list(NLI_LABELS)} is numbered after them, in order of first "
+               f"appearance: {value!r} would be class {label})") if named else ""
+        raise DataError(f"{path}:{line}: label {value!r} is outside 0..{(num_labels or 1) - 1}{how}")
     return label
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def read_dataset(path, num_labels=None) -> Dataset:

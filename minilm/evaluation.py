@@ -450,7 +450,7 @@ def for_task(task: str, location, split: str, classifier=None, binary_threshold:
                                       [r["label"] for r in rows], classifier, name=f"sick-nli-{split}")
     if task == "retrieval" and Path(location).is_dir():
         return InformationRetrievalEvaluator.from_beir(location, split)
-    rows = data.read_dataset(location).rows
+    rows = data.read_dataset(location, num_labels=2 if task == "binary" else None).rows  # binary: 0/1, by line
     name = Path(location).stem
     needed = {"pairs": ("sentence1", "sentence2", "score"), "binary": ("sentence1", "sentence2", "label"),
               "retrieval": ("anchor", "positive")}.get(task, ())

@@ -201,6 +201,8 @@ EVAL_CASES = [
     ("data-missing", lambda t, m: ["--model", m, "--task", "pairs", "--data", t / "nope.tsv"],
      ["--data", "nope.tsv", "no such file"]),
     ("unknown-task", lambda t, m: ["--model", m, "--task", "glue", "--data", t], ["--task", "'glue'"]),
+    ("binary-label-word", lambda t, m: ["--model", m, "--task", "binary", "--data", t / "bin.tsv"],
+     ["bin.tsv:3", "label 'true'", "0..1"]),
     ("unknown-precision", lambda t, m: ["--model", m, "--task", "pairs", "--data", t / "pairs.tsv", "--precision",
                                         "int4"], ["--precision", "'int4'", "bf16"]),
 ]
@@ -211,6 +213,7 @@ def test_eval_bad_input_is_one_line(case, capsys, tiny_model_dir, tmp_path):
     _, make_argv, fragments = case
     (tmp_path / "pairs.tsv").write_text(PAIRS)
     (tmp_path / "bad.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t0.5\nc\td\tx\n")
+    (tmp_path / "bin.tsv").write_text("sentence1\tsentence2\tlabel\na\tb\t1.0\nc\td\ttrue\n")
     (tmp_path / "anchors.tsv").write_text("anchor\tpositive\nA man eats food.\tSomeone is eating.\n")
     (tmp_path / "SICK.tsv").write_text("pair_ID\tsentence_A\tsentence_B\tentailment_label\trelatedness_score\t"
                                        "SemEval_set\n1\ta\tb\tNEUTRAL\t3.0\tTEST\n")

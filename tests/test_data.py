@@ -133,3 +133,15 @@ def test_fields_no_loss_reads_as_text_are_kept_as_they_are(tmp_path):
     path.write_text('{"anchor": "a", "positive": 7}\n')
     with pytest.raises(data.DataError, match="field 'positive' is int 7"):
         data.read_dataset(path)
+
+
+def test_labels_written_as_decimals_or_capitalized_names_are_the_classes_they_mean(tmp_path):
+    path = tmp_path / "nli.tsv"
+    path.write_text("premise\thypothesis\tlabel\na\tb\t1.0\nc\td\tEntailment\ne\tf\tNEUTRAL\ng\th\t2\n")
+    assert [row["label"] for row in data.read_dataset(path, 3).rows] == [1, 0, 1, 2]
+    path.write_text("premise\thypothesis\tlabel\na\tb\tfoo\n")
+    with pytest.raises(data.DataError, match=r"nli.tsv:2: label 'foo' is outside 0..2 \(a name .* class 3\)"):
+        data.read_dataset(path, 3)
+    path.write_text("premise\thypothesis\tlabel\na\tb\t1.5\n")
+    with pytest.raises(data.DataError, match="label '1.5' is not an integer"):
+        data.read_dataset(path, 3)
