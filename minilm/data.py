@@ -153,7 +153,9 @@ def read_dataset(path, num_labels=None) -> Dataset:
                 raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            columns = columns or list(record)
+            if columns is None:
+                columns = list(record)
+                _check_unique_columns(columns, path, number)
             missing = [c for c in columns if c not in record]
             if missing:
                 raise DataError(f"{path}:{number}: missing column(s) {missing}")
@@ -176,6 +178,7 @@ def read_dataset(path, num_labels=None) -> Dataset:
                 continue
             if header is None:
                 header = columns = [name.strip() for name in fields]
+                _check_unique_columns(columns, path, number)
                 continue
             if len(fields) != len(columns):
                 raise DataError(f"{path}:{number}: {len(fields)} fields, the header has {len(columns)} "
@@ -185,6 +188,18 @@ def read_dataset(path, num_labels=None) -> Dataset:
     if not rows:
         raise DataError(f"{path}: a header but no rows")
     return Dataset(rows, [ALIASES.get(c, c) for c in columns], str(path), row_lines)
+
+
+def _check_unique_columns(columns: list, path, number: int) -> None:
+    """Two columns that name the same thing (twice "anchor", or "query" beside "anchor", its alias): which one
+    is meant cannot be told, so neither is guessed."""
+    seen = {}
+    for column in columns:
+        name = ALIASES.get(column, column)
+        if name in seen:
+            same = f"{seen[name]!r} twice" if seen[name] == column else f"{seen[name]!r} and {column!r} (both {name!r})"
+            raise DataError(f"{path}:{number}: the columns name {same}; keep one")
+        seen[name] = column
 
 
 def _tsv_fields(text: str, path, number: int) -> list:

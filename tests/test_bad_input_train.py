@@ -211,6 +211,10 @@ CASES = [
     ("jsonl-text-field-not-in-first-record", lambda c: c.loss("mnrl", c.write("d.jsonl", jsonl(
         {"anchor": "a", "positive": "b"}, {"anchor": "c", "positive": "d", "negative": "x"}))),
      ["d.jsonl:2", "['negative']", "first record"]),
+    ("header-column-twice", lambda c: c.loss("mnrl", c.write("d.tsv", "anchor\tanchor\tpositive\na\tb\tc\n")),
+     ["d.tsv:1", "'anchor' twice"]),
+    ("header-column-and-its-alias", lambda c: c.loss("mnrl", c.write("d.csv", "query,anchor,positive\na,b,c\n")),
+     ["d.csv:1", "'query' and 'anchor'"]),
     ("jsonl-broken", lambda c: c.cosine(data=c.write("d.jsonl", '{"sentence1": "a",\n')), ["d.jsonl:1", "JSON"]),
     ("jsonl-array", lambda c: c.cosine(data=c.write("d.jsonl", '["a", "b", 0.5]\n')), ["d.jsonl:1", "JSON object"]),
     ("jsonl-missing-column", lambda c: c.cosine(data=c.write("d.jsonl", jsonl(
