@@ -772,7 +772,9 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
             progress = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
         model.train()
         # The loss stays on the device between log steps: no host sync per micro-batch.
-        running_loss, running_count = torch.zeros((), device=device), 0
+        # Restored on --resume: the loss logged at the next log step then equals an uninterrupted run's.
+        running_loss = torch.tensor(float(state.get("running_loss", 0.0)), device=device)
+        running_count = state.get("running_count", 0)
         grad_norm = None
         started = time.perf_counter() - state["train_seconds"]
         finished = state["step"] >= total_steps
@@ -827,6 +829,8 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
                 if (args.save_steps and step % args.save_steps == 0 and step < total_steps) or \
                         (stopping and step < total_steps):
                     stop_on_bad_loss(running_loss, grad_norm)
+                    # every rank's sum so far, averaged: what the next log step averages over the ranks anyway
+                    state["running_loss"], state["running_count"] = float(global_mean(running_loss)), running_count
                     saved = checkpoint_now()
                     if stopping:
                         if progress is not None:

@@ -446,3 +446,23 @@ def test_resume_from_another_folder_finds_the_runs_relative_paths(capsys, tiny_m
     assert log_steps(work / "run") == [2, 4]
     card = (work / "run" / "README.md").read_text()
     assert "**Training Dataset:** pairs.tsv" in card and str(work) not in card  # as given, not the resolved path
+
+
+def test_the_loss_logged_after_a_resume_equals_the_uninterrupted_runs(capsys, tiny_model_dir, tmp_path,
+                                                                     monkeypatch):
+    """Stopped after step 1 of a run that logs every 3 steps: the loss logged at step 3 after --resume averages
+    steps 1-3, as the uninterrupted run's does (the running sum is in the checkpoint)."""
+    data = tmp_path / "pairs.tsv"
+    data.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a{i}\tb{i}\t0.{i % 10}\n" for i in range(24)))
+    common = tiny_run(tiny_model_dir, data, "--max-steps", 6, "--log-steps", 3)
+    ok(capsys, *common, "--out", tmp_path / "straight")
+    with monkeypatch.context() as patch:
+        patch.setattr(train.StopRequest, "__enter__", stopped_at_once)
+        code, _, err = run_train(capsys, *common, "--out", tmp_path / "stopped")
+    assert code == 130, err
+    ok(capsys, "--out", tmp_path / "stopped", "--resume")
+
+    def losses(out):
+        return [(entry["step"], entry["loss"]) for entry in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+                if "loss" in entry]
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 2
