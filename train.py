@@ -447,6 +447,8 @@ def load_checkpoint(out: Path, rank: int) -> tuple:
             rng = checkpoint["rng"] if rank == 0 else torch.load(folder / f"rng-rank{rank}.pt", weights_only=True)
         except Exception as error:  # any way a file can be damaged or crafted: try the one before
             reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+            if reason.startswith("Weights only load failed"):  # torch's advice about weights_only misleads here
+                reason = "not a checkpoint train.py wrote (damaged, or holds objects other than tensors)"
             problems.append(f"{folder / CHECKPOINT}: {reason}")
             continue
         if problems and rank == 0:
@@ -549,6 +551,10 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM during training: stop without finishing the step."""
+
+
 class StopRequest:
     """SIGINT/SIGTERM set a flag that the loop reads after each optimizer step; a second signal stops at once."""
 
@@ -563,7 +569,7 @@ class StopRequest:
 
     def _handle(self, number, frame):
         if self.signal is not None:
-            raise KeyboardInterrupt
+            raise StoppedAtOnce
         self.signal = signal.Signals(number).name
         print(f"\ntrain.py: {self.signal}: finishing this step, then writing a checkpoint (again to stop now)",
               file=sys.stderr, flush=True)
@@ -588,9 +594,13 @@ def main(argv=None) -> int:
     except OSError as error:  # a disk that fills or a folder that goes away while the run writes
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except StoppedAtOnce:
         print("train.py: stopped at once (a second signal); --resume continues from the newest checkpoint, if "
               "one was written", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # while loading, before the loop (a new run then keeps nothing: see _run), or after it
+        print("train.py: interrupted outside the training steps (a signal there stops at once); run the command "
+              "again, or with --out ... --resume where a checkpoint was written", file=sys.stderr)
         return 130
     finally:
         if dist.is_initialized():

@@ -466,3 +466,15 @@ def test_the_loss_logged_after_a_resume_equals_the_uninterrupted_runs(capsys, ti
         return [(entry["step"], entry["loss"]) for entry in map(json.loads, (out / "log.jsonl").read_text().splitlines())
                 if "loss" in entry]
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 2
+
+
+def test_ctrl_c_while_loading_says_what_happened_and_keeps_nothing(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    data = tmp_path / "pairs.tsv"
+    data.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a{i}\tb{i}\t0.{i % 10}\n" for i in range(24)))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train.minilm, "load", interrupted)
+    code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 2), "--out", tmp_path / "run")
+    assert code == 130 and "interrupted outside the training steps" in err and "second signal" not in err
+    assert not (tmp_path / "run").exists()
