@@ -34,7 +34,7 @@ from minilm.losses.softmax import SoftmaxLoss
 from minilm.model import PRECISIONS, resolve_device
 
 SPLITS = {"stsb": ("train", "dev", "test"), "stsb-binary": ("train", "dev", "test"),
-          "sick": ("train", "trial", "test"), "nli": ("train", "trial", "test")}
+          "sick": ("train", "trial", "dev", "test"), "nli": ("train", "trial", "dev", "test")}  # SICK: dev = trial
 
 
 class UsageError(Exception):
@@ -82,8 +82,8 @@ def evaluate(argv=None) -> int:
     parser.add_argument("--model", required=True, help="a model directory or a hub id")
     parser.add_argument("--task", required=True, choices=evaluation.TASKS)
     parser.add_argument("--data", required=True, help="the data file or directory of the task (see above)")
-    parser.add_argument("--split", default="test", help="split of stsb/sick/nli or of a BEIR folder's qrels "
-                        "(default: test)")
+    parser.add_argument("--split", default=None, help="split of stsb/sick/nli or of a BEIR folder's qrels "
+                        "(default: test); a single file (pairs, binary, an SNLI file...) is its own split")
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                         help="encode's precision: fp32 (default, the reference), bf16 or fp16 weights and "
@@ -93,7 +93,13 @@ def evaluate(argv=None) -> int:
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
 
-    if args.task in SPLITS and args.split not in SPLITS[args.task] and not data.is_snli(args.data):
+    has_splits = ((args.task in SPLITS and not data.is_snli(args.data))
+                  or (args.task == "retrieval" and Path(args.data).is_dir()))
+    if args.split is not None and not has_splits:
+        parser.error(f"--split {args.split}: --data {args.data} is a single file, its own split; --split "
+                     "chooses a split of stsb, sick, nli (SICK.tsv) or a BEIR folder")
+    args.split = args.split or "test"
+    if args.task in SPLITS and has_splits and args.split not in SPLITS[args.task]:
         parser.error(f"--split for {args.task} must be one of {SPLITS[args.task]}, not {args.split!r}")
     if args.json:
         check_json_target(args.json)
@@ -119,11 +125,13 @@ def evaluate(argv=None) -> int:
         metrics = evaluator(model)
     seconds = time.perf_counter() - start
 
-    print(f"{args.task} ({args.split}) with {args.model}, precision {args.precision}, {seconds:.1f} s")
+    split = args.split if has_splits else None
+    print(f"{args.task}{f' ({split})' if split else ''} on {args.data} with {args.model}, precision "
+          f"{args.precision}, {seconds:.1f} s")
     for key, value in metrics.items():
         print(f"  {key:32s} {value:.4f}")
     if args.json:
-        result = {"model": args.model, "task": args.task, "split": args.split, "precision": args.precision,
+        result = {"model": args.model, "task": args.task, "data": args.data, "split": split, "precision": args.precision,
                   "metrics": metrics}
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

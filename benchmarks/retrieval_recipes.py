@@ -137,8 +137,9 @@ def main() -> None:
             theirs_seconds, theirs_run = run([sys.executable, "benchmarks/reference_retrieval_train.py",
                                               "--recipe", recipe, *data_flags, *schedule, "--seed", str(seed),
                                               "--out", str(theirs)], last_json=True)
-            run([sys.executable, "eval.py", "--model", str(theirs), "--task", task, "--data", eval_data,
-                 "--split", "test", "--json", str(theirs / "metrics.json")])
+            split = ["--split", "test"] if Path(eval_data).is_dir() else []  # a file (SNLI's test) is its split
+            run([sys.executable, "eval.py", "--model", str(theirs), "--task", task, "--data", eval_data, *split,
+                 "--json", str(theirs / "metrics.json")])
             theirs_metrics = json.loads((theirs / "metrics.json").read_text())["metrics"]
             results.setdefault(name, []).append({
                 "seed": seed, "minilm": final_metrics(ours)[metric], "st": theirs_metrics[metric],

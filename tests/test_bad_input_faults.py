@@ -202,6 +202,8 @@ EVAL_CASES = [
     ("data-missing", lambda t, m: ["--model", m, "--task", "pairs", "--data", t / "nope.tsv"],
      ["--data", "nope.tsv", "no such file"]),
     ("unknown-task", lambda t, m: ["--model", m, "--task", "glue", "--data", t], ["--task", "'glue'"]),
+    ("split-of-a-single-file", lambda t, m: ["--model", m, "--task", "pairs", "--data", t / "pairs.tsv", "--split",
+                                             "dev"], ["--split dev", "pairs.tsv", "single file"]),
     ("binary-label-word", lambda t, m: ["--model", m, "--task", "binary", "--data", t / "bin.tsv"],
      ["bin.tsv:3", "label 'true'", "0..1"]),
     ("unknown-precision", lambda t, m: ["--model", m, "--task", "pairs", "--data", t / "pairs.tsv", "--precision",
