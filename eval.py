@@ -84,7 +84,7 @@ def evaluate(argv=None) -> int:
     parser.add_argument("--data", required=True, help="the data file or directory of the task (see above)")
     parser.add_argument("--split", default=None, help="split of stsb/sick/nli or of a BEIR folder's qrels "
                         "(default: test); a single file (pairs, binary, an SNLI file...) is its own split")
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="texts per encode batch (default: 32)")
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                         help="encode's precision: fp32 (default, the reference), bf16 or fp16 weights and "
                         "activations, or int8 Linears (all but the attention's q/k/v); to check what a faster "
@@ -131,8 +131,8 @@ def evaluate(argv=None) -> int:
     for key, value in metrics.items():
         print(f"  {key:32s} {value:.4f}")
     if args.json:
-        result = {"model": args.model, "task": args.task, "data": args.data, "split": split, "precision": args.precision,
-                  "metrics": metrics}
+        result = {"model": args.model, "task": args.task, "data": args.data, "split": split,
+                  "precision": args.precision, "metrics": metrics}
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

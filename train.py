@@ -107,6 +107,8 @@ def build_parser(explicit_only: bool = False) -> Parser:
     parser = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def add(*names, default=None, **kwargs):
+        if default not in (None, False, {}) and "default" not in kwargs.get("help", ""):
+            kwargs["help"] = (kwargs.get("help", "") + " (default: %(default)s)").lstrip()  # --help shows it
         parser.add_argument(*names, default=argparse.SUPPRESS if explicit_only else default, **kwargs)
 
     add("--recipe", help="JSON file of flag values (see recipes/); command-line flags win")
@@ -124,25 +126,25 @@ def build_parser(explicit_only: bool = False) -> Parser:
     add("--overwrite", action="store_true",
         help="replace a previous minilm run in --out, once this run has succeeded (other files: refused)")
     add("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    add("--batch-size", type=positive_int, default=32)
+    add("--batch-size", type=positive_int, default=32, help="rows per batch (per process under torchrun)")
     add("--epochs", type=positive_float, default=1, help="passes over the data (ignored when --max-steps is set)")
     add("--max-steps", type=non_negative_int, default=0, help="optimizer steps to run; 0: as many as --epochs gives")
-    add("--lr", type=positive_float, default=5e-5)
-    add("--weight-decay", type=non_negative_float, default=0.0)
+    add("--lr", type=positive_float, default=5e-5, help="peak learning rate (AdamW, linear decay)")
+    add("--weight-decay", type=non_negative_float, default=0.0, help="AdamW's decoupled weight decay")
     add("--warmup-ratio", type=fraction, default=0.0, help="fraction of steps with a linear warm-up")
     add("--warmup-steps", type=non_negative_int, default=0, help="warm-up steps (overrides --warmup-ratio)")
-    add("--max-grad-norm", type=positive_float, default=1.0)
+    add("--max-grad-norm", type=positive_float, default=1.0, help="clip the model's gradient norm to this")
     add("--grad-accum", type=positive_int, default=1, help="batches per optimizer step")
-    add("--seed", type=int, default=42)
+    add("--seed", type=int, default=42, help="seed of the shuffling, dropout and any new weights")
     add("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
         help="autocast precision; auto: bf16 on CUDA when supported, else fp32")
     add("--max-seq-length", type=positive_int, help="truncate inputs to this many tokens (default: the model's)")
     add("--normalize", choices=["keep", "yes", "no"], default="keep", help="add/remove the Normalize module")
     add("--eval-task", choices=evaluation.TASKS, help="evaluation during and after training")
     add("--eval-data", help="data for --eval-task (default: the first --data)")
-    add("--eval-split", default="dev")
+    add("--eval-split", default="dev", help="split of the --eval-data (SICK: dev is its trial split)")
     add("--eval-steps", type=non_negative_int, default=0, help="evaluate every N steps (0: only at the end)")
-    add("--log-steps", type=positive_int, default=50)
+    add("--log-steps", type=positive_int, default=50, help="log the mean loss every N steps")
     add("--save-steps", type=non_negative_int, default=500, help="checkpoint every N steps (0: never)")
     add("--save-total-limit", type=positive_int, default=2, help="checkpoints kept (oldest removed)")
     add("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
@@ -672,7 +674,8 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
     for location, rows, columns, _ in datasets if loss_class.in_batch_negatives else []:
         if len({tuple(row[column] for column in columns) for row in rows}) < 2:  # masked: nothing to contrast
             raise UsageError(f"--data {location}: gives no batch of 2 different rows for the {args.loss} loss "
-                             f"(all {len(rows)} rows are the same texts)")
+                             + ("(it has one row)" if len(rows) == 1 else
+                                f"(all {len(rows)} rows are the same texts)"))
     if batches_per_epoch == 0:
         need = f"{args.batch_size * world} rows" if world > 1 else "2 rows with no text twice"
         raise UsageError(f"--data {' '.join(args.data)}: gives no batch of {need} for the {args.loss} loss "

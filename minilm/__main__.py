@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from minilm.errors import InputError
 from minilm.model import PRECISIONS
 
 EXAMPLES = ["A man is eating food.", "Someone is having a meal.", "A man is riding a horse.",
@@ -23,7 +24,8 @@ def similarity(args) -> None:
     sentences = args.sentences or EXAMPLES
     model = _load(args.parser, args.model, args.device)
     embeddings = model.encode(sentences)
-    print(f"{args.model}: {len(sentences)} sentences -> {embeddings.shape[1]}-d embeddings "
+    count = f"{len(sentences)} sentence{'s' * (len(sentences) != 1)}"
+    print(f"{args.model}: {count} -> {embeddings.shape[1]}-d embeddings "
           f"(device {model.device}, attention backend {model.attention_backend or 'auto'})\n")
     similarities = minilm.SentenceEncoder.similarity(embeddings, embeddings)
     for i, sentence in enumerate(sentences):
@@ -90,10 +92,17 @@ def search(args) -> None:
 def _load(parser, name, device, max_seq_length=None):
     import minilm
 
+    from minilm.model import resolve_device
+
+    try:
+        resolve_device(device)
+    except ValueError as error:
+        _fail(parser, f"--device {device}: {error}")
     try:
         return minilm.load(name, device=device, max_seq_length=max_seq_length)
     except (OSError, ValueError) as error:
-        _fail(parser, f"--model {name}: {error}")
+        flag = "--max-seq-length" if max_seq_length is not None and "max_seq_length" in str(error) else "--model"
+        _fail(parser, f"{flag} {max_seq_length if flag == '--max-seq-length' else name}: {error}")
 
 
 def _rank0_print(message: str) -> None:
@@ -198,6 +207,8 @@ def main(argv=None) -> None:
         _fail(args.parser, f"--rescore must be at least 1, not {args.rescore}")
     try:
         args.run(args)
+    except InputError as error:  # e.g. a MINILM_ATTENTION/_POOLING/_LINEAR name that does not exist
+        _fail(args.parser, str(error))
     except KeyboardInterrupt:
         # encode marks a window done only once its rows are on disk: nothing written is lost.
         again = ("; rerun the same command to continue from the last window written" if args.command == "encode"

@@ -249,6 +249,9 @@ def resolve_device(device) -> torch.device:
         resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, TypeError):
         raise InputError(f"device {device!r} is not a torch device; expected cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r}: minilm runs on the CPU and CUDA GPUs only (its fast paths are written "
+                         f"for those); expected cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r}: this PyTorch ({torch.__version__}) sees no CUDA device; use cpu")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():

@@ -94,7 +94,8 @@ def search(queries, corpus_embeddings, top_k: int = 10, similarity: str = "cos",
            corpus_chunk: int = 65536, device=None, calibration=None, rescore=None):
     """Exact top-k of every query over the corpus.
 
-    queries: float [num_queries, dim]; corpus_embeddings: [corpus_size, dim] (numpy, np.memmap or torch), or
+    queries: float [num_queries, dim], or one query [dim] (what encode returns for a string; the result still has
+    one row per query); corpus_embeddings: [corpus_size, dim] (numpy, np.memmap or torch; lists work too), or
     int8 codes [corpus_size, dim] with `calibration` ({"min", "max"} per dimension, as in a corpus manifest),
     or packed bits uint8 [corpus_size, ceil(dim / 8)] (see the module docstring).
     similarity: "cos" (cosine) or "dot" (dot product). rescore: binary corpora only, None or a whole number m:
@@ -105,6 +106,10 @@ def search(queries, corpus_embeddings, top_k: int = 10, similarity: str = "cos",
         raise ValueError(f"similarity must be 'cos' or 'dot', not {similarity!r}")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise ValueError(f"top_k must be a whole number >= 1, not {top_k!r}")
+    queries, corpus_embeddings = (np.asarray(x, dtype=np.float32) if isinstance(x, (list, tuple)) else x
+                                  for x in (queries, corpus_embeddings))
+    if len(queries.shape) == 1:
+        queries = queries[None]  # [dim] -> [1, dim]
     if len(queries.shape) != 2 or len(corpus_embeddings.shape) != 2:
         raise ValueError(f"queries {tuple(queries.shape)} and corpus {tuple(corpus_embeddings.shape)} must be "
                          f"[rows, dim]")

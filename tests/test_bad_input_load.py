@@ -148,6 +148,7 @@ BAD_LOAD_ARGUMENTS = {
     "max-seq-length-one": (dict(max_seq_length=1), "max_seq_length=1"),
     "unknown-attention-backend": (dict(attention_backend="flash"), "attention backend 'flash'"),
     "unknown-device": (dict(device="gpu0"), "device 'gpu0'"),
+    "device-minilm-does-not-run-on": (dict(device="mps"), "device 'mps': minilm runs on the CPU and CUDA"),
 }
 
 

@@ -236,6 +236,8 @@ def test_bad_input_ends_in_one_line(tiny_dir, tmp_path, capsys):
     (tmp_path / "c.txt").write_bytes(b"fine\n\xff\xfe broken\n")
     message = cli_error(capsys, base + [str(tmp_path / "o3"), str(tmp_path / "c.txt")])
     assert "c.txt line 2: not UTF-8" in message
+    message = cli_error(capsys, base + [str(tmp_path / "o3"), str(tmp_path / "c.txt"), "--max-seq-length", "9999"])
+    assert "error: --max-seq-length 9999: max_seq_length=9999" in message
     (tmp_path / "s.jsonl").write_text('{"text": "fine"}\n{"text": "half a pair: \\ud800"}\n')
     message = cli_error(capsys, base + [str(tmp_path / "o3"), str(tmp_path / "s.jsonl")])
     assert "s.jsonl line 2: field 'text' holds '\\ud800'" in message and "surrogate" in message
@@ -312,3 +314,11 @@ def test_cli_similarity_forms_and_help(tiny_dir, capsys):
         main(["--help"])
     help_text = capsys.readouterr().out
     assert all(command in help_text for command in ("similarity", "encode", "search"))
+
+
+def test_a_bad_fast_path_name_in_the_environment_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MINILM_ATTENTION", "bogus")
+    (tmp_path / "t.txt").write_text("one\ntwo\n")
+    message = cli_error(capsys, ["encode", str(tmp_path / "t.txt"), "--model", str(tiny_dir), "--out",
+                                 str(tmp_path / "o"), "--no-progress", "--device", "cpu"])
+    assert "unknown attention backend 'bogus' (from $MINILM_ATTENTION)" in message

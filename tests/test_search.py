@@ -114,3 +114,12 @@ def test_cli_search_prints_ids_and_texts(tiny, tiny_dir, tmp_path, capsys, dtype
         with pytest.raises(SystemExit):
             main(["search", str(tmp_path / "nowhere"), "a dog"])
         assert "nowhere: no such folder" in capsys.readouterr().err
+
+
+def test_one_query_vector_or_lists_search_like_a_matrix(data):
+    """encode("a string") gives a [dim] vector: search takes it as one query; lists of floats work as arrays."""
+    queries, corpus = data
+    indices, scores = minilm.search(queries[:1], corpus, top_k=3)
+    for query, rows in ((queries[0], corpus), (queries[:1].tolist(), corpus.tolist())):
+        got_indices, got_scores = minilm.search(query, rows, top_k=3)
+        assert torch.equal(got_indices, indices) and torch.allclose(got_scores, scores)
