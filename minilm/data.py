@@ -178,6 +178,10 @@ def read_dataset(path, num_labels=None) -> Dataset:
                 continue
             if header is None:
                 header = columns = [name.strip() for name in fields]
+                if not tsv and len(columns) == 1 and "\t" in columns[0]:
+                    raise DataError(f"{path}:{number}: the header is one column holding tabs: the file is read as "
+                                    "CSV (by its name: only .tsv, .tab and .txt are read as tab-separated); name a "
+                                    "tab-separated file .tsv")
                 _check_unique_columns(columns, path, number)
                 continue
             if len(fields) != len(columns):

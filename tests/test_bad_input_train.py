@@ -211,6 +211,8 @@ CASES = [
     ("jsonl-text-field-not-in-first-record", lambda c: c.loss("mnrl", c.write("d.jsonl", jsonl(
         {"anchor": "a", "positive": "b"}, {"anchor": "c", "positive": "d", "negative": "x"}))),
      ["d.jsonl:2", "['negative']", "first record"]),
+    ("tabs-in-a-csv-named-file", lambda c: c.loss("mnrl", c.write("pairs", "anchor\tpositive\na\tb\nc\td\n")),
+     ["pairs:1", "holding tabs", ".tsv"]),
     ("header-column-twice", lambda c: c.loss("mnrl", c.write("d.tsv", "anchor\tanchor\tpositive\na\tb\tc\n")),
      ["d.tsv:1", "'anchor' twice"]),
     ("header-column-and-its-alias", lambda c: c.loss("mnrl", c.write("d.csv", "query,anchor,positive\na,b,c\n")),
