@@ -345,6 +345,10 @@ def prepare_data(args, loss_class) -> tuple:
             if largest >= num_labels:
                 raise data.DataError(f"{location}: label {largest} is outside 0..{num_labels - 1}, the labels of "
                                      f"the {args.loss} loss (set num_labels in --loss-params)")
+        empty = sum(1 for row in rows if any(not row[column].strip() for column in text_columns))
+        if empty and int(os.environ.get("RANK", "0")) == 0:  # trained on as they are, as the reference does
+            print(f"train.py: note: {location}: {empty} of {len(rows)} rows have an empty or blank text; they "
+                  "train as the empty text", file=sys.stderr)
         datasets.append((location, rows, text_columns, label_column))
         fingerprints.append(fingerprint(Path(file)))
     return datasets, fingerprints

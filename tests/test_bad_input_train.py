@@ -346,3 +346,12 @@ def test_score_scale_trains_on_0_to_5_scores(capsys, tiny_model_dir, tmp_path):
     code, err = call(capsys, context.cosine("--score-scale", 5, "--save-steps", 0, data=data))
     assert code == 0, err
     assert "- `score_scale`: 5.0" in (context.out / "README.md").read_text()
+
+
+def test_empty_texts_train_with_a_note(capsys, tiny_model_dir, tmp_path):
+    context = Context(tmp_path, tiny_model_dir)
+    data = context.write("e.tsv", "sentence1\tsentence2\tscore\n" + "".join(
+        f"{'' if i % 4 == 0 else f'a{i}'}\tb{i}\t0.5\n" for i in range(16)))
+    code, err = call(capsys, context.cosine("--save-steps", 0, data=data))
+    assert code == 0, err
+    assert "note:" in err and "4 of 16 rows have an empty or blank text" in err
