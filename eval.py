@@ -30,6 +30,7 @@ import torch
 import minilm
 from minilm import data, evaluation
 from minilm.errors import InputError
+from minilm.files import write_text
 from minilm.losses.softmax import SoftmaxLoss
 from minilm.model import PRECISIONS, resolve_device
 
@@ -65,11 +66,26 @@ def main(argv=None) -> int:
         return 2
 
 
-def check_json_target(path: str) -> None:
-    """--json must be writable before minutes of evaluation are spent."""
+def check_json_target(path: str, inputs: list) -> None:
+    """--json must be writable before minutes of evaluation are spent, and never replace a file eval.py did not
+    write: not an input (the data, a file of the model's folder), not any file other than an earlier result."""
     target = Path(path)
     if target.is_dir():
         raise UsageError(f"--json {path}: is a folder; give a file name")
+    for flag, location in inputs:
+        source = Path(location)
+        if target.exists() and source.exists() and (source.resolve() == target.resolve()
+                                                    or source.resolve() in target.resolve().parents):
+            raise UsageError(f"--json {path}: is {'a file of ' if source.is_dir() else ''}{flag} {location}; write "
+                             "the metrics beside the inputs, not over them")
+    if target.exists():
+        try:
+            earlier = json.loads(target.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and {"model", "task", "metrics"} <= set(earlier)):
+            raise UsageError(f"--json {path}: exists and is not an earlier eval.py result; choose another name "
+                             "(eval.py replaces only its own results)")
     folder = target.parent
     if not folder.is_dir():
         raise UsageError(f"--json {path}: the folder {folder} does not exist")
@@ -102,7 +118,7 @@ def evaluate(argv=None) -> int:
     if args.task in SPLITS and has_splits and args.split not in SPLITS[args.task]:
         parser.error(f"--split for {args.task} must be one of {SPLITS[args.task]}, not {args.split!r}")
     if args.json:
-        check_json_target(args.json)
+        check_json_target(args.json, [("--data", args.data), ("--model", args.model)])
     if args.device is not None:
         try:
             resolve_device(args.device)
@@ -133,7 +149,7 @@ def evaluate(argv=None) -> int:
     if args.json:
         result = {"model": args.model, "task": args.task, "data": args.data, "split": split,
                   "precision": args.precision, "metrics": metrics}
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_text(args.json, json.dumps(result, indent=2) + "\n")  # whole or not at all
     return 0
 
 

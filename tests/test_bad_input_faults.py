@@ -204,6 +204,12 @@ EVAL_CASES = [
     ("unknown-task", lambda t, m: ["--model", m, "--task", "glue", "--data", t], ["--task", "'glue'"]),
     ("split-of-a-single-file", lambda t, m: ["--model", m, "--task", "pairs", "--data", t / "pairs.tsv", "--split",
                                              "dev"], ["--split dev", "pairs.tsv", "single file"]),
+    ("json-over-the-data", lambda t, m: ["--model", m, "--task", "pairs", "--data", t / "pairs.tsv", "--json",
+                                         t / "pairs.tsv"], ["--json", "pairs.tsv", "--data", "not over them"]),
+    ("json-into-the-model", lambda t, m: ["--model", m, "--task", "pairs", "--data", t / "pairs.tsv", "--json",
+                                          Path(m) / "config.json"], ["--json", "a file of --model", "not over them"]),
+    ("json-over-a-users-file", lambda t, m: ["--model", m, "--task", "pairs", "--data", t / "pairs.tsv", "--json",
+                                             t / "notes.json"], ["--json", "notes.json", "not an earlier eval.py"]),
     ("binary-label-word", lambda t, m: ["--model", m, "--task", "binary", "--data", t / "bin.tsv"],
      ["bin.tsv:3", "label 'true'", "0..1"]),
     ("unknown-precision", lambda t, m: ["--model", m, "--task", "pairs", "--data", t / "pairs.tsv", "--precision",
@@ -216,15 +222,29 @@ def test_eval_bad_input_is_one_line(case, capsys, tiny_model_dir, tmp_path):
     _, make_argv, fragments = case
     (tmp_path / "pairs.tsv").write_text(PAIRS)
     (tmp_path / "bad.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t0.5\nc\td\tx\n")
+    (tmp_path / "notes.json").write_text('{"mine": true}')
     (tmp_path / "bin.tsv").write_text("sentence1\tsentence2\tlabel\na\tb\t1.0\nc\td\ttrue\n")
     (tmp_path / "anchors.tsv").write_text("anchor\tpositive\nA man eats food.\tSomeone is eating.\n")
     (tmp_path / "SICK.tsv").write_text("pair_ID\tsentence_A\tsentence_B\tentailment_label\trelatedness_score\t"
                                        "SemEval_set\n1\ta\tb\tNEUTRAL\t3.0\tTEST\n")
     argv = make_argv(tmp_path, tiny_model_dir)
     before = sorted(p.name for p in tmp_path.iterdir())
+    contents = {path: path.read_bytes() for path in [*tmp_path.iterdir(), *Path(tiny_model_dir).iterdir()]
+                if path.is_file()}
     code, _, err = call(capsys, eval_script.main, argv)
     assert_one_line_error(code, err, "eval.py", fragments)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert all(path.read_bytes() == content for path, content in contents.items())
+
+
+def test_eval_json_replaces_only_its_own_earlier_result(capsys, tiny_model_dir, tmp_path):
+    (tmp_path / "pairs.tsv").write_text(PAIRS)
+    argv = ["--model", str(tiny_model_dir), "--task", "pairs", "--data", str(tmp_path / "pairs.tsv"), "--json",
+            str(tmp_path / "m.json")]
+    for _ in range(2):  # the second run replaces the first run's result
+        code, _, err = call(capsys, eval_script.main, argv)
+        assert code == 0, err
+    assert json.loads((tmp_path / "m.json").read_text())["task"] == "pairs"
 
 
 # --- the model card --------------------------------------------------------------------------------------------
