@@ -279,6 +279,11 @@ def fingerprint(path: Path) -> dict:
     return {"file": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
+# What the checks noticed but allow (rows dropped by --min-score, empty texts): said once everything is checked,
+# just before training starts, so that an error is still the only line when there is one.
+NOTES = []
+
+
 def columns_for_loss(rows: list, loss_class, min_score: float, source: str):
     """Pick the columns a loss reads, from its declarations (minilm/losses/__init__.py). -> (rows, text
     columns, label column or None). A loss without labels takes scored pairs scoring at least min_score."""
@@ -302,7 +307,15 @@ def columns_for_loss(rows: list, loss_class, min_score: float, source: str):
         first, second = loss_class.text_columns[0][:2]
         for a, b in (("sentence1", "sentence2"), ("premise", "hypothesis")):
             if {a, b} <= columns:
+                scores = [r["score"] for r in rows if "score" in r]
+                if scores and max(scores) > 1:  # --min-score is on the 0..1 scale of the loaders and --score-scale
+                    raise data.DataError(f"{source}: scores run up to {max(scores):g}, and --min-score {min_score} "
+                                         "chooses the pairs to learn from on a 0..1 scale; for data scored 0..5 "
+                                         "add --score-scale 5")
                 kept = [r for r in rows if "score" not in r or r["score"] >= min_score]
+                if scores and len(kept) < len(rows):
+                    NOTES.append(f"{source}: {len(kept)} of {len(rows)} pairs score at least --min-score "
+                                 f"{min_score}; the {loss_class.__name__} loss learns from those only")
                 if rows and not kept:
                     scores = [r["score"] for r in rows]
                     raise data.DataError(f"{source}: no pair scores at least --min-score {min_score} (scores run "
@@ -346,9 +359,9 @@ def prepare_data(args, loss_class) -> tuple:
                 raise data.DataError(f"{location}: label {largest} is outside 0..{num_labels - 1}, the labels of "
                                      f"the {args.loss} loss (set num_labels in --loss-params)")
         empty = sum(1 for row in rows if any(not row[column].strip() for column in text_columns))
-        if empty and int(os.environ.get("RANK", "0")) == 0:  # trained on as they are, as the reference does
-            print(f"train.py: note: {location}: {empty} of {len(rows)} rows have an empty or blank text; they "
-                  "train as the empty text", file=sys.stderr)
+        if empty:  # trained on as they are, as the reference does
+            NOTES.append(f"{location}: {empty} of {len(rows)} rows have an empty or blank text; they train as the "
+                         "empty text")
         datasets.append((location, rows, text_columns, label_column))
         fingerprints.append(fingerprint(Path(file)))
     return datasets, fingerprints
@@ -619,6 +632,7 @@ def run(args, given: dict, rank: int, world: int) -> int:
 
 
 def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -> int:
+    NOTES.clear()
     checkpoint = None
     if args.resume:
         if not args.out:
@@ -780,6 +794,8 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
                                  "--precision fp32, or check the data.")
 
         if rank == 0:
+            for note in dict.fromkeys(NOTES):
+                print(f"train.py: note: {note}", file=sys.stderr)
             print(f"training {args.loss} on {sum(len(d[1]) for d in datasets)} rows: {total_steps} steps of "
                   f"{args.batch_size} x {args.grad_accum} x {world} process(es), {precision}, device {device}")
         progress = None

@@ -213,6 +213,9 @@ CASES = [
      ["d.jsonl:2", "['negative']", "first record"]),
     ("tabs-in-a-csv-named-file", lambda c: c.loss("mnrl", c.write("pairs", "anchor\tpositive\na\tb\nc\td\n")),
      ["pairs:1", "holding tabs", ".tsv"]),
+    ("mnrl-on-0-to-5-scores", lambda c: c.loss("mnrl", c.write("s.tsv", "sentence1\tsentence2\tscore\na\tb\t4.5\n"
+                                                                 "c\td\t1.0\ne\tf\t5\n")),
+     ["s.tsv", "scores run up to 5", "--score-scale 5"]),
     ("header-column-twice", lambda c: c.loss("mnrl", c.write("d.tsv", "anchor\tanchor\tpositive\na\tb\tc\n")),
      ["d.tsv:1", "'anchor' twice"]),
     ("header-column-and-its-alias", lambda c: c.loss("mnrl", c.write("d.csv", "query,anchor,positive\na,b,c\n")),
@@ -355,3 +358,12 @@ def test_empty_texts_train_with_a_note(capsys, tiny_model_dir, tmp_path):
     code, err = call(capsys, context.cosine("--save-steps", 0, data=data))
     assert code == 0, err
     assert "note:" in err and "4 of 16 rows have an empty or blank text" in err
+
+
+def test_min_score_says_how_many_pairs_a_loss_without_labels_keeps(capsys, tiny_model_dir, tmp_path):
+    context = Context(tmp_path, tiny_model_dir)
+    data = context.write("s.tsv", "sentence1\tsentence2\tscore\n" + "".join(
+        f"a{i}\tb{i}\t{0.9 if i % 2 else 0.2}\n" for i in range(16)))
+    code, err = call(capsys, context.loss("mnrl", data, "--save-steps", 0))
+    assert code == 0, err
+    assert "note:" in err and "8 of 16 pairs score at least --min-score 0.8" in err
