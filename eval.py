@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import minilm
-from minilm import data, evaluation
+from minilm import data, evaluation, fast_paths
 from minilm.errors import InputError
 from minilm.files import write_text
 from minilm.losses.softmax import SoftmaxLoss
@@ -117,6 +117,10 @@ def evaluate(argv=None) -> int:
     args.split = args.split or "test"
     if args.task in SPLITS and has_splits and args.split not in SPLITS[args.task]:
         parser.error(f"--split for {args.task} must be one of {SPLITS[args.task]}, not {args.split!r}")
+    try:
+        fast_paths.check_environment()
+    except InputError as error:
+        raise UsageError(str(error)) from None
     if args.json:
         check_json_target(args.json, [("--data", args.data), ("--model", args.model)])
     if args.device is not None:

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import minilm
-from minilm import data, evaluation, model_card
+from minilm import data, evaluation, fast_paths, model_card
 from minilm.errors import InputError
 from minilm.losses import LOSSES
 from minilm.losses.params import check_params
@@ -225,6 +225,10 @@ def check_args(args, world: int = 1) -> None:
                          "starts a new one there; choose one")
     if not args.loss or not args.data:
         raise UsageError("--loss and --data are required (or a --recipe that sets them)")
+    try:
+        fast_paths.check_environment()
+    except InputError as error:
+        raise UsageError(str(error)) from None
     loss_class = LOSSES[args.loss]
     try:  # the loss's own arguments, by name and value, before anything is loaded
         inspect.signature(loss_class).bind(None, **args.loss_params)

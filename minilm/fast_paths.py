@@ -54,6 +54,14 @@ def choose(device, dtype=torch.float32, attention=None, pooling=None, linear=Non
                      linear_kind(device, dtype, linear))
 
 
+def check_environment() -> None:
+    """Refuse a MINILM_* variable that names no fast path, or one that cannot run here (Triton without it): the
+    CLIs call this before any work, so the mistake is one line, not a failure at the first batch."""
+    for piece in CHOICES:
+        if _forced(piece, None) == "triton":
+            _require_triton(piece)
+
+
 def attention_backend(device, forced=None) -> str:
     name = _forced("attention", forced)
     if name == "triton":

@@ -367,3 +367,23 @@ def test_min_score_says_how_many_pairs_a_loss_without_labels_keeps(capsys, tiny_
     code, err = call(capsys, context.loss("mnrl", data, "--save-steps", 0))
     assert code == 0, err
     assert "note:" in err and "8 of 16 pairs score at least --min-score 0.8" in err
+
+
+@pytest.mark.parametrize("variable, value, fragment", [
+    ("MINILM_ATTENTION", "bogus", "unknown attention backend 'bogus' (from $MINILM_ATTENTION)"),
+    ("MINILM_POOLING", "triton", "pooling 'triton' cannot run here"),
+])
+def test_a_bad_fast_path_in_the_environment_is_refused_before_anything_is_written(
+        capsys, tiny_model_dir, tmp_path, monkeypatch, variable, value, fragment):
+    import eval as eval_script
+
+    monkeypatch.setenv(variable, value)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr("minilm.kernels.available", lambda: False)  # as on a machine without Triton or a GPU
+    context = Context(tmp_path, tiny_model_dir)
+    code, err = call(capsys, context.cosine())
+    assert_one_line_error(code, err, [fragment])
+    assert not context.out.exists()
+    code = eval_script.main(["--model", str(tiny_model_dir), "--task", "pairs", "--data", str(context.pairs)])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1
