@@ -688,6 +688,11 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
                                             getattr(loss_fn, "classifier", None))
         except (OSError, ValueError) as error:
             raise UsageError(f"--eval-task {args.eval_task}: {error}") from None
+        location = Path(args.eval_data or args.data[0])
+        split_of_it = location.is_dir() or (args.eval_task in ("sick", "nli") and not data.is_snli(location))
+        if not args.eval_data and not split_of_it:
+            NOTES.append(f"--eval-task {args.eval_task} without --eval-data scores the training file {location} "
+                         "itself, not held-out data; pass --eval-data for a held-out score")
 
     # Samplers draw global batches (world x batch size; only full ones under torchrun), each rank takes its slice.
     batches = make_batches(datasets, loss_class, args.loss_params, args.batch_size * world, args.seed,

@@ -387,3 +387,10 @@ def test_a_bad_fast_path_in_the_environment_is_refused_before_anything_is_writte
     code = eval_script.main(["--model", str(tiny_model_dir), "--task", "pairs", "--data", str(context.pairs)])
     err = capsys.readouterr().err
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluating_on_the_training_file_itself_is_said(capsys, tiny_model_dir, tmp_path):
+    context = Context(tmp_path, tiny_model_dir)
+    code, err = call(capsys, context.cosine("--save-steps", 0, "--eval-task", "pairs"))
+    assert code == 0, err
+    assert "note: --eval-task pairs without --eval-data scores the training file" in err
