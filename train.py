@@ -559,6 +559,19 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def parameter_groups(model, loss_fn, weight_decay: float) -> list:
+    """AdamW's parameters: the model's and any weights the loss has (SoftmaxLoss's classifier), in two groups as
+    the Hugging Face trainer under sentence-transformers makes them: weight decay on weight matrices and
+    embeddings, none on biases and LayerNorm weights."""
+    loss_weights = [p for name, p in loss_fn.named_parameters() if not name.startswith("model.")]
+    no_decay = {id(p) for module in loss_fn.modules() if isinstance(module, torch.nn.LayerNorm)
+                for p in module.parameters()}
+    no_decay |= {id(p) for name, p in loss_fn.named_parameters() if name.endswith("bias")}
+    parameters = list(model.parameters()) + loss_weights
+    return [{"params": [p for p in parameters if id(p) not in no_decay], "weight_decay": weight_decay},
+            {"params": [p for p in parameters if id(p) in no_decay], "weight_decay": 0.0}]
+
+
 def clip_gradients(model, max_norm: float) -> torch.Tensor:
     """Scale the model's gradients so that their total norm is at most max_norm; returns the norm before.
 
@@ -714,16 +727,15 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     if checkpoint and total_steps < checkpoint["state"]["step"]:
         raise UsageError(f"--max-steps {total_steps}: the run is at step {checkpoint['state']['step']} already")
-    warmup = args.warmup_steps or int(args.warmup_ratio * total_steps)
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)  # rounded up, as the HF trainer does
 
     if world > 1:
         # The loss calls the wrapped model, so DDP averages the gradients of every backward pass.
         loss_fn.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # AdamW over the model and any weights the loss has (SoftmaxLoss's classifier). The fused kernel updates
-    # each tensor in one pass.
-    loss_weights = [p for name, p in loss_fn.named_parameters() if not name.startswith("model.")]
-    optimizer = torch.optim.AdamW(list(model.parameters()) + loss_weights, lr=args.lr,
-                                  weight_decay=args.weight_decay, fused=device.type in ("cuda", "cpu"))
+    # AdamW over the model and any weights the loss has (see parameter_groups). The fused kernel updates each
+    # tensor in one pass.
+    optimizer = torch.optim.AdamW(parameter_groups(model, loss_fn, args.weight_decay), lr=args.lr,
+                                  fused=device.type in ("cuda", "cpu"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: step / max(1, warmup) if step < warmup
         else max(0.0, (total_steps - step) / max(1, total_steps - warmup)))

@@ -478,3 +478,23 @@ def test_ctrl_c_while_loading_says_what_happened_and_keeps_nothing(capsys, tiny_
     code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 2), "--out", tmp_path / "run")
     assert code == 130 and "interrupted outside the training steps" in err and "second signal" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_weight_decay_spares_biases_and_layernorms_as_the_reference_trainer_does(tiny_model_dir):
+    """sentence-transformers' trainer (the Hugging Face Trainer) decays weight matrices and embeddings only."""
+    import minilm
+    from minilm.losses.softmax import SoftmaxLoss
+
+    model = minilm.load(str(tiny_model_dir), device="cpu")
+    loss_fn = SoftmaxLoss(model, 3)
+    decayed, spared = train.parameter_groups(model, loss_fn, 0.01)
+    assert decayed["weight_decay"] == 0.01 and spared["weight_decay"] == 0.0
+    names = {id(p): name for name, p in loss_fn.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    spared_names = {names[id(p)] for p in spared["params"]}
+    assert "classifier.weight" in decayed_names and "model.encoder.embeddings.word.weight" in decayed_names
+    assert "model.encoder.layers.0.ffn_in.weight" in decayed_names
+    assert {"classifier.bias", "model.encoder.layers.0.ffn_norm.weight", "model.encoder.embeddings.norm.bias",
+            "model.encoder.layers.0.attention.qkv.bias"} <= spared_names
+    assert not decayed_names & spared_names
+    assert len(decayed_names | spared_names) == len(list(model.parameters())) + 2  # + the classifier's
