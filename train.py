@@ -117,6 +117,10 @@ def build_parser(explicit_only: bool = False) -> Parser:
     add("--loss-params", type=json_object, default={}, help='loss parameters as JSON, e.g. \'{"scale": 20}\'')
     add("--data", nargs="+", help="training data file(s) or benchmark location(s)")
     add("--split", default="train", help="split for benchmark data (default: train)")
+    add("--multi-dataset", choices=sorted(data.MULTI_DATASET), default="proportional",
+        help="with several --data: proportional = every batch of every dataset each epoch, interleaved at random; "
+             "round_robin = one batch of each in turn until the smallest runs out (sentence-transformers' two "
+             "samplers)")
     add("--score-scale", type=positive_float, default=1.0,
         help="divide every score of the data by this: 5 for STS-style 0..5 scores (default: 1). The benchmark "
              "loaders (the stsb folder, SICK.tsv) give 0..1 already")
@@ -372,10 +376,10 @@ def prepare_data(args, loss_class) -> tuple:
 
 
 def make_batches(datasets, loss_class, loss_params: dict, batch_size: int, seed: int,
-                 drop_last: bool) -> data.RoundRobinBatches:
+                 drop_last: bool, multi_dataset: str = "proportional") -> data.RoundRobinBatches:
     """One sampler per dataset, as the loss declares: for in-batch negatives, batches of 2 rows or more, without
     repeated texts where the loss does not mask duplicates itself; plain shuffled batches otherwise; always
-    (dataset index, row indices)."""
+    (dataset index, row indices). Several datasets are interleaved as --multi-dataset says (data.MULTI_DATASET)."""
     samplers = []
     for _, rows, columns, _ in datasets:
         if loss_class.in_batch_negatives and loss_class.needs_unique_texts(loss_params):
@@ -385,7 +389,9 @@ def make_batches(datasets, loss_class, loss_params: dict, batch_size: int, seed:
             min_size = 2 if loss_class.in_batch_negatives else 1
             samplers.append(data.RandomBatchSampler(rows, batch_size, seed=seed, drop_last=drop_last,
                                                     min_size=min_size))
-    return data.RoundRobinBatches(samplers)
+    if multi_dataset == "round_robin":
+        return data.RoundRobinBatches(samplers)
+    return data.ProportionalBatches(samplers, seed)
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------
@@ -709,7 +715,8 @@ def _run(args, given: dict, rank: int, world: int, held: contextlib.ExitStack) -
 
     # Samplers draw global batches (world x batch size; only full ones under torchrun), each rank takes its slice.
     batches = make_batches(datasets, loss_class, args.loss_params, args.batch_size * world, args.seed,
-                           drop_last=world > 1)
+                           drop_last=world > 1, multi_dataset=getattr(args, "multi_dataset", "round_robin"))
+    # (checkpoints of earlier versions have no --multi-dataset: they ran round robin)
     batches_per_epoch = len(batches)
     for location, rows, columns, _ in datasets if loss_class.in_batch_negatives else []:
         if len({tuple(row[column] for column in columns) for row in rows}) < 2:  # masked: nothing to contrast

@@ -390,6 +390,33 @@ class RoundRobinBatches:
         return len(self.samplers) * min(len(sampler) for sampler in self.samplers)
 
 
+class ProportionalBatches(RoundRobinBatches):
+    """Every batch of every sampler once an epoch, the datasets interleaved at random in proportion to their
+    numbers of batches (a new order each epoch from (seed, epoch)): sentence-transformers' default
+    'proportional' multi-dataset sampler. With one sampler, its batches in its own order."""
+
+    def __init__(self, samplers: list, seed: int = 42):
+        super().__init__(samplers)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.epoch = epoch
+
+    def __iter__(self):
+        owners = [index for index, sampler in enumerate(self.samplers) for _ in range(len(sampler))]
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        iterators = [iter(sampler) for sampler in self.samplers]
+        for position in torch.randperm(len(owners), generator=generator).tolist():
+            yield owners[position], next(iterators[owners[position]])
+
+    def __len__(self) -> int:
+        return sum(len(sampler) for sampler in self.samplers)
+
+
+MULTI_DATASET = {"proportional": ProportionalBatches, "round_robin": RoundRobinBatches}
+
+
 def collate(rows: list, text_columns: list, label_column, tokenize):
     """Rows -> (one packed batch per text column, labels tensor or None)."""
     features = [tokenize([row[column] for row in rows]) for column in text_columns]

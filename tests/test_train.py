@@ -498,3 +498,31 @@ def test_weight_decay_spares_biases_and_layernorms_as_the_reference_trainer_does
             "model.encoder.layers.0.attention.qkv.bias"} <= spared_names
     assert not decayed_names & spared_names
     assert len(decayed_names | spared_names) == len(list(model.parameters())) + 2  # + the classifier's
+
+
+@pytest.mark.parametrize("multi_dataset, steps", [(None, 22), ("round_robin", 4)])
+def test_several_datasets_are_used_whole_by_default(capsys, tiny_model_dir, tmp_path, multi_dataset, steps):
+    """40 and 4 rows in batches of 2: proportional (the default, as sentence-transformers') takes all 22 batches
+    an epoch; round_robin alternates until the small file runs out (2 + 2)."""
+    big, small = tmp_path / "big.tsv", tmp_path / "small.tsv"
+    big.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a{i}\tb{i}\t0.{i % 10}\n" for i in range(40)))
+    small.write_text("sentence1\tsentence2\tscore\n" + "".join(f"c{i}\td{i}\t0.5\n" for i in range(4)))
+    extra = ["--multi-dataset", multi_dataset] if multi_dataset else []
+    out = ok(capsys, "--model", tiny_model_dir, "--loss", "cosine", "--data", big, small, "--batch-size", 2,
+             "--save-steps", 0, "--log-steps", 1, "--out", tmp_path / "run", *extra)
+    assert f"training cosine on 44 rows: {steps} steps" in out
+    assert len(log_steps(tmp_path / "run")) == steps
+
+
+def test_proportional_batches_take_every_batch_once_in_a_seeded_order():
+    from minilm import data
+
+    samplers = [data.RandomBatchSampler(list(range(n)), 3, seed=1) for n in (10, 4)]
+    batches = data.ProportionalBatches(samplers, seed=1)
+    first = list(batches)
+    assert len(first) == len(batches) == 4 + 2
+    for index, size in ((0, 10), (1, 4)):
+        assert sorted(i for owner, batch in first if owner == index for i in batch) == list(range(size))
+    assert list(batches) == first  # the same epoch, the same order
+    batches.set_epoch(1)
+    assert list(batches) != first
