@@ -136,6 +136,12 @@ class SentenceEncoder(nn.Module):
         inference.attention_backend = self.encoder.attention_backend
         return inference
 
+    def refresh_inference_copies(self) -> None:
+        """Drop encode's inference copies; the next encode makes them again from the live weights. Needed only
+        after a change torch does not count: writing through `.data` (or into shared memory from numpy). Changes
+        in place under no_grad, load_state_dict, optimizer steps and replaced modules are seen without it."""
+        self.__dict__.pop("_inference_copies", None)
+
     def encode(self, sentences, batch_size=32, normalize=None, convert_to="numpy", show_progress=False,
                precision="fp32", token_budget=True):
         """Embed sentences in batches of similar length, returned in the input order.

@@ -400,3 +400,14 @@ def test_low_precision_copy_follows_weight_changes(model_dir):
     model.linear_kind = "plain"  # the plain fp32 path runs the changed weights themselves
     assert np.abs(model.encode("a sentence to follow") - fp32_after).max() < 1e-5
     assert float(np.dot(after, fp32_after) / np.linalg.norm(after) / np.linalg.norm(fp32_after)) > 1 - 3e-4
+
+
+def test_refresh_inference_copies_picks_up_a_change_torch_does_not_count(model_dir):
+    """Writing through .data keeps the weight's version: encode cannot see it until the copies are dropped."""
+    model = minilm.load(model_dir)
+    before = model.encode("a sentence to follow")
+    model.encoder.layers[0].ffn_out.weight.data.mul_(2.0)
+    model.refresh_inference_copies()
+    after = model.encode("a sentence to follow")
+    model.linear_kind = "plain"  # the live weights themselves
+    assert np.abs(after - before).max() > 1e-3 and np.abs(model.encode("a sentence to follow") - after).max() < 1e-5
