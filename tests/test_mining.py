@@ -151,19 +151,24 @@ def test_cli_writes_rows_train_reads_and_refuses_to_overwrite(tiny_model, tmp_pa
     (["--data", "{pairs}", "--out", "{nested}"], "the folder"),
     (["--data", "{pairs}", "--model", "{missing}"], "--model {missing}: cannot find model '{missing}': no folder"),
     (["--out", "{nested}"], "the following arguments are required: --data"),
+    # JSON lines in a .tsv would be misread by train.py, which picks its reader by extension
+    (["--data", "{pairs}", "--out", "{tsv_out}"], "--out {tsv_out}: mine.py writes JSON lines, so --out must end "
+                                                  "in .jsonl (or .json), not .tsv"),
+    (["--data", "{pairs}", "--out", "{bare_out}"], "(or .json), and it has no extension"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "bad.tsv").write_text("sentence1\tsentence2\na\tb\n")
     (tmp_path / "pairs.tsv").write_text("anchor\tpositive\na\tb\n")
     paths = {"missing": tmp_path / "nope.tsv", "bad_columns": tmp_path / "bad.tsv", "pairs": tmp_path / "pairs.tsv",
-             "folder": tmp_path, "nested": tmp_path / "no-folder" / "o.jsonl"}
+             "folder": tmp_path, "nested": tmp_path / "no-folder" / "o.jsonl", "tsv_out": tmp_path / "o.tsv",
+             "bare_out": tmp_path / "negatives"}
     argv, message = [a.format(**paths) for a in argv], message.format(**paths)
     code = mine.main(["--model", "unused-model", "--out", str(tmp_path / "o.jsonl"), *argv])
     err = capsys.readouterr().err
     # One line, as train.py and eval.py: no usage block, even for argparse's own errors.
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("mine.py: error: "), err
     assert message in err
-    assert not (tmp_path / "o.jsonl").exists()
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.tsv").exists()
 
 
 def beir_folder(folder):
