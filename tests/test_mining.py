@@ -5,12 +5,17 @@ import itertools
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import mine
 from minilm import data
+
+from conftest import REPO
+
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_model_dir):
@@ -212,3 +217,30 @@ def test_overwrite_never_replaces_an_input(tmp_path, capsys, monkeypatch, data, 
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"mine.py: error: --out {out}: ") and what in err and "never an input" in err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def documented_mine_commands() -> dict:
+    """The mine.py commands the docs give, as a user would paste them: the README's (continuation lines joined)
+    and recipe 000_scifact_mnrl_hard_negatives's "First: ..." step."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "python mine.py --model" in line and "--out" not in line)
+    end = next(i for i in range(start, len(lines)) if not lines[i].endswith("\\"))
+    recipe = json.loads((REPO / "recipes" / "000_scifact_mnrl_hard_negatives.json").read_text())
+    return {"README.md": "\n".join(lines[start:end + 1]), "recipe": recipe["description"].split("First: ", 1)[1]}
+
+
+@pytest.mark.parametrize("where", ["README.md", "recipe"])
+def test_documented_mine_command_works_on_a_fresh_checkout(tmp_path, where):
+    """A fresh clone has no runs/data, and mine.py writes only into a folder that exists (tested above: "the
+    folder"): the documented command must make it. Run in an empty folder with a stand-in for mine.py that
+    needs what the real one needs of --out (the real run takes the SciFact data and minutes)."""
+    command = documented_mine_commands()[where]
+    assert "python mine.py" in command and "--out runs/data/" in command
+    stand_in = tmp_path / "mine_stand_in.py"
+    stand_in.write_text("import sys, pathlib\nout = pathlib.Path(sys.argv[sys.argv.index('--out') + 1])\n"
+                        "sys.exit(0 if out.parent.is_dir() else f'the folder {out.parent} does not exist')\n")
+    fresh = tmp_path / "checkout"
+    fresh.mkdir()
+    result = subprocess.run(["bash", "-c", command.replace("python mine.py", f"{sys.executable} {stand_in}")],
+                            cwd=fresh, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
