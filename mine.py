@@ -212,7 +212,7 @@ def run(argv=None) -> int:
     add("--corpus", help="candidate texts: a BEIR corpus.jsonl, a TSV/CSV with a header or a JSONL file (with "
         "--corpus-column), or a text file, one text per line (default: the positives)")
     add("--corpus-column", help="the TSV/CSV column or JSONL field of --corpus holding the texts")
-    add("--out", required=True, help="output JSONL: anchor, positive, negative_1..n")
+    add("--out", required=True, help="output JSON lines, a .jsonl (or .json) file: anchor, positive, negative_1..n")
     add("--overwrite", action="store_true", help="replace an existing --out (never an input file)")
     add("--num-negatives", type=int, default=1, help="negatives per pair (default: %(default)s)")
     add("--range-min", type=int, default=0, help="skip this many top-ranked candidates (default: %(default)s)")
@@ -246,6 +246,10 @@ def run(argv=None) -> int:
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder: --out is the JSONL file to write")
     check_out_is_no_input(out, args)  # before the --overwrite question: no flag makes an input writable
+    if out.suffix.lower() not in (".jsonl", ".json"):  # train.py picks its reader by extension: a .tsv is misread
+        found = f"not {out.suffix}" if out.suffix else "and it has no extension"
+        raise UsageError(f"--out {out}: mine.py writes JSON lines, so --out must end in .jsonl (or .json), {found}; "
+                         "train.py reads a file by its extension")
     if out.exists() and not args.overwrite:
         raise UsageError(f"--out {out} exists: choose another path or add --overwrite")
     if not out.parent.is_dir():

@@ -2,9 +2,25 @@
 # The main job: set up .venv (first run only), encode a few sentences, fine-tune all-MiniLM-L6-v2 on the local
 # STS-B training pairs (CosineSimilarityLoss, 1 epoch) and compare STS-B test Spearman before and after, then embed
 # the STS-B test sentences with the fine-tuned model to an int8 corpus on disk and search it.
-# Arguments are passed to train.py (for example --max-steps 50 for a quick run).
+# Arguments are passed to train.py (for example --max-steps 50 for a quick run). ./run.sh --help (or -h): this text
+# and train.py's flags, running nothing.
 set -euo pipefail
 cd "$(dirname "$0")"
+for arg in "$@"; do
+  if [ "$arg" = --help ] || [ "$arg" = -h ]; then
+    # Before setup.sh: help must not install anything, so train.py's flags come only from a .venv already there.
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    echo
+    if [ -x .venv/bin/python ]; then
+      echo "train.py's flags (run.sh passes its arguments to train.py):"
+      .venv/bin/python train.py --help
+    else
+      echo "train.py's flags (run.sh passes its arguments to train.py) need its environment, which is not set up"
+      echo "yet: run bash scripts/setup.sh (or ./run.sh), then ./run.sh --help lists them."
+    fi
+    exit 0
+  fi
+done
 bash scripts/setup.sh
 . .venv/bin/activate
 python -m minilm

@@ -19,7 +19,7 @@ from minilm import corpus
 from minilm.__main__ import main
 from minilm.similarity_search import calibrate_int8, dequantize_int8, pack_binary, quantize_int8, unpack_binary
 
-from conftest import REPO
+from conftest import MODEL_ID, REPO
 
 WORDS = ("the a man woman dog cat runs eats sleeps quickly over under bright dark river city music théâtre "
          "naïve 東京 data model question answer protein cell").split()
@@ -182,7 +182,7 @@ def test_torchrun_two_ranks_resume_to_the_bytes_of_one_process(tiny_dir, tiny, t
 
 @pytest.mark.parametrize("dtype", ["float16", "int8", "binary"])
 def test_stored_precisions(tiny, texts_file, straight, tmp_path, dtype):
-    manifest = run(tiny, texts_file, tmp_path / "out", dtype=dtype, calibration_size=50)
+    manifest = run(tiny, texts_file, tmp_path / "out", dtype=dtype, calibration_size=100)
     stored = np.load(tmp_path / "out" / "embeddings.npy")
     full = np.load(straight / "embeddings.npy")
     if dtype == "float16":
@@ -190,7 +190,7 @@ def test_stored_precisions(tiny, texts_file, straight, tmp_path, dtype):
     elif dtype == "int8":
         texts = texts_file.read_text(encoding="utf-8").splitlines()
         calibration = manifest["calibration"]
-        assert calibration == calibrate_int8(tiny.encode(texts[:50])) and calibration["size"] == 50
+        assert calibration == calibrate_int8(tiny.encode(texts[:100])) and calibration["size"] == 100
         assert stored.dtype == np.int8 and np.array_equal(stored, quantize_int8(full, calibration))
     else:
         assert stored.shape == (300, 8) and np.array_equal(stored, np.packbits(full > 0, axis=1))
@@ -322,3 +322,74 @@ def test_a_bad_fast_path_name_in_the_environment_is_one_line(tiny_dir, tmp_path,
     message = cli_error(capsys, ["encode", str(tmp_path / "t.txt"), "--model", str(tiny_dir), "--out",
                                  str(tmp_path / "o"), "--no-progress", "--device", "cpu"])
     assert "unknown attention backend 'bogus' (from $MINILM_ATTENTION)" in message
+
+
+# --- reading a DIR back from anywhere ---------------------------------------------------------------------------
+def test_search_works_from_any_folder_and_old_relative_manifests_still_load(tiny_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    """encode stores a local --model folder by its absolute path (a hub id as typed), so search finds it from any
+    folder; a manifest written before, naming the folder as typed, still works from the folder encode ran in."""
+    (tmp_path / "docs.txt").write_text("a dog runs in the park\nthe stock market fell\n")
+    monkeypatch.chdir(tiny_dir.parent)
+    main(["encode", str(tmp_path / "docs.txt"), "--model", tiny_dir.name, "--out", str(tmp_path / "emb"),
+          "--no-progress", "--device", "cpu"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    main(["search", str(tmp_path / "emb"), "a dog runs in the park", "--top-k", "1", "--device", "cpu"])
+    assert "1.0000  1  a dog runs in the park" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
+    assert manifest["model"] == str(tiny_dir.resolve())
+    # An older manifest: the model as it was typed, relative to the folder encode ran in.
+    manifest["model"] = f"./{tiny_dir.name}"
+    (tmp_path / "emb" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit) as stop:
+        main(["search", str(tmp_path / "emb"), "a dog", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"manifest.json names the model ./{tiny_dir.name}: cannot find model" in err and "pass --model" in err
+    monkeypatch.chdir(tiny_dir.parent)
+    main(["search", str(tmp_path / "emb"), "a dog runs in the park", "--top-k", "1", "--device", "cpu"])
+    assert "1.0000  1  a dog runs in the park" in capsys.readouterr().out
+    assert corpus.manifest_model_name(MODEL_ID) == MODEL_ID  # a hub id (no such folder here) stays as it is
+
+
+def test_texts_survive_touch_but_not_a_change_of_the_same_size(tiny, tmp_path, monkeypatch):
+    """A new mtime alone (touch, a copy without timestamps) is checked against the stored sha256, hashed once;
+    a change that keeps the size is caught by it."""
+    texts = ["a dog runs in the park", "the stock market fell", "a cat sleeps on the sofa"]
+    (tmp_path / "docs.txt").write_text("\n".join(texts) + "\n")
+    run(tiny, tmp_path / "docs.txt", tmp_path / "emb")
+    stat = (tmp_path / "docs.txt").stat()
+    os.utime(tmp_path / "docs.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))  # touch
+    hashed = []
+    monkeypatch.setattr(corpus, "file_sha256", lambda path: hashed.append(path) or corpus.hashlib.sha256(
+        Path(path).read_bytes()).hexdigest())
+    data = corpus.Corpus(tmp_path / "emb")
+    assert data.texts([2, 0]) == [texts[2], texts[0]]
+    assert data.texts([1]) == [texts[1]] and len(hashed) == 1  # hashed once, not per query
+    (tmp_path / "docs.txt").write_text("\n".join(texts).replace("dog", "cow") + "\n")  # same size, other bytes
+    assert (tmp_path / "docs.txt").stat().st_size == stat.st_size
+    assert data.texts([0, 1]) == [None, None]
+    (tmp_path / "docs.txt").write_text("\n".join(texts) + "\n")
+    os.utime(tmp_path / "docs.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as encoded: no hashing needed
+    assert corpus.Corpus(tmp_path / "emb").texts([0]) == [texts[0]] and len(hashed) == 2
+
+
+def test_int8_refuses_a_calibration_sample_below_the_floor(tmp_path, capsys):
+    """--calibration-size below 100 with --dtype int8 is refused in one line before the model loads
+    (no-such-model is no model); other dtypes do not calibrate, so the flag does not matter to them."""
+    (tmp_path / "t.txt").write_text("one\ntwo\n")
+    base = ["encode", str(tmp_path / "t.txt"), "--model", "./no-such-model", "--out", str(tmp_path / "o"),
+            "--no-progress", "--device", "cpu"]
+    for size in ("1", "99"):
+        message = cli_error(capsys, base + ["--dtype", "int8", "--calibration-size", size])
+        assert f"--calibration-size {size} is too few texts for int8" in message
+        assert "use at least 100" in message and "clip" in message
+    base += ["--calibration-size", "1"]
+    assert "no-such-model" in cli_error(capsys, base + ["--dtype", "float32"])  # past the check, at the model
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(corpus.CorpusError, match="too few texts for int8"):  # the Python API refuses it too
+        corpus.encode_corpus(None, tmp_path / "t.txt", tmp_path / "o", model_name="m", dtype="int8",
+                             calibration_size=1)

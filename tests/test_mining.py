@@ -5,12 +5,17 @@ import itertools
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import mine
 from minilm import data
+
+from conftest import REPO
+
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_model_dir):
@@ -151,19 +156,24 @@ def test_cli_writes_rows_train_reads_and_refuses_to_overwrite(tiny_model, tmp_pa
     (["--data", "{pairs}", "--out", "{nested}"], "the folder"),
     (["--data", "{pairs}", "--model", "{missing}"], "--model {missing}: cannot find model '{missing}': no folder"),
     (["--out", "{nested}"], "the following arguments are required: --data"),
+    # JSON lines in a .tsv would be misread by train.py, which picks its reader by extension
+    (["--data", "{pairs}", "--out", "{tsv_out}"], "--out {tsv_out}: mine.py writes JSON lines, so --out must end "
+                                                  "in .jsonl (or .json), not .tsv"),
+    (["--data", "{pairs}", "--out", "{bare_out}"], "(or .json), and it has no extension"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "bad.tsv").write_text("sentence1\tsentence2\na\tb\n")
     (tmp_path / "pairs.tsv").write_text("anchor\tpositive\na\tb\n")
     paths = {"missing": tmp_path / "nope.tsv", "bad_columns": tmp_path / "bad.tsv", "pairs": tmp_path / "pairs.tsv",
-             "folder": tmp_path, "nested": tmp_path / "no-folder" / "o.jsonl"}
+             "folder": tmp_path, "nested": tmp_path / "no-folder" / "o.jsonl", "tsv_out": tmp_path / "o.tsv",
+             "bare_out": tmp_path / "negatives"}
     argv, message = [a.format(**paths) for a in argv], message.format(**paths)
     code = mine.main(["--model", "unused-model", "--out", str(tmp_path / "o.jsonl"), *argv])
     err = capsys.readouterr().err
     # One line, as train.py and eval.py: no usage block, even for argparse's own errors.
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("mine.py: error: "), err
     assert message in err
-    assert not (tmp_path / "o.jsonl").exists()
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.tsv").exists()
 
 
 def beir_folder(folder):
@@ -207,3 +217,30 @@ def test_overwrite_never_replaces_an_input(tmp_path, capsys, monkeypatch, data, 
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"mine.py: error: --out {out}: ") and what in err and "never an input" in err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def documented_mine_commands() -> dict:
+    """The mine.py commands the docs give, as a user would paste them: the README's (continuation lines joined)
+    and recipe 000_scifact_mnrl_hard_negatives's "First: ..." step."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "python mine.py --model" in line and "--out" not in line)
+    end = next(i for i in range(start, len(lines)) if not lines[i].endswith("\\"))
+    recipe = json.loads((REPO / "recipes" / "000_scifact_mnrl_hard_negatives.json").read_text())
+    return {"README.md": "\n".join(lines[start:end + 1]), "recipe": recipe["description"].split("First: ", 1)[1]}
+
+
+@pytest.mark.parametrize("where", ["README.md", "recipe"])
+def test_documented_mine_command_works_on_a_fresh_checkout(tmp_path, where):
+    """A fresh clone has no runs/data, and mine.py writes only into a folder that exists (tested above: "the
+    folder"): the documented command must make it. Run in an empty folder with a stand-in for mine.py that
+    needs what the real one needs of --out (the real run takes the SciFact data and minutes)."""
+    command = documented_mine_commands()[where]
+    assert "python mine.py" in command and "--out runs/data/" in command
+    stand_in = tmp_path / "mine_stand_in.py"
+    stand_in.write_text("import sys, pathlib\nout = pathlib.Path(sys.argv[sys.argv.index('--out') + 1])\n"
+                        "sys.exit(0 if out.parent.is_dir() else f'the folder {out.parent} does not exist')\n")
+    fresh = tmp_path / "checkout"
+    fresh.mkdir()
+    result = subprocess.run(["bash", "-c", command.replace("python mine.py", f"{sys.executable} {stand_in}")],
+                            cwd=fresh, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
