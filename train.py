@@ -227,8 +227,10 @@ def check_args(args, world: int = 1) -> None:
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite together: --resume continues the run in --out, --overwrite "
                          "starts a new one there; choose one")
-    if not args.loss or not args.data:
-        raise UsageError("--loss and --data are required (or a --recipe that sets them)")
+    missing = [flag for flag, value in (("--loss", args.loss), ("--data", args.data)) if not value]
+    if missing:
+        raise UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (here or in the "
+                         f"--recipe{' ' + args.recipe if getattr(args, 'recipe', None) else ''})")
     try:
         fast_paths.check_environment()
     except InputError as error:

@@ -197,6 +197,8 @@ class SentenceEncoder(nn.Module):
     def save(self, model_dir) -> Path:
         """Write the sentence-transformers layout: weights, configs, tokenizer files, modules.json."""
         model_dir = Path(model_dir)
+        if model_dir.exists() and not model_dir.is_dir():
+            raise InputError(f"save: {model_dir} is a file; give a folder (new, or one that holds a model)")
         model_dir.mkdir(parents=True, exist_ok=True)
         save_encoder(self.encoder, model_dir)
         copied = False

@@ -153,7 +153,7 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
 
     parts = ["\n".join(front), f"# SentenceTransformer based on {_text(base)}",
              f"This is a [sentence-transformers](https://www.SBERT.net)-compatible model fine-tuned with "
-             f"[minilm](https://github.com/) from {_text(base)}. It maps sentences & paragraphs to a "
+             f"minilm from {_text(base)}. It maps sentences & paragraphs to a "
              f"{model.embedding_dim}-dimensional dense vector space and can be used for semantic textual similarity, "
              f"semantic search, paraphrase mining, text classification, clustering, and more.",
              "## Model Details", "### Model Description",
@@ -165,11 +165,12 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
              "### Full Model Architecture", _fence("", architecture(model)),
              "## Usage", "### Direct Usage (Sentence Transformers)",
              _fence("python", "from sentence_transformers import SentenceTransformer\n\n"
-                    f"model = SentenceTransformer({_inert_json(out_dir.name)})\n"
+                    f"model = SentenceTransformer({_inert_json(out_dir.name)})  # this folder's path, or its hub id\n"
                     f"embeddings = model.encode({_inert_json([sample[c] for c in first_text_columns[:2]])})\n"
                     "print(embeddings.shape)"),
              "### Direct Usage (minilm)",
-             _fence("python", f"import minilm\n\nmodel = minilm.load({_inert_json(out_dir.name)})\n"
+             _fence("python", "import minilm\n\n"
+                    f"model = minilm.load({_inert_json(out_dir.name)})  # this folder's path\n"
                     "embeddings = model.encode([\"The weather is lovely today.\", \"It's so sunny outside!\"])\n"
                     "print(model.similarity(embeddings, embeddings))")]
     if metrics:

@@ -155,6 +155,8 @@ CASES = [
      ["--model", "cannot find model", "no folder", "no-such-model"]),  # the whole message: one line
     ("model-is-a-file", lambda c: c.cosine("--model", c.pairs), ["cannot find model", "is a file, not a model folder"]),
     # recipes: the same checks, naming the recipe file and key
+    ("recipe-without-data", lambda c: ["--recipe", recipe(c, "r.json", {"loss": "cosine"}), "--out", c.out],
+     ["--data is required", "r.json"]),
     ("recipe-missing", lambda c: c.cosine("--recipe", c.tmp / "nope.json"), ["--recipe", "nope.json", "cannot read"]),
     ("recipe-malformed", lambda c: c.cosine("--recipe", recipe(c, "r.json", '{"loss": "cosine",\n "lr": }')),
      ["--recipe", "r.json:2", "not valid JSON"]),

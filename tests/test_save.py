@@ -105,3 +105,14 @@ def test_a_failed_tensor_save_keeps_the_old_file(tmp_path):
     with pytest.raises(Exception):  # a non-contiguous tensor: safetensors refuses it midway
         files.save_tensors({"a": torch.zeros(2), "b": torch.ones(4, 4).t()}, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"]
+
+
+def test_save_onto_a_file_is_a_named_error(tmp_path):
+    import minilm as package
+
+    target = tmp_path / "model.bin"
+    target.write_text("mine")
+    model = package.load("sentence-transformers/all-MiniLM-L6-v2", device="cpu")
+    with pytest.raises(package.InputError, match="is a file; give a folder"):
+        model.save(target)
+    assert target.read_text() == "mine"
