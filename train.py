@@ -229,8 +229,9 @@ def check_args(args, world: int = 1) -> None:
                          "starts a new one there; choose one")
     missing = [flag for flag, value in (("--loss", args.loss), ("--data", args.data)) if not value]
     if missing:
-        raise UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (here or in the "
-                         f"--recipe{' ' + args.recipe if getattr(args, 'recipe', None) else ''})")
+        recipe = getattr(args, "recipe", None)
+        raise UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (here or in "
+                         + (f"the --recipe {recipe})" if recipe else "a --recipe)"))
     try:
         fast_paths.check_environment()
     except InputError as error:

@@ -144,8 +144,8 @@ CASES = [
     ("mnrl-on-binary-labels", lambda c: c.loss("mnrl", c.write("b.tsv", "sentence1\tsentence2\tlabel\na\tb\t1\n"
                                                                 "c\td\t0\n")), ["b.tsv", "label column", "label 1"]),
     ("no-out", lambda c: ["--model", c.tiny, "--loss", "cosine", "--data", c.pairs], ["--out is required"]),
-    ("no-loss", lambda c: ["--model", c.tiny, "--data", c.pairs, "--out", c.out], ["--loss and --data"]),
-    ("no-data", lambda c: ["--model", c.tiny, "--loss", "cosine", "--out", c.out], ["--loss and --data"]),
+    ("no-loss", lambda c: ["--model", c.tiny, "--data", c.pairs, "--out", c.out], ["--loss is required", "a --recipe"]),
+    ("no-data", lambda c: ["--model", c.tiny, "--loss", "cosine", "--out", c.out], ["--data is required"]),
     ("device-cuda-without-cuda", lambda c: c.cosine("--device", "cuda"), ["--device cuda", "no CUDA", "cpu"]),
     ("device-unknown", lambda c: c.cosine("--device", "banana"), ["--device banana", "'banana'", "cuda:N"]),
     ("in-batch-loss-batch-of-one", lambda c: c.loss("mnrl", c.pairs, "--batch-size", 1),
