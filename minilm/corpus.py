@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from minilm.similarity_search import calibrate_int8, pack_binary, quantize_int8
+from minilm.tokenizer import lone_surrogate
 
 FORMAT = "minilm-corpus/1"
 DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "binary": np.uint8}
@@ -166,13 +167,9 @@ class Reader:
             if not isinstance(text, str):
                 raise CorpusError(f"{self.path} {where}: field {self.field!r} is {type(text).__name__}, not a "
                                   "string")
-            if not text.isascii():  # JSON can escape half a surrogate pair ("\\ud800"): no character to embed
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as error:
-                    raise CorpusError(f"{self.path} {where}: field {self.field!r} holds "
-                                      f"{text[error.start:error.end]!r}, half of a UTF-16 surrogate pair and no "
-                                      "Unicode character; fix the escape in the file") from None
+            if (problem := lone_surrogate(text)) is not None:
+                raise CorpusError(f"{self.path} {where}: field {self.field!r} holds {problem}; fix the escape in "
+                                  "the file")
             if record_id is not None and not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
                 raise CorpusError(f"{self.path} {where}: field {self.id_field!r} is {type(record_id).__name__}; "
                                   "ids are strings or whole numbers")

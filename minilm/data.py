@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from minilm.tokenizer import lone_surrogate
+
 # Column names in the wild -> the names the losses use (the seed cards' trainer names columns sentence_0, ...).
 ALIASES = {"sentence_0": "sentence1", "sentence_1": "sentence2", "sentence_2": "sentence3",
            "sentence_A": "sentence1", "sentence_B": "sentence2", "query": "anchor", "answer": "positive"}
@@ -73,7 +75,8 @@ def _convert(row: dict, path, line: int, num_labels=None, label_names=None) -> d
                 kind = "null" if value is None else type(value).__name__
                 raise DataError(f"{path}:{line}: field {column!r} is {kind} {json.dumps(value)[:40]}, "
                                 "expected a string")
-            _check_unicode(value, path, line, column)
+            if (problem := lone_surrogate(value)) is not None:
+                raise DataError(f"{path}:{line}: field {column!r} holds {problem}; fix the escape in the file")
             converted[column] = value
         else:
             converted[column] = value  # another field (an id, a source...): kept as it is, never read as text
@@ -84,18 +87,6 @@ def is_text_column(column: str) -> bool:
     """A column that holds text some loss or task reads: anchor, positive, negative..., sentence1..., premise..."""
     return (column in TEXT_COLUMNS or column.startswith("negative")
             or (column.startswith("sentence") and column[len("sentence"):].isdigit()))
-
-
-def _check_unicode(text: str, path, line: int, column: str) -> None:
-    """JSON can spell half of a UTF-16 surrogate pair ("\\ud800") that is no character at all; the tokenizer
-    cannot take it, so it is named here, with its line."""
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise DataError(f"{path}:{line}: field {column!r} holds {text[error.start:error.end]!r} at character "
-                            f"{error.start}, half of a UTF-16 surrogate pair and no Unicode character; fix the "
-                            "escape in the file") from None
 
 
 def _label(value, path, line, num_labels, label_names) -> int:

@@ -73,17 +73,26 @@ class SentenceTokenizer:
             encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
         except TypeError:  # the tokenizer takes only valid Unicode: name the text that is not
             for index, text in enumerate(texts):
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as error:
-                    raise InputError(f"text {index} holds {text[error.start:error.end]!r} at character "
-                                     f"{error.start}, half of a UTF-16 surrogate pair and no Unicode character: "
-                                     f"{text[:60]!r}") from None
+                if (problem := lone_surrogate(text)) is not None:
+                    raise InputError(f"text {index} holds {problem}: {text[:60]!r}") from None
             raise
         return [encoding.ids for encoding in encodings]
 
     def __call__(self, texts: list) -> dict:
         return pack(self.encode_ids(texts))
+
+
+def lone_surrogate(text: str):
+    """None for valid Unicode text; else what is wrong, for an error message. JSON can spell half of a UTF-16
+    surrogate pair ("\\ud800"), which Python keeps but which is no character: the tokenizer refuses it."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return (f"{text[error.start:error.end]!r} at character {error.start}, half of a UTF-16 surrogate pair and no "
+                "Unicode character")
+    return None
 
 
 def _read_json(path: Path, default):
