@@ -160,10 +160,8 @@ class MultipleNegativesRankingLoss(nn.Module):
         check_params({"scale": scale, "similarity": similarity, "symmetric": symmetric, "gather_across_devices":
                       gather_across_devices, "mask_duplicates": mask_duplicates,
                       "false_negative_margin": false_negative_margin})
-        if similarity not in SIMILARITIES:
+        if similarity not in SIMILARITIES:  # the table checks the type; the names are this loss's
             raise ValueError(f"similarity must be one of {sorted(SIMILARITIES)}, not {similarity!r}")
-        if false_negative_margin is not None and not isinstance(false_negative_margin, (int, float)):
-            raise ValueError(f"false_negative_margin must be a number or null, not {false_negative_margin!r}")
         self.model, self.scale, self.similarity = model, scale, similarity
         self.symmetric, self.gather_across_devices = symmetric, gather_across_devices
         self.mask_duplicates, self.false_negative_margin = mask_duplicates, false_negative_margin
