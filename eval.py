@@ -31,7 +31,7 @@ import minilm
 from minilm import data, evaluation, fast_paths
 from minilm.errors import InputError
 from minilm.files import write_text
-from minilm.losses.softmax import SoftmaxLoss
+from losses.softmax import SoftmaxLoss
 from minilm.model import PRECISIONS, resolve_device
 
 SPLITS = {"stsb": ("train", "dev", "test"), "stsb-binary": ("train", "dev", "test"),

@@ -7,7 +7,7 @@
 --data takes a TSV/CSV (header) or JSONL file with sentence-transformers' column names (anchor, positive
 [, negative...] | sentence1, sentence2, score | premise, hypothesis, label), or a local benchmark: the STS-B
 directory (../shared/data/stsb) or SICK.tsv. Several --data give round-robin batches, one dataset per batch.
-Each loss declares the columns it reads and the scores or labels it accepts (minilm/losses/); every row is
+Each loss declares the columns it reads and the scores or labels it accepts (losses/); every row is
 checked before training starts. Scores on another scale (STS's 0..5) need --score-scale 5.
 A recipe is a JSON file of flag values (recipes/), checked exactly as the flags are; flags on the command line win.
 
@@ -46,8 +46,8 @@ from torch.nn.parallel import DistributedDataParallel
 import minilm
 from minilm import data, evaluation, fast_paths, model_card
 from minilm.errors import InputError
-from minilm.losses import LOSSES
-from minilm.losses.params import check_params
+from losses import LOSSES
+from losses.params import check_params
 from minilm.model import resolve_device
 from minilm.run_folder import (RunFolderError, check_output, create_run_folder, finish_run_folder, folder_lock,
                                remove_failed_run, save_started)
@@ -296,7 +296,7 @@ NOTES = []
 
 
 def columns_for_loss(rows: list, loss_class, min_score: float, source: str):
-    """Pick the columns a loss reads, from its declarations (minilm/losses/__init__.py). -> (rows, text
+    """Pick the columns a loss reads, from its declarations (losses/__init__.py). -> (rows, text
     columns, label column or None). A loss without labels takes scored pairs scoring at least min_score."""
     columns = set(rows[0]) if rows else set()
     label_column = {"score": "score", "class": "label", None: None}[loss_class.label]

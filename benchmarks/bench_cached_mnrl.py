@@ -35,7 +35,7 @@ def run_variant(args) -> dict:
     import torch
 
     import minilm
-    from minilm.losses import LOSSES
+    from losses import LOSSES
     from minilm.data import load_stsb
 
     torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 def training_rows(recipe: dict, data=None) -> tuple:
     """The recipe's rows as train.py reads them -> (rows, text columns, label column or None)."""
     import train
-    from minilm.losses import LOSSES
+    from losses import LOSSES
 
     loss_class = LOSSES[recipe["loss"]]
     num_labels = loss_class.num_classes(recipe.get("loss_params", {})) if loss_class.label == "class" else None

@@ -94,7 +94,7 @@ def reference(model_dir: Path, loss_name: str, rows: list, steps: int, out: Path
 def minilm_run(model_dir: Path, loss_name: str, data_file: Path, rows: int, steps: int, out: Path,
                initial_classifier, max_grad_norm: float) -> list:
     """train.py in this process, its classifier (if any) started from the reference's. -> the loss of each step."""
-    import minilm.losses.softmax as softmax
+    import losses.softmax as softmax
     import train
 
     original_init = softmax.SoftmaxLoss.__init__
@@ -119,7 +119,7 @@ def compare(ours: Path, theirs: Path, base: Path, theirs_classifier=None) -> dic
     """Largest difference between the two trained models (and classifiers, if any), and how many weights differ
     beyond 1e-6."""
     from safetensors.torch import load_file
-    from minilm.losses.softmax import SoftmaxLoss
+    from losses.softmax import SoftmaxLoss
     ours_w, theirs_w, base_w = (load_file(str(folder / "model.safetensors")) for folder in (ours, theirs, base))
     if theirs_classifier is not None:
         ours_w.update({"classifier." + k: v for k, v in SoftmaxLoss.load_classifier(ours).state_dict().items()})

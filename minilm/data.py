@@ -6,7 +6,7 @@ Rows are plain dicts keyed by sentence-transformers' column names:
   premise, hypothesis, label (int)                 classification (SoftmaxLoss)
 Every reader checks its input as it reads, before any training starts; a problem is a DataError naming the
 file, the line and what is wrong. Texts must be strings; a UTF-8 byte-order mark is dropped; a TSV field wholly
-in double quotes is unquoted. Which range of scores a loss accepts is the loss's to say (minilm/losses/).
+in double quotes is unquoted. Which range of scores a loss accepts is the loss's to say (losses/).
 """
 
 import csv

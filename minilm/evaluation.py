@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from minilm import data
+from minilm.model import pair_features
 
 # eval.py's --task names and train.py's --eval-task names.
 TASKS = ("stsb", "stsb-binary", "sick", "nli", "pairs", "binary", "retrieval")
@@ -414,8 +415,6 @@ class LabelAccuracyEvaluator(Evaluator):
         self.classifier, self.name, self.batch_size = classifier, name, batch_size
 
     def __call__(self, model) -> dict:
-        from minilm.losses.softmax import pair_features
-
         embeddings = self.embed(model, self.sentences1 + self.sentences2)
         u, v = embeddings[: len(self.sentences1)], embeddings[len(self.sentences1):]
         weight = next(self.classifier.parameters())

@@ -227,6 +227,12 @@ class SentenceEncoder(nn.Module):
         return model_dir
 
 
+def pair_features(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[B, dim] x 2 -> [B, 3 * dim]: concat(u, v, |u - v|), the input of SoftmaxLoss's classifier (losses/softmax.py)
+    and of the NLI evaluator that scores it."""
+    return torch.cat([u, v, (u - v).abs()], dim=-1)
+
+
 def length_sorted_batches(lengths: list, batch_size: int, token_budget: bool = True) -> list:
     """Indices of the sentences of each encode batch, longest sentences first (ties keep input order).
 

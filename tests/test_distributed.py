@@ -108,7 +108,7 @@ def test_without_gathering_each_rank_would_see_only_its_own_negatives(tiny_model
     """The control for the test above: the loss over two halves differs from the loss over the whole batch, so
     the 2-rank run can only match the 1-rank run by gathering."""
     import minilm
-    from minilm.losses import MultipleNegativesRankingLoss
+    from losses import MultipleNegativesRankingLoss
 
     model = minilm.load(str(tiny_model_dir), device="cpu")
     rows = [line.split("\t") for line in (stsb_slice / "train.tsv").read_text().splitlines()[:16]]

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minilm.losses import (CachedMultipleNegativesRankingLoss, CoSENTLoss, CosineSimilarityLoss,
+from losses import (CachedMultipleNegativesRankingLoss, CoSENTLoss, CosineSimilarityLoss,
                     MultipleNegativesRankingLoss, SoftmaxLoss)
 
 
@@ -190,20 +190,24 @@ def test_cached_mnrl_equals_plain_mnrl(tiny_model_dir, one_thread):
         assert (plain_grads[name] - cached_grads[name]).abs().max() < 2e-7, name
 
 
-def test_losses_live_in_minilm_and_declare_their_data():
-    """`import losses` is gone (the package is minilm.losses), and every registered loss declares what train.py
-    needs to feed it, so that train.py names no loss."""
+def test_losses_are_a_top_level_package_the_core_never_imports_and_declare_their_data():
+    """`losses/` is its own package (installed by pyproject.toml, as the design card's top level has it), minilm
+    never imports it, and every registered loss declares what train.py needs to feed it, so that train.py names
+    no loss."""
     import importlib.util
     from pathlib import Path
 
     import train
-    from minilm.losses import LOSSES
+    from losses import LOSSES
 
     repo = Path(__file__).resolve().parent.parent
-    assert not (repo / "losses").exists()
-    assert '"losses"' not in (repo / "pyproject.toml").read_text()
+    assert (repo / "losses" / "__init__.py").is_file()
+    assert '"losses"' in (repo / "pyproject.toml").read_text()
     spec = importlib.util.find_spec("losses")
-    assert spec is None or not str(spec.origin).startswith(str(repo)), spec
+    assert spec is not None and str(spec.origin).startswith(str(repo)), spec
+    core = [path for path in (repo / "minilm").rglob("*.py")
+            if "import losses" in path.read_text() or "from losses" in path.read_text()]
+    assert not core, core
     code = (repo / "train.py").read_text()
     for name in ('"mnrl"', '"cosine"', '"softmax"', "isinstance(loss_fn", "import SoftmaxLoss"):
         assert name not in code, name

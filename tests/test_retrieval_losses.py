@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from minilm.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
-from minilm.losses.mnrl import text_ids
+from losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
+from losses.mnrl import text_ids
 from minilm.packing import pack
 
 
@@ -134,7 +134,7 @@ def test_cached_loss_masks_like_the_plain_loss(tiny_model):
 
 RANK_SCRIPT = textwrap.dedent('''
     import json, sys, torch, torch.distributed as dist
-    from minilm.losses import MultipleNegativesRankingLoss
+    from losses import MultipleNegativesRankingLoss
     rank, init, out, symmetric = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     full = torch.load(sys.argv[5], weights_only=True)

@@ -78,7 +78,7 @@ def test_saved_files_get_the_umask_mode(tiny_model_dir, tmp_path, umask):
     """Every file of a saved model (the safetensors ones included, which safetensors' save_file would leave 0600)
     and the SoftmaxLoss classifier get 0666 less the umask, as any file the user creates; saving again over them
     too, and no temporary file stays behind."""
-    from minilm.losses.softmax import SoftmaxLoss
+    from losses.softmax import SoftmaxLoss
 
     model = minilm.load(str(tiny_model_dir), device="cpu")
     previous = os.umask(umask)

@@ -156,7 +156,7 @@ def test_gradient_clipping_counts_the_model_not_the_loss_classifier(tiny_model_d
     """As in sentence-transformers' trainer: the model's gradients are clipped together; SoftmaxLoss's classifier
     neither counts in their norm nor is scaled."""
     import minilm
-    from minilm.losses.softmax import SoftmaxLoss
+    from losses.softmax import SoftmaxLoss
 
     model = minilm.load(str(tiny_model_dir), device="cpu")
     loss_fn = SoftmaxLoss(model, 3)
@@ -180,7 +180,7 @@ def test_trainer_equivalence_starts_train_py_from_the_given_classifier(tiny_mode
     import importlib.util
     import math
     import minilm
-    from minilm.losses.softmax import SoftmaxLoss
+    from losses.softmax import SoftmaxLoss
 
     spec = importlib.util.spec_from_file_location("equivalence", REPO / "benchmarks" / "trainer_equivalence.py")
     equivalence = importlib.util.module_from_spec(spec)
@@ -483,7 +483,7 @@ def test_ctrl_c_while_loading_says_what_happened_and_keeps_nothing(capsys, tiny_
 def test_weight_decay_spares_biases_and_layernorms_as_the_reference_trainer_does(tiny_model_dir):
     """sentence-transformers' trainer (the Hugging Face Trainer) decays weight matrices and embeddings only."""
     import minilm
-    from minilm.losses.softmax import SoftmaxLoss
+    from losses.softmax import SoftmaxLoss
 
     model = minilm.load(str(tiny_model_dir), device="cpu")
     loss_fn = SoftmaxLoss(model, 3)

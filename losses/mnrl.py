@@ -5,7 +5,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minilm.losses.params import check_params
+from losses.params import check_params
 
 CITATION = """@misc{henderson2017efficient,
     title={Efficient Natural Language Response Suggestion for Smart Reply},
@@ -142,7 +142,7 @@ class MultipleNegativesRankingLoss(nn.Module):
 
     citation = CITATION
 
-    # What train.py feeds this loss (see minilm/losses/__init__.py).
+    # What train.py feeds this loss (see losses/__init__.py).
     text_columns = (("anchor", "positive"),)
     extra_text_columns = "negative"  # negative, negative_2, ...: hard negatives, when the data has them
     label = None

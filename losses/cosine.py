@@ -14,7 +14,7 @@ class CosineSimilarityLoss(nn.Module):
 
     citation = None  # the Sentence-BERT citation, which every card carries already
 
-    # What train.py feeds this loss (see minilm/losses/__init__.py). A cosine lies in -1..1: a score outside
+    # What train.py feeds this loss (see losses/__init__.py). A cosine lies in -1..1: a score outside
     # it (raw STS 0..5, say) cannot be reached, so it is refused rather than trained towards.
     text_columns = (("sentence1", "sentence2"), ("premise", "hypothesis"))
     extra_text_columns = None

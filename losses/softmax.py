@@ -8,17 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from losses.params import check_params
 from minilm import files
-
-from minilm.losses.params import check_params
+from minilm.model import pair_features
 
 CLASSIFIER_FILE = "softmax_classifier.safetensors"
 CLASSIFIER_CONFIG = "softmax_classifier.json"
-
-
-def pair_features(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """[B, dim] x 2 -> [B, 3 * dim]: concat(u, v, |u - v|)."""
-    return torch.cat([u, v, (u - v).abs()], dim=-1)
 
 
 class SoftmaxLoss(nn.Module):
@@ -32,7 +27,7 @@ class SoftmaxLoss(nn.Module):
 
     citation = None  # the Sentence-BERT citation, which every card carries already
 
-    # What train.py feeds this loss (see minilm/losses/__init__.py).
+    # What train.py feeds this loss (see losses/__init__.py).
     text_columns = (("premise", "hypothesis"), ("sentence1", "sentence2"))
     extra_text_columns = None
     label = "class"

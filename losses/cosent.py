@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minilm.losses.params import check_params
+from losses.params import check_params
 
 CITATION = """@article{10531646,
     author={Huang, Xiang and Peng, Hao and Zou, Dongcheng and Liu, Zhiwei and Li, Jianxin and Liu, Kay and Wu, Jia and Su, Jianlin and Yu, Philip S.},
@@ -27,7 +27,7 @@ class CoSENTLoss(nn.Module):
 
     citation = CITATION
 
-    # What train.py feeds this loss (see minilm/losses/__init__.py): only the order of scores matters, so any
+    # What train.py feeds this loss (see losses/__init__.py): only the order of scores matters, so any
     # finite score is accepted.
     text_columns = (("sentence1", "sentence2"), ("premise", "hypothesis"))
     extra_text_columns = None

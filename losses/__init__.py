@@ -14,11 +14,11 @@ A loss without a label also takes scored pairs (sentence1, sentence2[, score]): 
 --min-score fill its first two text columns.
 """
 
-from minilm.losses.cached_mnrl import CachedMultipleNegativesRankingLoss
-from minilm.losses.cosent import CoSENTLoss
-from minilm.losses.cosine import CosineSimilarityLoss
-from minilm.losses.mnrl import MultipleNegativesRankingLoss
-from minilm.losses.softmax import SoftmaxLoss
+from losses.cached_mnrl import CachedMultipleNegativesRankingLoss
+from losses.cosent import CoSENTLoss
+from losses.cosine import CosineSimilarityLoss
+from losses.mnrl import MultipleNegativesRankingLoss
+from losses.softmax import SoftmaxLoss
 
 LOSSES = {
     "mnrl": MultipleNegativesRankingLoss,

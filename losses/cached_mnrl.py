@@ -2,8 +2,8 @@
 
 import torch
 
-from minilm.losses.mnrl import MultipleNegativesRankingLoss
-from minilm.losses.params import check_params
+from losses.mnrl import MultipleNegativesRankingLoss
+from losses.params import check_params
 from minilm.packing import split as split_packed
 
 CITATION = """@misc{gao2021scaling,
