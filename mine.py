@@ -76,7 +76,7 @@ def read_corpus_texts(path, column=None) -> list:
     elif kind == "jsonl":
         texts = list(evaluation.read_corpus(path).values())
     else:
-        texts = [line for line in data._open_text(path) if line.strip()]
+        texts = [line for line in data.read_lines(path) if line.strip()]
     texts = [text for text in texts if text.strip()]
     if not texts:
         raise data.DataError(f"{path}: no texts")

@@ -23,7 +23,6 @@ memory map: a page holding the rows of two windows is then never written back wh
 """
 
 import array
-import csv
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minilm.data import DataError, delimited_records, parse_json_line, strip_line_ending
 from minilm.similarity_search import calibrate_int8, pack_binary, quantize_int8
 from minilm.tokenizer import lone_surrogate
 
@@ -79,9 +79,10 @@ def input_format(path: Path, fmt: str = "auto") -> str:
 
 
 class Reader:
-    """Records of INPUT: one per line. text: every line is a text (an empty line is the empty text, kept so that
-    row i is line i + 1); jsonl: one object per line, blank lines skipped; tsv/csv: a header line, then one row
-    per line (a quoted field may not hold a line break), blank lines skipped."""
+    r"""Records of INPUT, read by minilm.data's rules (lines end at \n or \r\n only; TSV and CSV quoting). text:
+    every line is a text (an empty line is the empty text, kept so that row i is line i + 1); jsonl: one object per
+    line, blank lines skipped; tsv/csv: a header line, then one row per line (a CSV quoted field may go on over
+    several lines, RFC 4180), blank lines skipped. A record's offset is the byte where its first line starts."""
 
     def __init__(self, path, fmt: str = "auto", field=None, id_field=None):
         self.path = Path(path)
@@ -100,10 +101,7 @@ class Reader:
             self.field = field or "text"
         else:
             self.delimiter = "\t" if self.format == "tsv" else ","
-            with open(self.path, "rb") as file:
-                header = file.readline()
-            self.body_start, self.body_line = len(header), 2
-            columns = self._row(header, 1)
+            columns = self._header()
             self.field = field or "text"
             for flag, name in (("--column", self.field), ("--id-column", id_field)):
                 if name is not None and name not in columns:
@@ -113,24 +111,37 @@ class Reader:
             self.id_index = columns.index(id_field) if id_field else None
             self.num_columns = len(columns)
 
-    def _decode(self, line: bytes, where) -> str:
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise CorpusError(f"{self.path} {where}: not UTF-8 ({error.reason} at byte {error.start} of the "
-                              "line); minilm reads UTF-8 text") from None
-        if text.endswith("\n"):
-            text = text[:-1]
-        if text.endswith("\r"):
-            text = text[:-1]
-        return text.lstrip("\ufeff") if where == "line 1" else text
+    def _header(self) -> list:
+        """The TSV/CSV header's column names; sets body_start and body_line to the line after it."""
+        with open(self.path, "rb") as file:
+            for _, columns in self._records(self._lines(file, 0, 1)):
+                self.body_start = file.tell()  # the reader stopped at the header's last line
+                file.seek(0)
+                self.body_line = file.read(self.body_start).count(b"\n") + 1
+                return [name.strip() for name in columns]
+        raise CorpusError(f"{self.path} holds no records (not even a header line)")
 
-    def _row(self, line: bytes, where) -> list:
+    def _lines(self, file, offset: int, line_number):
+        r"""((byte offset, line number or None), line with its ending) from `offset`; a line ends at b"\n"."""
+        for raw in file:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise CorpusError(f"{self.path} {self._where(offset, line_number)}: not UTF-8 ({error.reason} at "
+                                  f"byte {error.start} of the line); minilm reads UTF-8 text") from None
+            yield (offset, line_number), line.removeprefix("\ufeff") if offset == 0 else line
+            offset, line_number = offset + len(raw), None if line_number is None else line_number + 1
+
+    def _records(self, lines):
+        """(key of the record's first line, fields) of TSV/CSV lines, by minilm.data's reader."""
         try:
-            return next(csv.reader([self._decode(line, f"line {where}")], delimiter=self.delimiter, strict=True))
-        except csv.Error as error:
-            raise CorpusError(f"{self.path} line {where}: not a {self.format.upper()} row ({error}); a quoted "
-                              "field may not hold a line break") from None
+            yield from delimited_records(lines, self.delimiter, lambda key: f"{self.path} {self._where(*key)}")
+        except DataError as error:
+            raise CorpusError(str(error)) from None
+
+    @staticmethod
+    def _where(offset: int, line_number) -> str:
+        return f"line {line_number}" if line_number is not None else f"byte {offset}"
 
     def records(self, offset=None, line_number=None):
         """Yield (byte offset, line number or None, text, id or None) from `offset` (default: the first record)."""
@@ -138,46 +149,48 @@ class Reader:
             offset, line_number = self.body_start, self.body_line
         with open(self.path, "rb") as file:
             file.seek(offset)
-            for line in file:
-                where = f"line {line_number}" if line_number is not None else f"byte {offset}"
-                record = self._parse(line, where)
+            lines = self._lines(file, offset, line_number)
+            if self.format in ("tsv", "csv"):
+                for (start, number), fields in self._records(lines):
+                    if len(fields) != self.num_columns:
+                        raise CorpusError(f"{self.path} {self._where(start, number)}: {len(fields)} fields, the "
+                                          f"header has {self.num_columns}")
+                    yield start, number, fields[self.text_index], \
+                        fields[self.id_index] if self.id_index is not None else None
+                return
+            for (start, number), line in lines:
+                record = self._parse(strip_line_ending(line), self._where(start, number))
                 if record is not None:
-                    yield (offset, line_number, *record)
-                offset += len(line)
-                line_number = line_number + 1 if line_number is not None else None
+                    yield (start, number, *record)
 
-    def _parse(self, line: bytes, where):
+    def _parse(self, line: str, where):
+        """(text, id or None) of a text or JSONL line; None for a blank JSONL line."""
         if self.format == "text":
-            return self._decode(line, where), None
+            return line, None
         if not line.strip():
             return None
-        if self.format == "jsonl":
-            try:
-                value = json.loads(self._decode(line, where))
-            except json.JSONDecodeError as error:
-                raise CorpusError(f"{self.path} {where}: not JSON ({error.msg} at column {error.colno}); "
-                                  "JSONL holds one object per line") from None
-            if not isinstance(value, dict):
-                raise CorpusError(f"{self.path} {where}: a JSON {type(value).__name__}, not an object")
-            keys = ", ".join(map(repr, list(value)[:10]))
-            for flag, name in (("--field", self.field), ("--id-field", self.id_field)):
-                if name is not None and name not in value:
-                    raise CorpusError(f"{self.path} {where}: no field {name!r} (fields: {keys}); pass {flag}")
-            text, record_id = value[self.field], value.get(self.id_field) if self.id_field else None
-            if not isinstance(text, str):
-                raise CorpusError(f"{self.path} {where}: field {self.field!r} is {type(text).__name__}, not a "
-                                  "string")
-            if (problem := lone_surrogate(text)) is not None:
-                raise CorpusError(f"{self.path} {where}: field {self.field!r} holds {problem}; fix the escape in "
-                                  "the file")
-            if record_id is not None and not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
-                raise CorpusError(f"{self.path} {where}: field {self.id_field!r} is {type(record_id).__name__}; "
-                                  "ids are strings or whole numbers")
-            return text, None if record_id is None else str(record_id)
-        row = self._row(line, where.removeprefix("line "))
-        if len(row) != self.num_columns:
-            raise CorpusError(f"{self.path} {where}: {len(row)} fields, the header has {self.num_columns}")
-        return row[self.text_index], row[self.id_index] if self.id_index is not None else None
+        try:
+            value = parse_json_line(line)
+        except json.JSONDecodeError as error:
+            raise CorpusError(f"{self.path} {where}: not JSON ({error.msg} at column {error.colno}); "
+                              "JSONL holds one object per line") from None
+        if not isinstance(value, dict):
+            raise CorpusError(f"{self.path} {where}: a JSON {type(value).__name__}, not an object")
+        keys = ", ".join(map(repr, list(value)[:10]))
+        for flag, name in (("--field", self.field), ("--id-field", self.id_field)):
+            if name is not None and name not in value:
+                raise CorpusError(f"{self.path} {where}: no field {name!r} (fields: {keys}); pass {flag}")
+        text, record_id = value[self.field], value.get(self.id_field) if self.id_field else None
+        if not isinstance(text, str):
+            raise CorpusError(f"{self.path} {where}: field {self.field!r} is {type(text).__name__}, not a "
+                              "string")
+        if (problem := lone_surrogate(text)) is not None:
+            raise CorpusError(f"{self.path} {where}: field {self.field!r} holds {problem}; fix the escape in "
+                              "the file")
+        if record_id is not None and not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
+            raise CorpusError(f"{self.path} {where}: field {self.id_field!r} is {type(record_id).__name__}; "
+                              "ids are strings or whole numbers")
+        return text, None if record_id is None else str(record_id)
 
     def read(self, offset: int, count: int) -> list:
         """The texts of `count` records from the one at byte `offset` (a window)."""
@@ -430,7 +443,7 @@ def _lay_out(model, model_name, input_path, out, reader, settings, encode, log) 
             if record_id is not None:  # 8 bytes a record, to find repeated ids after the pass (_repeated_ids)
                 id_hashes.append(int.from_bytes(hashlib.blake2b(record_id.encode(), digest_size=8).digest(), "little"))
             record_id = str(line_number) if record_id is None else record_id
-            if not record_id or any(c in record_id for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"):
+            if not record_id or "\n" in record_id or "\r" in record_id:  # U+2028 & co. are text in a line
                 raise CorpusError(f"{input_path} line {line_number}: id {record_id!r} is empty or holds a line "
                                   "break; ids.txt holds one id per line")
             ids.write(record_id + "\n")

@@ -5,11 +5,12 @@ Rows are plain dicts keyed by sentence-transformers' column names:
   sentence1, sentence2, score (float)              scored pairs (CosineSimilarityLoss, CoSENTLoss)
   premise, hypothesis, label (int)                 classification (SoftmaxLoss)
 Every reader checks its input as it reads, before any training starts; a problem is a DataError naming the
-file, the line and what is wrong. Texts must be strings; a UTF-8 byte-order mark is dropped; a TSV field wholly
-in double quotes is unquoted. Which range of scores a loss accepts is the loss's to say (losses/).
+file, the line and what is wrong. Texts must be strings; a UTF-8 byte-order mark is dropped. How lines, TSV and
+CSV are read is one rule, below, shared by every reader of minilm (training data, evaluation files, corpus input
+of `python -m minilm encode`). Which range of scores a loss accepts is the loss's to say (losses/).
 """
 
-import csv
+import gzip
 import json
 import math
 from pathlib import Path
@@ -39,19 +40,144 @@ class Dataset:
         return len(self.rows)
 
 
-def _open_text(path: Path):
-    """The file's lines; a UTF-8 byte-order mark (as Excel writes) is dropped, not kept in the first column name."""
+# --- reading text files: one rule for every reader (training data, evaluation files, corpus input) ------------
+#
+# A line ends at "\n" or "\r\n", nowhere else: str.splitlines() also splits at U+2028/2029, U+0085, \x0b, \x0c
+# and \x1c-\x1e, which are text inside a line (json.dumps(..., ensure_ascii=False) writes U+2028 as it is, and a
+# TSV field may hold any of them). TSV: fields are separated by every tab; a field is quoted only when it is
+# wholly in double quotes and every quote inside is doubled (what csv and pandas writers produce for a text holding
+# a quote); anything else is literal text, never an error (real data opens quotes it never closes: `"Yes," she
+# said`). A TSV record is one line. CSV follows RFC 4180: a field that starts with a quote is quoted, may hold
+# commas and line breaks, and ends at a quote followed by a comma or the end of the record; a quote inside an
+# unquoted field is text.
+
+
+def strip_line_ending(line: str) -> str:
+    r"""The line without its ending ("\n" or "\r\n"; a lone "\r" is text)."""
+    if line.endswith("\n"):
+        return line[:-2] if line.endswith("\r\n") else line[:-1]
+    return line
+
+
+def numbered_lines(path, keep_endings: bool = False):
+    """Yield (line number, line) of a UTF-8 text file, gzipped when its name ends in .gz; lines end as above.
+
+    A UTF-8 byte-order mark (Excel writes one) is dropped from line 1. A DataError names the file (and the line,
+    for bytes that are not UTF-8)."""
+    path = Path(path)
     try:
-        return path.read_text(encoding="utf-8-sig").splitlines()
+        file = (gzip.open if path.suffix == ".gz" else open)(path, "rb")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder, expected a data file (TSV, CSV or JSONL)") from None
     except OSError as error:
         raise DataError(f"{path}: cannot read it ({error.strerror})") from None
-    except UnicodeDecodeError as error:
-        line = path.read_bytes()[: error.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: bytes that are not UTF-8 ({error.reason})") from None
+    with file:
+        number = 0
+        try:
+            for number, raw in enumerate(file, 1):  # a binary file's lines end at b"\n" only
+                text = raw.decode("utf-8")
+                text = text.removeprefix("\ufeff") if number == 1 else text
+                yield number, text if keep_endings else strip_line_ending(text)
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}:{number}: bytes that are not UTF-8 ({error.reason})") from None
+        except (OSError, EOFError) as error:  # a damaged gzip file (gzip.BadGzipFile is an OSError)
+            raise DataError(f"{path}:{number + 1}: cannot read it ({error})") from None
+
+
+def read_lines(path) -> list:
+    """The lines of a text file, without their endings (a text per line)."""
+    return [line for _, line in numbered_lines(path)]
+
+
+def tsv_fields(line: str) -> list:
+    """The fields of one TSV line (without its ending); never an error. Every tab separates two fields, so a
+    quoted field cannot hold a tab: STS-B's train.tsv has a line whose sentence1 opens a quote and whose sentence2
+    closes one (`"Oh, you're such a good person!` and `You're such a bad person!"`), two literal fields."""
+    return [_unquoted(field) for field in line.split("\t")]
+
+
+def _unquoted(field: str) -> str:
+    """A field wholly in quotes whose every inner quote is doubled loses its quotes ("" is one quote); any other
+    field is literal text."""
+    if len(field) >= 2 and field[0] == field[-1] == '"' and '"' not in field[1:-1].replace('""', ""):
+        return field[1:-1].replace('""', '"')
+    return field
+
+
+def csv_fields(record: str):
+    """The fields of one CSV record (its lines, without the last one's ending), or None when the record ends
+    inside a quoted field: it goes on on the next line. ValueError for text after a closing quote."""
+    fields, start = [], 0
+    while True:
+        if record.startswith('"', start):
+            parts, position = [], start + 1
+            while True:
+                close = record.find('"', position)
+                if close < 0:
+                    return None
+                parts.append(record[position:close])
+                if not record.startswith('"', close + 1):
+                    break
+                parts.append('"')  # "" is one quote
+                position = close + 2
+            fields.append("".join(parts))
+            start = close + 1
+            if start < len(record) and record[start] != ",":
+                raise ValueError(f"field {len(fields)} is quoted, then {record[start:start + 10]!r} follows its "
+                                 'closing quote (RFC 4180: a quoted field ends at a quote and a comma; a quote '
+                                 'inside it is written "")')
+        else:
+            end = record.find(",", start)
+            end = len(record) if end < 0 else end
+            fields.append(record[start:end])
+            start = end
+        if start >= len(record):
+            return fields
+        start += 1  # the comma
+
+
+def delimited_records(lines, delimiter: str, where):
+    r"""Yield (key of its first line, fields) for each record of TSV (delimiter "\t") or CSV (",") lines.
+
+    lines: (key, line with its ending) pairs, the key being what `where(key)` turns into a place for an error
+    ("file:line"). Blank lines between records are skipped. A DataError for a CSV record whose quoting breaks
+    RFC 4180, or whose quoted field never closes."""
+    first, pending = None, ""
+    for key, line in lines:
+        if first is None:
+            if not line.strip() and delimiter not in line:
+                continue
+            first = key
+        if delimiter == "\t":
+            yield first, tsv_fields(strip_line_ending(line))
+            first = None
+            continue
+        pending += line
+        try:
+            fields = csv_fields(strip_line_ending(pending))
+        except ValueError as error:
+            raise DataError(f"{where(first)}: not valid CSV: {error}") from None
+        if fields is not None:
+            yield first, fields
+            first, pending = None, ""
+    if first is not None:
+        raise DataError(f"{where(first)}: not valid CSV: a quoted field opens here and never closes (RFC 4180: a "
+                        'quoted field ends at a quote; a quote inside it is written "")')
+
+
+def write_tsv_line(fields) -> str:
+    r"""One TSV line (ending in "\n") that tsv_fields reads back as `fields`: a field that starts with a quote or
+    holds a carriage return (which could end the line) is quoted, wrapped in quotes with its quotes doubled.
+    ValueError for a field holding a tab or a line break ("\n"), which no TSV field can hold."""
+    written = []
+    for field in fields:
+        if "\t" in field or "\n" in field:
+            raise ValueError(f"{field[:40]!r} holds a tab or a line break, which a TSV field cannot hold")
+        quote = field.startswith('"') or "\r" in field
+        written.append('"' + field.replace('"', '""') + '"' if quote else field)
+    return "\t".join(written) + "\n"
 
 
 def _convert(row: dict, path, line: int, num_labels=None, label_names=None) -> dict:
@@ -122,67 +248,80 @@ def _is_number(text: str) -> bool:
 
 
 def read_dataset(path, num_labels=None) -> Dataset:
-    """Read a TSV/CSV file with a header line, or JSONL (one object per line).
+    """Read a TSV/CSV file with a header line, or JSONL (one object per line); the reading rules are above.
 
     Columns are renamed by ALIASES; `score` becomes a float, `label` an int (string labels are numbered in
     order of first appearance, NLI names as entailment 0, neutral 1, contradiction 2).
     """
     path = Path(path)
-    lines = _open_text(path)
-    if not any(line.strip() for line in lines):
-        raise DataError(f"{path}: the file is empty")
+    records = _jsonl_records(path) if path.suffix.lower() in (".jsonl", ".json") else _table_records(path)
     label_names = dict(NLI_LABELS)
-    rows, row_lines = [], []
-    if path.suffix.lower() in (".jsonl", ".json"):
-        columns = None
-        for number, text in enumerate(lines, 1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            if columns is None:
-                columns = list(record)
-                _check_unique_columns(columns, path, number)
-            missing = [c for c in columns if c not in record]
-            if missing:
-                raise DataError(f"{path}:{number}: missing column(s) {missing}")
-            added = [ALIASES.get(c, c) for c in record if c not in columns and is_text_column(ALIASES.get(c, c))]
-            if added:  # the columns are the first record's: a text field only some records have would be dropped
-                raise DataError(f"{path}:{number}: field(s) {added} that the first record ({columns}) does not "
-                                "have; every record needs the same text fields")
-            rows.append(_convert(record, path, number, num_labels, label_names))
-            row_lines.append(number)
-    else:
-        tsv = path.suffix.lower() in (".tsv", ".tab", ".txt")
-        if tsv:
-            records = ((number, _tsv_fields(text, path, number)) for number, text in enumerate(lines, 1))
-        else:
-            reader = csv.reader(lines, delimiter=",", strict=True)
-            records = ((reader.line_num, fields) for fields in _csv_rows(reader, path))
-        header = None
-        for number, fields in records:
-            if not fields or fields == [""]:
-                continue
-            if header is None:
-                header = columns = [name.strip() for name in fields]
-                if not tsv and len(columns) == 1 and "\t" in columns[0]:
-                    raise DataError(f"{path}:{number}: the header is one column holding tabs: the file is read as "
-                                    "CSV (by its name: only .tsv, .tab and .txt are read as tab-separated); name a "
-                                    "tab-separated file .tsv")
-                _check_unique_columns(columns, path, number)
-                continue
-            if len(fields) != len(columns):
-                raise DataError(f"{path}:{number}: {len(fields)} fields, the header has {len(columns)} "
-                                f"({', '.join(columns)})")
-            rows.append(_convert(dict(zip(columns, fields)), path, number, num_labels, label_names))
-            row_lines.append(number)
+    rows, row_lines, columns = [], [], None
+    for number, columns, record in records:
+        if record is None:  # the header
+            continue
+        rows.append(_convert(record, path, number, num_labels, label_names))
+        row_lines.append(number)
+    if columns is None:
+        raise DataError(f"{path}: the file is empty")
     if not rows:
         raise DataError(f"{path}: a header but no rows")
     return Dataset(rows, [ALIASES.get(c, c) for c in columns], str(path), row_lines)
+
+
+def parse_json_line(line: str):
+    """One JSONL line's value (json.JSONDecodeError as json.loads). A raw control character inside a string (a
+    tab some writer left unescaped) is kept as text; a line break cannot be there: it ends the line."""
+    return _JSON.decode(line)
+
+
+_JSON = json.JSONDecoder(strict=False)
+
+
+def _jsonl_records(path: Path):
+    """(line number, columns, record) of a JSONL file; the columns are the first record's keys."""
+    columns = None
+    for number, text in numbered_lines(path):
+        if not text.strip():
+            continue
+        try:
+            record = parse_json_line(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        if columns is None:
+            columns = list(record)
+            _check_unique_columns(columns, path, number)
+        missing = [c for c in columns if c not in record]
+        if missing:
+            raise DataError(f"{path}:{number}: missing column(s) {missing}")
+        added = [ALIASES.get(c, c) for c in record if c not in columns and is_text_column(ALIASES.get(c, c))]
+        if added:  # the columns are the first record's: a text field only some records have would be dropped
+            raise DataError(f"{path}:{number}: field(s) {added} that the first record ({columns}) does not "
+                            "have; every record needs the same text fields")
+        yield number, columns, record
+
+
+def _table_records(path: Path):
+    """(line number, columns, {column: field}) of a TSV (.tsv, .tab, .txt) or CSV file with a header line."""
+    tsv = path.suffix.lower() in (".tsv", ".tab", ".txt")
+    lines = numbered_lines(path, keep_endings=True)
+    columns = None
+    for number, fields in delimited_records(lines, "\t" if tsv else ",", lambda line: f"{path}:{line}"):
+        if columns is None:
+            columns = [name.strip() for name in fields]
+            if not tsv and len(columns) == 1 and "\t" in columns[0]:
+                raise DataError(f"{path}:{number}: the header is one column holding tabs: the file is read as "
+                                "CSV (by its name: only .tsv, .tab and .txt are read as tab-separated); name a "
+                                "tab-separated file .tsv")
+            _check_unique_columns(columns, path, number)
+            yield number, columns, None
+            continue
+        if len(fields) != len(columns):
+            raise DataError(f"{path}:{number}: {len(fields)} fields, the header has {len(columns)} "
+                            f"({', '.join(columns)})")
+        yield number, columns, dict(zip(columns, fields))
 
 
 def _check_unique_columns(columns: list, path, number: int) -> None:
@@ -197,31 +336,6 @@ def _check_unique_columns(columns: list, path, number: int) -> None:
         seen[name] = column
 
 
-def _tsv_fields(text: str, path, number: int) -> list:
-    """One TSV line's fields. A field wholly in double quotes is a quoted field (the quotes go, "" becomes ");
-    quotes inside a field are text. A quoted field cannot hold a tab or a line break: refused, not guessed."""
-    fields = []
-    for field in text.split("\t"):
-        if len(field) >= 2 and field[0] == field[-1] == '"':
-            inner = field[1:-1]
-            if '"' in inner.replace('""', ""):
-                raise DataError(f"{path}:{number}: field {field[:40]!r} is quoted but holds a lone quote; "
-                                'write a quote inside a quoted field as ""')
-            field = inner.replace('""', '"')
-        elif field.startswith('"') and '"' not in field[1:]:
-            raise DataError(f"{path}:{number}: field {field[:40]!r} opens a quote that does not close on this "
-                            "line: a TSV field cannot hold a tab or a line break, quoted or not")
-        fields.append(field)
-    return fields
-
-
-def _csv_rows(reader, path):
-    try:
-        yield from reader
-    except csv.Error as error:
-        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({error})") from None
-
-
 def load_stsb(data_dir, split: str) -> list:
     """STS benchmark rows {sentence1, sentence2, score in 0..1} from `data_dir/{split}.tsv`.
 
@@ -233,7 +347,7 @@ def load_stsb(data_dir, split: str) -> list:
                         "not a file")
     path = Path(data_dir) / f"{split}.tsv"
     rows = []
-    for number, line in enumerate(_open_text(path), 1):
+    for number, line in numbered_lines(path):
         if not line.strip():
             continue
         fields = line.split("\t")
@@ -262,7 +376,7 @@ def load_sick(path, split: str) -> list:
     path = Path(path)
     if split not in SICK_SPLITS:
         raise DataError(f"{path}: SICK has splits {sorted(SICK_SPLITS)}, not {split!r}")
-    lines = _open_text(path)
+    lines = read_lines(path)
     if not lines:
         raise DataError(f"{path}: the file is empty")
     header = lines[0].split("\t")
@@ -425,38 +539,32 @@ def load_snli(path) -> list:
     neutral 1, contradiction 2: SoftmaxLoss's and the SICK reader's order). Pairs whose annotators reached no
     majority (gold_label "-") have no label: they are dropped, and how many is said once on stderr.
     """
-    import gzip
     import sys
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
     rows, unlabelled = [], 0
-    try:
-        with opener(path, "rt", encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-                missing = [f for f in ("sentence1", "sentence2", "gold_label")
-                           if not isinstance(record, dict) or not isinstance(record.get(f), str)]
-                if missing:
-                    raise DataError(f"{path}:{number}: missing or non-text field(s) {missing} (SNLI rows have "
-                                    f"sentence1, sentence2, gold_label)")
-                if record["gold_label"] == "-":
-                    unlabelled += 1
-                    continue
-                if record["gold_label"] not in NLI_LABELS:
-                    raise DataError(f"{path}:{number}: gold_label {record['gold_label']!r} is not one of "
-                                    f"{list(NLI_LABELS)} or '-'")
-                rows.append({"premise": record["sentence1"], "hypothesis": record["sentence2"],
-                             "label": NLI_LABELS[record["gold_label"]]})
-    except (OSError, EOFError, UnicodeDecodeError) as error:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"{path}: cannot be read as SNLI JSONL ({error})") from None
+    for number, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = parse_json_line(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        missing = [f for f in ("sentence1", "sentence2", "gold_label")
+                   if not isinstance(record, dict) or not isinstance(record.get(f), str)]
+        if missing:
+            raise DataError(f"{path}:{number}: missing or non-text field(s) {missing} (SNLI rows have "
+                            f"sentence1, sentence2, gold_label)")
+        if record["gold_label"] == "-":
+            unlabelled += 1
+            continue
+        if record["gold_label"] not in NLI_LABELS:
+            raise DataError(f"{path}:{number}: gold_label {record['gold_label']!r} is not one of "
+                            f"{list(NLI_LABELS)} or '-'")
+        rows.append({"premise": record["sentence1"], "hypothesis": record["sentence2"],
+                     "label": NLI_LABELS[record["gold_label"]]})
     if unlabelled:
         print(f"{path}: {unlabelled} pairs without a gold label ('-') dropped", file=sys.stderr)
     if not rows:

@@ -202,26 +202,22 @@ def _jsonl_records(path: Path, what: str):
     if not path.is_file():
         raise data.DataError(f"{path}: no such file (a BEIR folder holds corpus.jsonl, queries.jsonl and "
                              f"qrels/<split>.tsv)")
-    with path.open("rb") as lines:
-        for number, raw in enumerate(lines, 1):
-            try:
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-            except UnicodeDecodeError as error:
-                raise data.DataError(f"{path}:{number}: bytes that are not UTF-8 ({error.reason})") from None
-            except json.JSONDecodeError as error:
-                raise data.DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise data.DataError(f"{path}:{number}: expected a JSON object with _id and text, got "
-                                     f"{type(record).__name__}")
-            for field in ("_id", "text"):
-                if field not in record:
-                    raise data.DataError(f"{path}:{number}: {what} without the field {field!r}")
-            if not isinstance(record["text"], str) or not isinstance(record.get("title", ""), str):
-                raise data.DataError(f"{path}:{number}: text and title must be strings")
-            yield number, record
+    for number, line in data.numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = data.parse_json_line(line)
+        except json.JSONDecodeError as error:
+            raise data.DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise data.DataError(f"{path}:{number}: expected a JSON object with _id and text, got "
+                                 f"{type(record).__name__}")
+        for field in ("_id", "text"):
+            if field not in record:
+                raise data.DataError(f"{path}:{number}: {what} without the field {field!r}")
+        if not isinstance(record["text"], str) or not isinstance(record.get("title", ""), str):
+            raise data.DataError(f"{path}:{number}: text and title must be strings")
+        yield number, record
 
 
 def read_corpus(path) -> dict:
@@ -257,31 +253,26 @@ def read_qrels(path, queries: dict, corpus: dict) -> dict:
     if not path.is_file():
         found = sorted(p.stem for p in path.parent.glob("*.tsv")) if path.parent.is_dir() else []
         raise data.DataError(f"{path}: no such file (splits found: {', '.join(found) or 'none'})")
-    with path.open("rb") as lines:
-        for number, raw in enumerate(lines, 1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as error:
-                raise data.DataError(f"{path}:{number}: bytes that are not UTF-8 ({error.reason})") from None
-            if not line.strip():
+    for number, line in data.numbered_lines(path):
+        if not line.strip():
+            continue
+        fields = data.tsv_fields(line)
+        if len(fields) != 3:
+            raise data.DataError(f"{path}:{number}: {len(fields)} tab-separated fields; qrels lines are "
+                                 f"query-id, corpus-id, score")
+        query_id, doc_id, score = (field.strip() for field in fields)
+        try:
+            score = int(score)
+        except ValueError:
+            if number == 1:  # the header line (query-id, corpus-id, score)
                 continue
-            fields = line.split("\t")
-            if len(fields) != 3:
-                raise data.DataError(f"{path}:{number}: {len(fields)} tab-separated fields; qrels lines are "
-                                     f"query-id, corpus-id, score")
-            query_id, doc_id, score = (field.strip() for field in fields)
-            try:
-                score = int(score)
-            except ValueError:
-                if number == 1:  # the header line (query-id, corpus-id, score)
-                    continue
-                raise data.DataError(f"{path}:{number}: score {score!r} is not a whole number") from None
-            if query_id not in queries:
-                raise data.DataError(f"{path}:{number}: query id {query_id!r} is not in queries.jsonl")
-            if doc_id not in corpus:
-                raise data.DataError(f"{path}:{number}: corpus id {doc_id!r} is not in corpus.jsonl")
-            if score > 0:
-                relevant.setdefault(query_id, {})[doc_id] = score
+            raise data.DataError(f"{path}:{number}: score {score!r} is not a whole number") from None
+        if query_id not in queries:
+            raise data.DataError(f"{path}:{number}: query id {query_id!r} is not in queries.jsonl")
+        if doc_id not in corpus:
+            raise data.DataError(f"{path}:{number}: corpus id {doc_id!r} is not in corpus.jsonl")
+        if score > 0:
+            relevant.setdefault(query_id, {})[doc_id] = score
     return relevant
 
 

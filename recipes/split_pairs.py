@@ -133,7 +133,8 @@ def run(argv=None) -> int:
         raise UsageError(f"{args.data}: a text holds a tab or a line break, which train.tsv cannot: {bad[0]}")
     train, held = split([(r["anchor"], r["positive"]) for r in rows], args.test_fraction)
     out.mkdir(parents=True, exist_ok=True)
-    files.write_text(out / "train.tsv", "anchor\tpositive\n" + "".join(f"{a}\t{p}\n" for a, p in train))
+    # Quoted where minilm's TSV reader would otherwise misread a text (a leading quote): read back unchanged.
+    files.write_text(out / "train.tsv", "anchor\tpositive\n" + "".join(data.write_tsv_line(pair) for pair in train))
     write_beir(out / "test", held)
     print(f"{len(train)} training pairs -> {out / 'train.tsv'}; {len(held)} held-out pairs -> {out / 'test'}")
     return 0
