@@ -15,7 +15,9 @@ Tasks:
   binary    any file with sentence1, sentence2, label (0/1): accuracy, F1, precision, recall, AP, thresholds
   retrieval a BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), e.g. --data
             ../shared/data/scifact --split test; or any file with anchor, positive: each anchor must find its
-            positive among all positives (accuracy/precision/recall@k, MRR@10, NDCG@10, MAP@100)
+            positive among all positives (accuracy/precision/recall@k, MRR@10, NDCG@10, MAP@100). In a BEIR
+            folder a document with the query's own id is skipped (BEIR's convention, for corpora holding their
+            queries); --keep-self-matches counts it, for folders whose ids are numbered separately
 """
 
 import argparse
@@ -107,6 +109,10 @@ def evaluate(argv=None) -> int:
                         "precision costs in quality")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
+    parser.add_argument("--keep-self-matches", action="store_true", help="retrieval on a BEIR folder: count a "
+                        "judged document whose id is the query's own (query 3 relevant to document 3). By default "
+                        "it is skipped, as BEIR and MTEB do for corpora that hold their queries, and a warning says "
+                        "how many judged pairs that skips")
     args = parser.parse_args(argv)
 
     has_splits = ((args.task in SPLITS and not data.is_snli(args.data))
@@ -115,6 +121,9 @@ def evaluate(argv=None) -> int:
         parser.error(f"--split {args.split}: --data {args.data} is a single file, its own split; --split "
                      "chooses a split of stsb, sick, nli (SICK.tsv) or a BEIR folder")
     args.split = args.split or "test"
+    if args.keep_self_matches and not (args.task == "retrieval" and Path(args.data).is_dir()):
+        parser.error(f"--keep-self-matches is for --task retrieval on a BEIR folder, not --task {args.task} "
+                     f"--data {args.data}")
     if args.task in SPLITS and has_splits and args.split not in SPLITS[args.task]:
         parser.error(f"--split for {args.task} must be one of {SPLITS[args.task]}, not {args.split!r}")
     try:
@@ -136,7 +145,8 @@ def evaluate(argv=None) -> int:
         raise UsageError(f"--model {args.model}: {_first_line(error)}") from None
     try:
         classifier = SoftmaxLoss.load_classifier(model.source_dir) if args.task == "nli" else None
-        evaluator = evaluation.for_task(args.task, args.data, args.split, classifier=classifier)
+        evaluator = evaluation.for_task(args.task, args.data, args.split, classifier=classifier,
+                                        keep_self_matches=args.keep_self_matches)
     except (OSError, ValueError, KeyError) as error:
         raise UsageError(f"--task {args.task} --data {args.data}: {_first_line(error)}") from None
     evaluator.batch_size, evaluator.precision = args.batch_size, args.precision

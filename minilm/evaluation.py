@@ -360,8 +360,11 @@ class InformationRetrievalEvaluator(Evaluator):
         corpus id -> grade: relevance is binary, as in sentence-transformers). Queries without any relevant
         document are skipped (said once, on stderr). ignore_identical_ids: a corpus entry whose id is the
         query's own id is never ranked for it (BEIR's and MTEB's convention, for corpora that contain the
-        queries, e.g. duplicate questions; sentence-transformers' evaluator does not do this)."""
+        queries, e.g. duplicate questions; sentence-transformers' evaluator does not do this). A judged pair
+        it skips (query "3" relevant to document "3": ids numbered separately, not a query in the corpus) can
+        never be found, so every metric falls: how many is said on stderr, naming --keep-self-matches."""
         self.query_ids = [qid for qid in queries if relevant_docs.get(qid)]
+        self.name, self.batch_size = name, batch_size
         skipped = len(queries) - len(self.query_ids)
         if skipped:
             print(f"{name or 'retrieval'}: {skipped} of {len(queries)} queries have no relevance judgement; "
@@ -373,7 +376,18 @@ class InformationRetrievalEvaluator(Evaluator):
         self.corpus = [corpus[cid] for cid in self.corpus_ids]
         self.relevant = [{index[cid] for cid in relevant_docs[qid]} for qid in self.query_ids]
         self.skip = [index.get(qid, -1) for qid in self.query_ids] if ignore_identical_ids else None
-        self.name, self.batch_size = name, batch_size
+        if ignore_identical_ids:
+            self._warn_judged_self_matches(relevant_docs)
+
+    def _warn_judged_self_matches(self, relevant_docs: dict) -> None:
+        judged = sum(len(relevant_docs[qid]) for qid in self.query_ids)
+        own = [qid for qid in self.query_ids if qid in relevant_docs[qid]]
+        if own:
+            print(f"{self.name or 'retrieval'}: warning: {len(own)} of {judged} judged (query, document) pairs "
+                  f"pair a query with the document of its own id (e.g. query {own[0]!r} and document {own[0]!r}) "
+                  "and are skipped: BEIR's convention skips a document with the query's id, for corpora that hold "
+                  "their queries; they can never be found and lower every metric. If query and document ids are "
+                  "numbered separately, pass --keep-self-matches to count them", file=sys.stderr)
 
     @classmethod
     def from_pairs(cls, anchors, positives, name=""):
@@ -386,9 +400,12 @@ class InformationRetrievalEvaluator(Evaluator):
         return cls(queries, {cid: text for text, cid in corpus_ids.items()}, relevant, name)
 
     @classmethod
-    def from_beir(cls, folder, split: str, name=""):
+    def from_beir(cls, folder, split: str, name="", keep_self_matches: bool = False):
+        """A BEIR folder's split. A document whose id is the query's own is skipped (BEIR's default), unless
+        keep_self_matches: for folders whose query and document ids are numbered separately."""
         queries, corpus, relevant = load_beir(folder, split)
-        return cls(queries, corpus, relevant, name or f"{Path(folder).name}-{split}", ignore_identical_ids=True)
+        return cls(queries, corpus, relevant, name or f"{Path(folder).name}-{split}",
+                   ignore_identical_ids=not keep_self_matches)
 
     def __call__(self, model) -> dict:
         queries = self.embed(model, self.queries)
@@ -415,8 +432,15 @@ class LabelAccuracyEvaluator(Evaluator):
         return {"accuracy": float((predicted == torch.tensor(self.labels)).float().mean())}
 
 
-def for_task(task: str, location, split: str, classifier=None, binary_threshold: float = 0.6):
-    """The evaluator of one eval.py/train.py task on its data; a problem with the data is a DataError."""
+def for_task(task: str, location, split: str, classifier=None, binary_threshold: float = 0.6,
+             keep_self_matches: bool = False):
+    """The evaluator of one eval.py/train.py task on its data; a problem with the data is a DataError.
+    keep_self_matches: retrieval on a BEIR folder counts a judged document whose id is the query's own
+    (--keep-self-matches); a ValueError for any other task, where it would mean nothing."""
+    beir = task == "retrieval" and Path(location).is_dir()
+    if keep_self_matches and not beir:
+        raise ValueError(f"--keep-self-matches is for the retrieval task on a BEIR folder, not {task} on "
+                         f"{location}")
     if task == "stsb":
         return EmbeddingSimilarityEvaluator.from_rows(data.load_stsb(location, split), name=f"sts-{split}")
     if task == "stsb-binary":  # STS-B pairs labelled similar when their score is at least 3 of 5
@@ -438,8 +462,8 @@ def for_task(task: str, location, split: str, classifier=None, binary_threshold:
         rows = data.load_sick(location, split)
         return LabelAccuracyEvaluator([r["premise"] for r in rows], [r["hypothesis"] for r in rows],
                                       [r["label"] for r in rows], classifier, name=f"sick-nli-{split}")
-    if task == "retrieval" and Path(location).is_dir():
-        return InformationRetrievalEvaluator.from_beir(location, split)
+    if beir:
+        return InformationRetrievalEvaluator.from_beir(location, split, keep_self_matches=keep_self_matches)
     rows = data.read_dataset(location, num_labels=2 if task == "binary" else None).rows  # binary: 0/1, by line
     name = Path(location).stem
     needed = {"pairs": ("sentence1", "sentence2", "score"), "binary": ("sentence1", "sentence2", "label"),

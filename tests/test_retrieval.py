@@ -108,6 +108,53 @@ def test_reader_errors_name_the_file_and_line(tmp_path, damage, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def self_judged_beir(folder, texts=("a red apple", "the stock market", "a dog in the park", "rain over the sea")):
+    """Queries and documents numbered separately, both from "1", and query i judged relevant to document i: the
+    folder that scored 0.0000 on every metric, silently (BEIR's convention skips a document with the query's id)."""
+    corpus = [{"_id": str(i), "title": "", "text": text} for i, text in enumerate(texts, 1)]
+    queries = [{"_id": str(i), "text": text} for i, text in enumerate(texts, 1)]
+    return write_beir(folder, corpus, queries, [f"{i}\t{i}\t1" for i in range(1, len(texts) + 1)])
+
+
+def test_judged_documents_with_the_query_id_are_skipped_loudly_or_counted_on_request(tmp_path, capfd):
+    """The evaluator (train.py's in-training evaluation and eval.py's) says how many judged pairs BEIR's
+    convention skips, naming the flag; keep_self_matches counts them."""
+    folder = self_judged_beir(tmp_path / "beir")
+    model = fixed_model(["a red apple", "the stock market", "a dog in the park", "rain over the sea"])
+    skipped = evaluation.for_task("retrieval", folder, "test")(model)
+    err = capfd.readouterr().err
+    assert "warning: 4 of 4 judged (query, document) pairs" in err and "--keep-self-matches" in err
+    assert len(err.strip().splitlines()) == 1 and set(skipped.values()) == {0.0}
+    kept = evaluation.for_task("retrieval", folder, "test", keep_self_matches=True)(model)
+    assert kept["cosine_ndcg@10"] == kept["cosine_accuracy@1"] == 1.0 and "warning" not in capfd.readouterr().err
+    # Queries that are corpus entries, judged relevant to other entries (a duplicate-questions split): the skip
+    # is what the folder means, and nothing is said.
+    write_beir(tmp_path / "dup", [{"_id": "1", "text": "x"}, {"_id": "2", "text": "y"}],
+               [{"_id": "1", "text": "x"}, {"_id": "2", "text": "y"}], ["1\t2\t1", "2\t1\t1"])
+    evaluation.for_task("retrieval", tmp_path / "dup", "test")
+    assert "warning" not in capfd.readouterr().err
+    with pytest.raises(ValueError, match="--keep-self-matches is for the retrieval task on a BEIR folder"):
+        evaluation.for_task("pairs", tmp_path / "pairs.tsv", "test", keep_self_matches=True)
+
+
+def test_eval_py_keep_self_matches(tmp_path, capfd, tiny_model_dir):
+    import eval as eval_script
+
+    folder = self_judged_beir(tmp_path / "beir")
+    argv = ["--model", str(tiny_model_dir), "--task", "retrieval", "--data", str(folder), "--device", "cpu"]
+    assert eval_script.main(argv) == 0
+    out, err = capfd.readouterr()
+    assert "4 of 4 judged (query, document) pairs" in err and "--keep-self-matches" in err
+    assert "cosine_ndcg@10                   0.0000" in out
+    assert eval_script.main([*argv, "--keep-self-matches"]) == 0
+    out, err = capfd.readouterr()
+    assert "cosine_ndcg@10                   1.0000" in out and "warning" not in err
+    (tmp_path / "pairs.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t0.5\n")
+    assert eval_script.main(["--model", str(tiny_model_dir), "--task", "pairs", "--data", str(tmp_path / "pairs.tsv"),
+                             "--keep-self-matches"]) == 2
+    assert "--keep-self-matches is for --task retrieval on a BEIR folder" in capfd.readouterr().err
+
+
 def test_retrieval_on_a_file_without_pairs_names_the_columns(tmp_path):
     (tmp_path / "docs.jsonl").write_text('{"_id": "d1", "title": "", "text": "x"}\n')
     with pytest.raises(data.DataError, match=r"docs.jsonl: columns \['_id', 'text', 'title'\]; the retrieval task "
