@@ -38,8 +38,8 @@ class FixedEmbeddings:
             pass
 
 
-def fixed_model(texts, dim=16, duplicates_every=0):
-    rng = np.random.default_rng()
+def fixed_model(texts, dim=16, duplicates_every=0, seed=0):
+    rng = np.random.default_rng(seed)
     vectors = {}
     for index, text in enumerate(texts):
         if duplicates_every and index % duplicates_every == 0 and vectors:
@@ -55,7 +55,7 @@ def unprefixed(results: dict, name: str) -> dict:
 
 def test_spearman_and_pearson_match_scipy():
     stats = pytest.importorskip("scipy.stats")
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     x = rng.integers(0, 10, 200).astype(float)  # many ties
     y = x + rng.standard_normal(200)
     assert abs(evaluation.spearman(x, y) - stats.spearmanr(x, y).statistic) < 1e-12
@@ -67,7 +67,7 @@ def test_similarity_evaluator_matches_sentence_transformers():
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 
     s1, s2 = [f"a{i}" for i in range(80)], [f"b{i}" for i in range(80)]
-    scores = np.random.default_rng().integers(0, 6, 80) / 5
+    scores = np.random.default_rng(1).integers(0, 6, 80) / 5
     model = fixed_model(s1 + s2)
     ours = evaluation.EmbeddingSimilarityEvaluator(s1, s2, scores)(model)
     theirs = unprefixed(EmbeddingSimilarityEvaluator(s1, s2, scores, name="x", write_csv=False)(model), "x")
@@ -80,7 +80,7 @@ def test_binary_evaluator_matches_sentence_transformers():
     from sentence_transformers.sentence_transformer.evaluation import BinaryClassificationEvaluator
 
     s1, s2 = [f"a{i}" for i in range(120)], [f"b{i}" for i in range(120)]
-    labels = np.random.default_rng().integers(0, 2, 120).tolist()
+    labels = np.random.default_rng(2).integers(0, 2, 120).tolist()
     model = fixed_model(s1 + s2, duplicates_every=7)
     ours = evaluation.BinaryClassificationEvaluator(s1, s2, labels)(model)
     theirs = unprefixed(BinaryClassificationEvaluator(s1, s2, labels, name="x", write_csv=False)(model), "x")
@@ -92,7 +92,7 @@ def test_retrieval_evaluator_matches_sentence_transformers():
     pytest.importorskip("sentence_transformers")
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(3)
     queries = {f"q{i}": f"query {i}" for i in range(40)}
     corpus = {f"d{i:03d}": f"doc {i}" for i in range(150)}
     relevant = {qid: {f"d{j:03d}" for j in rng.choice(150, rng.integers(1, 4), replace=False)} for qid in queries}

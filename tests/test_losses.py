@@ -183,11 +183,12 @@ def test_cached_mnrl_equals_plain_mnrl(tiny_model_dir, one_thread):
     plain_loss, plain_grads = loss_and_grads(MultipleNegativesRankingLoss(model))
     cached_loss, cached_grads = loss_and_grads(CachedMultipleNegativesRankingLoss(model, mini_batch_size=4))
     model.zero_grad(set_to_none=True)
-    # Measured: losses equal, gradients 7e-8 apart (largest gradient 0.06).
+    # Measured: losses up to 2.4e-7 apart, gradients up to 1.0e-7 (largest gradient 0.05) over every CPU kernel
+    # path (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA forced to AVX2, SSE); bounds ~3x that.
     assert abs(plain_loss - cached_loss) < 1e-6
     assert plain_grads.keys() == cached_grads.keys() and len(plain_grads) > 20
     for name in plain_grads:
-        assert (plain_grads[name] - cached_grads[name]).abs().max() < 2e-7, name
+        assert (plain_grads[name] - cached_grads[name]).abs().max() < 3e-7, name
 
 
 def test_losses_are_a_top_level_package_the_core_never_imports_and_declare_their_data():

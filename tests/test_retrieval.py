@@ -65,16 +65,33 @@ def brute_force(queries, corpus, depth, skip=None):
     return hits
 
 
+def exact_vectors(count: int, generator) -> torch.Tensor:
+    """[count, 16] rows of -1, 0, 1 whose cosines every summation order computes exactly: each row has 4 or 16
+    non-zero entries (norm 2 or 4, so normalizing divides by a power of two), and every cosine is a multiple of
+    1/16 summed from multiples of 1/16. Equal rows then get equal scores under any matmul chunking or CPU kernel;
+    random floats do not (summation order decides the last bit, and with it the tie)."""
+    signs = torch.randint(0, 2, (count, 16), generator=generator).float() * 2 - 1
+    sparse = torch.rand(count, 1, generator=generator) < 0.5
+    keep = torch.rand(count, 16, generator=generator).argsort(dim=1) < 4  # 4 random places per row
+    return torch.where(sparse & ~keep, torch.zeros_like(signs), signs)
+
+
 def test_chunked_ranking_equals_brute_force_with_ties_and_skipped_self():
     generator = torch.Generator().manual_seed(0)
-    corpus = torch.randn(40, 6, generator=generator)
+    corpus = exact_vectors(40, generator)
     corpus[10:20] = corpus[5]  # many equal scores across chunk borders and at the depth cut
-    queries = torch.cat([corpus[:6], torch.randn(5, 6, generator=generator)])
+    queries = torch.cat([corpus[:6], exact_vectors(5, generator)])
+    scores = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(corpus, dim=-1).T
+    assert torch.equal(scores * 16, (scores * 16).round())  # exact, as exact_vectors promises
+    assert all(len(set(row.tolist())) < 30 for row in scores)  # ties well beyond the copies of row 5
     skip = list(range(6)) + [-1] * 5
     for skipped in (None, skip):
         expected = brute_force(queries, corpus, 8, skipped)
-        for query_chunk, corpus_chunk in ((3, 7), (1024, 65536)):
+        for query_chunk, corpus_chunk in ((3, 7), (1, 1), (1024, 65536)):
             assert evaluation.ranked_hits(queries, corpus, 8, query_chunk, corpus_chunk, skipped) == expected
+    # The tie rule itself: equal scores rank the lower corpus index first, a skipped index never appears.
+    assert evaluation.ranked_hits(queries[5:6], corpus, 11)[0] == [5, *range(10, 20)]
+    assert evaluation.ranked_hits(queries[5:6], corpus, 10, skip=[5])[0] == list(range(10, 20))
 
 
 @pytest.mark.parametrize("damage, message", [
