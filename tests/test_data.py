@@ -145,3 +145,17 @@ def test_labels_written_as_decimals_or_capitalized_names_are_the_classes_they_me
     path.write_text("premise\thypothesis\tlabel\na\tb\t1.5\n")
     with pytest.raises(data.DataError, match="label '1.5' is not an integer"):
         data.read_dataset(path, 3)
+
+
+def test_a_damaged_or_missing_file_is_one_error_naming_it(tmp_path):
+    """numbered_lines, under every reader: a truncated gzip file, a folder, a missing file."""
+    import gzip
+
+    path = tmp_path / "snli_1.0_dev.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"sentence1": "A", "sentence2": "B", "gold_label": "neutral"}\n' * 50)[:-20])
+    with pytest.raises(data.DataError, match=r"snli_1.0_dev.jsonl.gz:\d+: cannot read it"):
+        data.load_snli(path)
+    with pytest.raises(data.DataError, match="is a folder"):
+        data.read_dataset(tmp_path)
+    with pytest.raises(data.DataError, match="nothing.tsv: no such file"):
+        data.read_dataset(tmp_path / "nothing.tsv")

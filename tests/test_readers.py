@@ -225,7 +225,8 @@ def test_corpus_ids_and_texts_read_back_unchanged(tmp_path, tiny_model_dir, caps
 
 # Texts built from the characters that matter (drawn often) and any other character (no lone surrogates: not UTF-8).
 PIECES = ['"', ",", "\t", "\n", "\r", " ", "a", "😀", "\u0301", "\ufeff", *NOT_LINE_ENDS]
-TEXT = st.lists(st.one_of(st.sampled_from(PIECES), st.characters(blacklist_categories=("Cs",))), max_size=10).map("".join)
+TEXT = st.lists(st.one_of(st.sampled_from(PIECES), st.characters(blacklist_categories=("Cs",))),
+                max_size=10).map("".join)
 ROWS = st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=5)
 PROPERTY = settings(max_examples=60, derandomize=True, database=None, deadline=None,  # the same examples every run
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
