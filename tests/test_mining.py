@@ -220,16 +220,16 @@ def test_overwrite_never_replaces_an_input(tmp_path, capsys, monkeypatch, data, 
 
 
 def documented_mine_commands() -> dict:
-    """The mine.py commands the docs give, as a user would paste them: the README's (continuation lines joined)
-    and recipe 000_scifact_mnrl_hard_negatives's "First: ..." step."""
-    lines = (REPO / "README.md").read_text().splitlines()
+    """The mine.py commands the docs give, as a user would paste them: docs/retrieval.md's first (continuation lines
+    joined) and recipe 000_scifact_mnrl_hard_negatives's "First: ..." step."""
+    lines = (REPO / "docs" / "retrieval.md").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if "python mine.py --model" in line and "--out" not in line)
     end = next(i for i in range(start, len(lines)) if not lines[i].endswith("\\"))
     recipe = json.loads((REPO / "recipes" / "000_scifact_mnrl_hard_negatives.json").read_text())
-    return {"README.md": "\n".join(lines[start:end + 1]), "recipe": recipe["description"].split("First: ", 1)[1]}
+    return {"docs/retrieval.md": "\n".join(lines[start:end + 1]), "recipe": recipe["description"].split("First: ", 1)[1]}
 
 
-@pytest.mark.parametrize("where", ["README.md", "recipe"])
+@pytest.mark.parametrize("where", ["docs/retrieval.md", "recipe"])
 def test_documented_mine_command_works_on_a_fresh_checkout(tmp_path, where):
     """A fresh clone has no runs/data, and mine.py writes only into a folder that exists (tested above: "the
     folder"): the documented command must make it. Run in an empty folder with a stand-in for mine.py that
