@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import minilm
-from minilm import pooling
+from minilm import files, pooling
 
 SBERT_CITATION = """@inproceedings{reimers-2019-sentence-bert,
     title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
@@ -123,7 +123,8 @@ def plot_loss(history: list, path: Path) -> bool:
     axes.set_ylabel("training loss")
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with files.replaced_atomically(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)
     return True
 
@@ -209,7 +210,7 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
     if citation:
         parts += [f"#### {loss_name}", _fence("bibtex", citation.strip())]
     path = out_dir / "README.md"
-    path.write_text("\n\n".join(parts) + "\n")
+    files.write_text(path, "\n\n".join(parts) + "\n")
     return path
 
 
