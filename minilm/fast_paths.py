@@ -71,11 +71,13 @@ class Backends:
 def forced(value) -> Backends:
     """None, a Backends, or a dict {piece: name} -> the Backends it forces; anything else is an InputError."""
     if value is None or isinstance(value, Backends):
+        _refuse_int8_by_name(value and value.linear)
         return value or Backends()
     if isinstance(value, Mapping):
         unknown = [key for key in value if key not in BACKENDS]
         if unknown:
             raise InputError(f"backends: unknown piece {unknown[0]!r}; expected some of {tuple(BACKENDS)}")
+        _refuse_int8_by_name(value.get("linear"))
         return Backends(**value)
     raise InputError(f"backends must be None, a dict like {{'attention': 'math'}} or a fast_paths.Backends, "
                      f"not {type(value).__name__}")
@@ -86,6 +88,7 @@ def forced_by_environment() -> Backends:
     names = {piece: os.environ.get(variable) or None for piece, variable in ENVIRONMENT.items()}
     for piece, name in names.items():
         _check_name(piece, name, f" (from ${ENVIRONMENT[piece]})")
+    _refuse_int8_by_name(names["linear"], f" (from ${ENVIRONMENT['linear']})")
     return Backends(**names)
 
 
@@ -105,8 +108,9 @@ def choose(device, precision="fp32", modes=("mean",), forced_names=None, trainin
 
 
 def check_environment() -> None:
-    """Refuse a MINILM_* variable that names no backend, or one that cannot run here (Triton without it): the CLIs
-    call this before any work, so the mistake is one line, not a failure at the first batch."""
+    """Refuse a MINILM_* variable that names no backend, or one that cannot be forced (int8) or cannot run here
+    (Triton without it): the CLIs call this before any work, so the mistake is one line, not a failure at the
+    first batch."""
     environment = forced_by_environment()
     for piece in ("attention", "pooling"):
         if getattr(environment, piece) == "triton":
@@ -130,9 +134,6 @@ def _linear(device, precision, name, training) -> str:
         return "plain"  # the model's own nn.Linear: the others are inference copies, without gradients
     if precision == "int8":
         return "int8"
-    if name == "int8":
-        raise InputError(f"linear backend 'int8' is chosen by precision='int8', not by name; expected 'plain' or "
-                         f"'onednn' for precision {precision!r}")
     dtype = PRECISIONS[precision] or torch.float32
     needs = f"; {precision} needs {onednn.NEEDS[dtype]}" if dtype in onednn.NEEDS else ""
     if name == "onednn" and not onednn.available(device, dtype):
@@ -178,6 +179,12 @@ def _pooling(device, modes, name) -> str:
 def _check_name(piece: str, name, source: str = "") -> None:
     if name is not None and (not isinstance(name, str) or name not in BACKENDS[piece]):
         raise InputError(f"unknown {piece} backend {name!r}{source}; expected one of {BACKENDS[piece]}")
+
+
+def _refuse_int8_by_name(name, source: str = "") -> None:
+    if name == "int8":
+        raise InputError(f"linear backend 'int8'{source} is chosen by the precision (encode(precision='int8'), "
+                         "--precision int8), not by name; expected 'plain' or 'onednn'")
 
 
 def _require_triton(piece: str) -> None:

@@ -104,7 +104,7 @@ EDITS = {"attention": edit_attention, "ffn": edit_ffn, "layer_norm": edit_layer_
 
 def encode(model, path):
     precision, linear, attention = PATHS[path]
-    model.backends = {"linear": linear, "attention": attention}
+    model.backends = {"linear": None if precision == "int8" else linear, "attention": attention}
     try:
         assert fast_paths.choose("cpu", precision, model.pooling_modes, model.backends) == fast_paths.Backends(
             linear, attention, "plain")
@@ -170,6 +170,10 @@ def test_choose_follows_the_table_and_forced_names(monkeypatch):
     monkeypatch.setenv("MINILM_ATTENTION", "flash")
     with pytest.raises(minilm.InputError, match=r"unknown attention backend 'flash' \(from \$MINILM_ATTENTION\)"):
         fast_paths.choose("cpu", "fp32")
+    monkeypatch.setenv("MINILM_ATTENTION", "math")
+    monkeypatch.setenv("MINILM_LINEAR", "int8")  # a precision, not a backend to force: refused before any work
+    with pytest.raises(minilm.InputError, match=r"'int8' \(from \$MINILM_LINEAR\) is chosen by the precision"):
+        fast_paths.check_environment()
 
 
 @pytest.mark.parametrize("forced, message", [
@@ -178,7 +182,7 @@ def test_choose_follows_the_table_and_forced_names(monkeypatch):
     ({"pooling": "fused"}, "unknown pooling backend 'fused'"),
     ({"attention_backend": "math"}, "unknown piece 'attention_backend'; expected some of ('linear', 'attention'"),
     ("math", "backends must be None, a dict"),
-    ({"linear": "int8"}, "linear backend 'int8' is chosen by precision='int8', not by name"),
+    ({"linear": "int8"}, "linear backend 'int8' is chosen by the precision (encode(precision='int8')"),
 ])
 def test_a_bad_forced_name_is_one_line(tiny, forced, message):
     with pytest.raises(minilm.InputError) as error:
@@ -222,9 +226,11 @@ def test_a_fallback_is_logged_once(monkeypatch, caplog):
         pytest.skip("the forced 'triton' pooling backend needs Triton (or its interpreter)")
     with caplog.at_level(logging.WARNING, logger="minilm.fast_paths"):
         assert [fast_paths.choose("cpu", "fp32").linear for _ in range(3)] == ["plain"] * 3
+        assert [fast_paths.choose("cpu", "bf16").linear for _ in range(2)] == ["plain"] * 2  # as on an AVX2 CPU
         # the kernel does mean pooling only
         assert fast_paths.choose("cpu", "fp32", ("cls",), {"pooling": "triton"}).pooling == "plain"
     messages = [record.getMessage() for record in caplog.records]
-    assert len(messages) == 2 and "oneDNN cannot run" in messages[0] and "mean pooling only" in messages[1]
+    assert len(messages) == 3 and "oneDNN cannot run fp32" in messages[0] and "mean pooling only" in messages[2]
+    assert "oneDNN cannot run bf16 on this CPU; bf16 needs avx512bw or avx_ne_convert" in messages[1]
     with pytest.raises(minilm.InputError, match="linear backend 'onednn' cannot run"):
         fast_paths.choose("cpu", "fp32", forced_names={"linear": "onednn"})  # forced: an error, not a fallback
