@@ -103,28 +103,28 @@ def attention_rows(args, device, dtype):
         for length in map(int, args.lengths.split(",")):
             q, k, v, cu_seqlens, lengths = make_inputs(batch, length, args.heads, args.head_dim, dtype, device,
                                                        args.ragged, generator)
-            max_seqlen = max(lengths)
+            longest = max(lengths)
             flops = 4 * sum(n * n for n in lengths) * args.heads * args.head_dim
             tensors_moved = 4
             if args.backward:
                 flops, tensors_moved = flops * 3.5, 12  # forward recomputed inside backward: 1 + 2.5
             bytes_moved = tensors_moved * q.numel() * q.element_size()
             q32, k32, v32 = (x.float() for x in (q, k, v))
-            expected = attention(q32, k32, v32, cu_seqlens, max_seqlen, backend="math")
+            expected = attention(q32, k32, v32, cu_seqlens, longest, backend="math")
             for backend in backends:
-                out = attention(q, k, v, cu_seqlens, max_seqlen, backend=backend)
+                out = attention(q, k, v, cu_seqlens, longest, backend=backend)
                 error = float((out.float() - expected).abs().max())
                 if args.backward:
                     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
                     grad = torch.randn_like(q)
 
                     def step():
-                        out = attention(*leaves, cu_seqlens, max_seqlen, backend=backend, dropout_p=args.dropout)
+                        out = attention(*leaves, cu_seqlens, longest, backend=backend, dropout_p=args.dropout)
                         torch.autograd.grad(out, leaves, grad)
                 else:
                     def step():
                         with torch.no_grad():
-                            attention(q, k, v, cu_seqlens, max_seqlen, backend=backend, dropout_p=args.dropout)
+                            attention(q, k, v, cu_seqlens, longest, backend=backend, dropout_p=args.dropout)
                 seconds = timed(step, device, repeats)
                 rows.append({"batch": batch, "length": length, "tokens": sum(lengths), "backend": backend,
                              "ms": seconds * 1e3, "max_abs_error": error, "tflops": flops / seconds / 1e12,
@@ -143,11 +143,12 @@ def pooling_rows(args, device, dtype):
             cu_seqlens = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32,
                                       device=device)
             tokens = torch.randn(sum(lengths), 384, generator=generator).to(device=device, dtype=dtype)
-            expected = pool(tokens.float(), cu_seqlens, ("mean",), True, kernel="plain")
+            expected = pool(tokens.float(), cu_seqlens, ("mean",), True, backend="plain")
             for fused in (False, True):
-                kernel = "triton" if fused else "plain"
-                error = float((pool(tokens, cu_seqlens, ("mean",), True, kernel=kernel).float() - expected).abs().max())
-                seconds = timed(lambda: pool(tokens, cu_seqlens, ("mean",), True, kernel=kernel), device, 20)
+                backend = "triton" if fused else "plain"
+                pooled = pool(tokens, cu_seqlens, ("mean",), True, backend=backend)
+                error = float((pooled.float() - expected).abs().max())
+                seconds = timed(lambda: pool(tokens, cu_seqlens, ("mean",), True, backend=backend), device, 20)
                 rows.append({"batch": batch, "length": length, "fused": fused, "ms": seconds * 1e3,
                              "max_abs_error": error, "gbps": tokens.numel() * tokens.element_size() / seconds / 1e9})
     return rows, []

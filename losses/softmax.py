@@ -61,8 +61,8 @@ class SoftmaxLoss(nn.Module):
         out_dir = Path(out_dir)
         files.save_tensors({k: v.detach().contiguous().cpu() for k, v in self.classifier.state_dict().items()},
                            out_dir / CLASSIFIER_FILE)
-        (out_dir / CLASSIFIER_CONFIG).write_text(json.dumps(
-            {"num_labels": self.num_labels, "in_features": self.classifier.in_features}, indent=2) + "\n")
+        files.write_json(out_dir / CLASSIFIER_CONFIG,
+                         {"num_labels": self.num_labels, "in_features": self.classifier.in_features})
 
     @staticmethod
     def load_classifier(model_dir) -> nn.Linear:

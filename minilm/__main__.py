@@ -28,7 +28,7 @@ def similarity(args) -> None:
     embeddings = model.encode(sentences)
     count = f"{len(sentences)} sentence{'s' * (len(sentences) != 1)}"
     print(f"{args.model}: {count} -> {embeddings.shape[1]}-d embeddings "
-          f"(device {model.device}, attention backend {model.attention_backend or 'auto'})\n")
+          f"(device {model.device}, attention backend {model.backends.attention or 'auto'})\n")
     similarities = minilm.SentenceEncoder.similarity(embeddings, embeddings)
     for i, sentence in enumerate(sentences):
         print(f"[{i}] {sentence}")

@@ -3,13 +3,13 @@
 The encoder never sees padding: `input_ids` is `[total_tokens]`, all sentences end to end, and `cu_seqlens`
 (int32, `[batch + 1]`) says where each one starts. Linear layers, LayerNorms and GELUs run on real tokens only;
 only attention needs to know where sentences end (see minilm/attention.py; the layout: minilm/packing.py).
-`Layer.forward` is the only block forward: fast paths are modules swapped in from outside (minilm/fast_paths.py).
+`Layer.forward` is the only block forward: fast paths are modules swapped in from outside (minilm/fast_paths.py),
+and the attention backend is a name handed down from the model.
 
 Weights are read from a checkpoint's `model.safetensors` with the Hugging Face BERT key names (with or without a
 "bert." prefix) through one explicit key map; q, k and v are fused into one Linear, as gpt-fast does.
 """
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
-from minilm import fast_paths, files
+from minilm import files
 from minilm.attention import attention
 from minilm.errors import InputError, MissingFileError
 from minilm.packing import token_coordinates
@@ -50,14 +50,7 @@ class BertConfig:
         """Read a transformers `config.json`; keys this encoder does not use are ignored, the ones it uses are
         checked (an error names the file and the field, and says what is accepted)."""
         path = Path(path)
-        if not path.is_file():
-            raise MissingFileError(f"{path}: no such file; a BERT checkpoint needs its config.json")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise InputError(f"cannot read the model config {path}: {error}") from None
-        if not isinstance(raw, dict):
-            raise InputError(f"{path}: expected a JSON object of BERT settings, got a {type(raw).__name__}")
+        raw = files.read_json(path, "the BERT settings (a transformers config.json)")
         if raw.get("model_type", "bert") != "bert":
             raise InputError(f"{path}: model_type is {raw['model_type']!r}; minilm encodes BERT checkpoints only")
         if raw.get("position_embedding_type", "absolute") != "absolute":
@@ -127,11 +120,11 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, hidden, cu_seqlens, max_seqlen, backend):
+    def forward(self, hidden, cu_seqlens, longest, backend):
         total = hidden.shape[0]
         q, k, v = self.qkv(hidden).view(total, 3, self.heads, self.head_dim).unbind(1)  # 3 x [total, heads, dim]
         dropout_p = self.dropout_p if self.training else 0.0
-        context = attention(q, k, v, cu_seqlens, max_seqlen, backend=backend, dropout_p=dropout_p)
+        context = attention(q, k, v, cu_seqlens, longest, backend=backend, dropout_p=dropout_p)
         return self.out(context.reshape(total, self.heads * self.head_dim))  # [total, hidden]
 
 
@@ -148,8 +141,8 @@ class Layer(nn.Module):
         self.activation = ACTIVATIONS[config.hidden_act]()
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden, cu_seqlens, max_seqlen, backend):
-        attended = self.attention(hidden, cu_seqlens, max_seqlen, backend)
+    def forward(self, hidden, cu_seqlens, longest, backend):
+        attended = self.attention(hidden, cu_seqlens, longest, backend)
         hidden = self.attention_norm(hidden + self.dropout(attended))
         transformed = self.ffn_out(self.activation(self.ffn_in(hidden)))  # [total, intermediate] -> [total, hidden]
         return self.ffn_norm(hidden + self.dropout(transformed))
@@ -168,15 +161,14 @@ class BertEncoder(nn.Module):
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if with_pooler else None
-        self.attention_backend = None  # a name forces one; None: minilm/fast_paths.py chooses per device
 
-    def forward(self, input_ids, cu_seqlens, max_seqlen):
-        """input_ids: [total_tokens] int64; cu_seqlens: [batch + 1] int32. -> [total_tokens, hidden]."""
+    def forward(self, input_ids, cu_seqlens, longest, backend="sdpa"):
+        """input_ids: [total_tokens] int64; cu_seqlens: [batch + 1] int32; longest: the longest sentence's length.
+        backend: the attention backend (minilm/attention.py), chosen once by the caller. -> [total_tokens, hidden]."""
         _, positions = token_coordinates(cu_seqlens)  # 0, 1, ... restarting at every sentence
-        backend = fast_paths.attention_backend(input_ids.device, self.attention_backend)
         hidden = self.embeddings(input_ids, positions)
         for layer in self.layers:
-            hidden = layer(hidden, cu_seqlens, max_seqlen, backend)
+            hidden = layer(hidden, cu_seqlens, longest, backend)
         return hidden
 
 
@@ -306,7 +298,7 @@ def save_encoder(encoder: BertEncoder, model_dir) -> None:
         "position_embedding_type": "absolute",
         "initializer_range": 0.02,
     }
-    (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    files.write_json(model_dir / "config.json", config)
 
 
 def flops_per_token(config: BertConfig, seqlen: int) -> int:

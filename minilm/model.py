@@ -6,10 +6,8 @@ a Pooling (`1_Pooling/config.json`) and optionally Normalize; `sentence_bert_con
 """
 
 import copy
-import json
 import logging
 import numbers
-import shutil
 import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -18,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minilm import fast_paths, pooling
+from minilm import fast_paths, files, pooling
 from minilm.encoder import BertEncoder, load_encoder, save_encoder
 from minilm.errors import InputError
 from minilm.hub import resolve_model_dir
@@ -31,9 +29,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 TRANSFORMER_MODULE = "sentence_transformers.models.Transformer"
 POOLING_MODULE = "sentence_transformers.models.Pooling"
 NORMALIZE_MODULE = "sentence_transformers.models.Normalize"
-# precision -> the dtype of encode's weights and activations (None: float32). "int8" keeps float32 there and swaps
-# the Linears for int8 ones (minilm/quantize.py; the attention's q/k/v projection stays float).
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
+# encode's precisions -> the dtype of its weights and activations (the table lives in minilm/fast_paths.py)
+PRECISIONS = fast_paths.PRECISIONS
 CONVERT_TO = ("numpy", "tensor")
 
 
@@ -55,10 +52,7 @@ class SentenceEncoder(nn.Module):
         self.pooling_modes = tuple(pooling_modes)
         self.normalize = normalize
         self.source_dir = Path(source_dir) if source_dir else None
-        # Force a fast path by name (minilm/fast_paths.py); None: chosen per device and dtype. The attention
-        # backend lives on the encoder (`attention_backend` below).
-        self.pooling_kernel = None  # "plain" or "triton"
-        self.linear_kind = None  # the Linears of encode's inference copy: "plain", "onednn" or "int8"
+        self.backends = None  # no backend forced: minilm/fast_paths.py chooses per device and precision
         if encoder.pooler is not None:
             # Kept only to be saved again; sentence embeddings never use it, so it takes no gradient.
             encoder.pooler.requires_grad_(False)
@@ -85,32 +79,36 @@ class SentenceEncoder(nn.Module):
         self.tokenizer.max_seq_length = value  # checks the type and the lower bound
 
     @property
-    def attention_backend(self):
-        return self.encoder.attention_backend
+    def backends(self) -> fast_paths.Backends:
+        """The backends forced by name (None where minilm/fast_paths.py chooses). Set it to None, a dict such as
+        {"attention": "math", "linear": "plain"}, or a fast_paths.Backends; an unknown name is an InputError."""
+        return self._backends
 
-    @attention_backend.setter
-    def attention_backend(self, backend) -> None:
-        if backend is not None and backend not in fast_paths.ATTENTION:
-            raise InputError(f"unknown attention backend {backend!r}; expected None or one of {fast_paths.ATTENTION}")
-        self.encoder.attention_backend = backend
+    @backends.setter
+    def backends(self, value) -> None:
+        self._backends = fast_paths.forced(value)
 
     # --- forward ---------------------------------------------------------------------------------------------
     def tokenize(self, texts: list) -> dict:
-        """Texts -> packed batch on the CPU: input_ids [total_tokens], cu_seqlens [batch + 1], max_seqlen."""
+        """Texts -> packed batch on the CPU: input_ids [total_tokens], cu_seqlens [batch + 1], longest."""
         return self.tokenizer(_check_texts(texts))
 
-    def forward(self, batch: dict, normalize=None, encoder=None) -> torch.Tensor:
+    def forward(self, batch: dict, normalize=None, encoder=None, backends=None) -> torch.Tensor:
         """Packed batch (on the model's device) -> sentence embeddings [batch, embedding_dim].
 
-        encoder: another copy of the encoder to run (encode's inference copy); pooling is always float32."""
+        encoder and backends: encode's inference copy and the backends it chose; by default the model's own
+        encoder, with the backends minilm/fast_paths.py chooses for training. Pooling is always float32."""
         encoder = self.encoder if encoder is None else encoder
-        tokens = encoder(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"])  # [total, hidden]
+        if backends is None:
+            backends = fast_paths.choose(batch["input_ids"].device, "fp32", self.pooling_modes, self.backends,
+                                         training=True)
+        tokens = encoder(batch["input_ids"], batch["cu_seqlens"], batch["longest"], backends.attention)
         normalize = self.normalize if normalize is None else normalize
-        tokens = tokens.float()  # a no-op unless encode's copy ran in bf16/fp16
-        return pooling.pool(tokens, batch["cu_seqlens"], self.pooling_modes, normalize, kernel=self.pooling_kernel)
+        tokens = tokens.float()  # [total, hidden]; a no-op unless encode's copy ran in bf16/fp16
+        return pooling.pool(tokens, batch["cu_seqlens"], self.pooling_modes, normalize, backends.pooling)
 
     def _inference_encoder(self, dtype, linear: str):
-        """The encoder to run `encode` with: weights in `dtype` (None: float32), Linears of kind `linear`.
+        """The encoder to run `encode` with: weights in `dtype` (None: float32), Linears of the backend `linear`.
 
         The model's own encoder where nothing changes (float32, plain nn.Linear). Otherwise a private inference
         copy, made when it pays: to cast the weights once (autocast would cast every activation, and under
@@ -132,9 +130,7 @@ class SentenceEncoder(nn.Module):
                 inference.eval().requires_grad_(False).to(dtype or torch.float32)
                 fast_paths.swap_linears(inference, linear)
             copies[(dtype, linear)] = (key, inference)
-        inference = copies[(dtype, linear)][1]
-        inference.attention_backend = self.encoder.attention_backend
-        return inference
+        return copies[(dtype, linear)][1]
 
     def refresh_inference_copies(self) -> None:
         """Drop encode's inference copies; the next encode makes them again from the live weights. Needed only
@@ -160,13 +156,25 @@ class SentenceEncoder(nn.Module):
         runs under inference_mode, the result is not an inference tensor: it can be changed in place or used in
         autograd). Text past max_seq_length is truncated.
         A bad argument is an InputError (a ValueError) that names it and says what is accepted.
-        The fast paths (attention backend, pooling kernel, Linear kind) are chosen in minilm/fast_paths.py.
+        The backends of the Linears, attention and pooling are chosen once per call, in minilm/fast_paths.py.
+        The model's mode (training or eval) is the same afterwards, also when encode fails.
         """
         _check_encode_arguments(batch_size, normalize, convert_to, show_progress, precision, token_budget)
         single = isinstance(sentences, str)
         texts = _check_texts([sentences] if single else sentences)
+        backends = fast_paths.choose(self.device, precision, self.pooling_modes, self.backends)
         was_training = self.training
         self.eval()
+        try:
+            output = self._encode(texts, batch_size, normalize, show_progress, precision, token_budget, backends)
+        finally:
+            self.train(was_training)
+        if single:
+            output = output[0]
+        return output.cpu().numpy() if convert_to == "numpy" else output
+
+    def _encode(self, texts, batch_size, normalize, show_progress, precision, token_budget, backends):
+        """encode's loop, in eval mode: [len(texts), embedding_dim] float32 on the model's device."""
         id_lists = self.tokenizer.encode_ids(texts)
         batches = length_sorted_batches([len(ids) for ids in id_lists], batch_size, token_budget)
         output = torch.empty(len(texts), self.embedding_dim, dtype=torch.float32, device=self.device)
@@ -174,17 +182,12 @@ class SentenceEncoder(nn.Module):
             from tqdm import tqdm
 
             batches = tqdm(batches, desc="encode", unit="batch")
-        dtype = PRECISIONS[precision]
-        linear = "int8" if precision == "int8" else self.linear_kind
-        encoder = self._inference_encoder(dtype, fast_paths.linear_kind(self.device, dtype or torch.float32, linear))
+        encoder = self._inference_encoder(PRECISIONS[precision], backends.linear)
         with torch.inference_mode():  # output was made outside it: an ordinary tensor, written in place
             for indices in batches:
                 batch = batch_to(pack([id_lists[i] for i in indices]), self.device)
-                output[torch.tensor(indices, device=self.device)] = self(batch, normalize, encoder)
-        self.train(was_training)
-        if single:
-            output = output[0]
-        return output.cpu().numpy() if convert_to == "numpy" else output
+                output[torch.tensor(indices, device=self.device)] = self(batch, normalize, encoder, backends)
+        return output
 
     @staticmethod
     def similarity(a, b) -> torch.Tensor:
@@ -206,24 +209,24 @@ class SentenceEncoder(nn.Module):
             for name in TOKENIZER_FILES:
                 source = self.source_dir / name
                 if source.is_file() and source.resolve() != (model_dir / name).resolve():
-                    shutil.copyfile(source, model_dir / name)
+                    files.copy_file(source, model_dir / name)
             copied = True
         if not copied:
-            (model_dir / "tokenizer.json").write_text(self.tokenizer.tokenizer.to_str())
-        _write_json(model_dir / "sentence_bert_config.json",
-                    {"max_seq_length": self.max_seq_length, "do_lower_case": self.tokenizer.do_lower_case})
+            files.write_text(model_dir / "tokenizer.json", self.tokenizer.tokenizer.to_str())
+        files.write_json(model_dir / "sentence_bert_config.json",
+                         {"max_seq_length": self.max_seq_length, "do_lower_case": self.tokenizer.do_lower_case})
         (model_dir / "1_Pooling").mkdir(exist_ok=True)
-        _write_json(model_dir / "1_Pooling" / "config.json",
-                    pooling.pooling_config(self.pooling_modes, self.encoder.config.hidden_size))
+        files.write_json(model_dir / "1_Pooling" / "config.json",
+                         pooling.pooling_config(self.pooling_modes, self.encoder.config.hidden_size))
         modules = [{"idx": 0, "name": "0", "path": "", "type": TRANSFORMER_MODULE},
                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": POOLING_MODULE}]
         if self.normalize:
             (model_dir / "2_Normalize").mkdir(exist_ok=True)
             modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": NORMALIZE_MODULE})
-        _write_json(model_dir / "modules.json", modules)
-        _write_json(model_dir / "config_sentence_transformers.json",
-                    {"__version__": {"pytorch": torch.__version__}, "prompts": {}, "default_prompt_name": None,
-                     "similarity_fn_name": "cosine"})
+        files.write_json(model_dir / "modules.json", modules)
+        files.write_json(model_dir / "config_sentence_transformers.json",
+                         {"__version__": {"pytorch": torch.__version__}, "prompts": {}, "default_prompt_name": None,
+                          "similarity_fn_name": "cosine"})
         return model_dir
 
 
@@ -273,16 +276,20 @@ def resolve_device(device) -> torch.device:
     return resolved
 
 
-def load(name_or_path, device=None, max_seq_length=None, attention_backend=None) -> SentenceEncoder:
+def load(name_or_path, device=None, max_seq_length=None, backends=None) -> SentenceEncoder:
     """Load a sentence-transformers BERT checkpoint: a local directory or a hub id (see minilm/hub.py).
 
     device: "cpu", "cuda", ... (None: CUDA when available). max_seq_length: overrides sentence_bert_config.json
-    (at most the model's position embeddings). attention_backend: one of minilm.fast_paths.ATTENTION (None:
-    chosen per device). A malformed file is an InputError (a ValueError) naming the file and the field.
+    (at most the model's position embeddings). backends: backends forced by name, e.g. {"attention": "math"}
+    (None: minilm/fast_paths.py chooses per device and precision; see SentenceEncoder.backends).
+    The folder is input: a malformed file, or one minilm cannot follow exactly (modules.json), is an InputError
+    (a ValueError) naming the file and the field.
     """
     device = resolve_device(device)
+    backends = fast_paths.forced(backends)
     model_dir = resolve_model_dir(name_or_path)
     modules = _read_modules(model_dir)
+    _check_no_default_prompt(model_dir)
     encoder = load_encoder(model_dir)
     positions = encoder.config.max_position_embeddings
     pooling_modes = ("mean",)
@@ -299,49 +306,74 @@ def load(name_or_path, device=None, max_seq_length=None, attention_backend=None)
                          f"({model_dir / 'config.json'}); expected at most {positions}")
     model = SentenceEncoder(encoder, tokenizer, pooling_modes, normalize=NORMALIZE_MODULE in modules,
                             source_dir=model_dir)
-    model.attention_backend = attention_backend
+    model.backends = backends
     return model.to(device).eval()
 
 
+# The modules minilm computes, in the order it computes them: the Transformer, the Pooling, optionally Normalize.
+MODULE_ORDER = {"Transformer": TRANSFORMER_MODULE, "Pooling": POOLING_MODULE, "Normalize": NORMALIZE_MODULE}
+
+
 def _read_modules(model_dir: Path) -> dict:
-    """modules.json -> {module type: path}; a plain transformers checkpoint without one gets mean pooling."""
+    """modules.json -> {module type: folder}; a plain transformers checkpoint without one gets mean pooling.
+
+    modules.json is input, and minilm follows it exactly or not at all: Transformer, Pooling and optionally
+    Normalize, in that order (Normalize before Pooling computes other embeddings), each folder a plain name inside
+    the model folder. Anything else is an InputError naming the module and the field."""
     path = model_dir / "modules.json"
     if not path.is_file():
         log.warning("%s has no modules.json: using mean pooling without normalization", model_dir)
         return {TRANSFORMER_MODULE: ""}
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"cannot read {path}: {error}") from None
-    if not isinstance(entries, list):
-        raise InputError(f"{path}: expected a JSON list of modules, got a {type(entries).__name__}")
-    # Newer sentence-transformers name modules by their new package path; match by the class name.
-    known = {"Transformer": TRANSFORMER_MODULE, "Pooling": POOLING_MODULE, "Normalize": NORMALIZE_MODULE}
+    entries = files.read_json(path, "the model's modules", kind=list)
     by_type = {}
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
             raise InputError(f"{path}: module {index} has no field 'type'; expected an object like "
                              '{"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"}')
+        # Newer sentence-transformers name modules by their new package path; match by the class name.
         class_name = entry["type"].rsplit(".", 1)[-1]
-        if class_name not in known:
+        if class_name not in MODULE_ORDER:
             raise InputError(f"{path}: module {index} has type {entry['type']!r}, which minilm does not support "
-                             f"(it supports {', '.join(known)})")
-        kind, folder = known[class_name], entry.get("path", "")
-        if kind in by_type:
+                             f"(it supports {', '.join(MODULE_ORDER)})")
+        if MODULE_ORDER[class_name] in by_type:
             raise InputError(f"{path}: module {index} is a second {class_name} module; expected one of each")
-        if not isinstance(folder, str):
-            raise InputError(f"{path}: module {index} field 'path' is {folder!r}; expected a folder name")
-        if kind == TRANSFORMER_MODULE and folder:
+        by_type[MODULE_ORDER[class_name]] = _module_folder(path, index, class_name, entry.get("path", ""))
+    order = [kind.rsplit(".", 1)[-1] for kind in by_type]
+    if order not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        raise InputError(f"{path}: the modules are {', '.join(order) or 'none'}; minilm computes Transformer, "
+                         "Pooling and optionally Normalize, in that order, and follows no other")
+    return by_type
+
+
+def _module_folder(path: Path, index: int, class_name: str, folder) -> str:
+    """A module's field 'path': "" for the Transformer (the model folder itself); for Pooling the name of a
+    folder inside the model folder, for Normalize that or "" (it has no files). A name with a separator, "..",
+    or a symlink pointing out of the model folder is refused: the folder is input."""
+    if not isinstance(folder, str):
+        raise InputError(f"{path}: module {index} ({class_name}) field 'path' is {folder!r}; expected a folder name")
+    if class_name == "Transformer" or (class_name == "Normalize" and not folder):
+        if folder:
             raise InputError(f"{path}: module {index} (Transformer) field 'path' is {folder!r}; minilm reads the "
                              'Transformer from the model folder itself (expected "")')
-        if kind == POOLING_MODULE and (not folder or not (model_dir / folder).resolve().is_relative_to(
-                model_dir.resolve()) or (model_dir / folder).resolve() == model_dir.resolve()):
-            raise InputError(f"{path}: module {index} (Pooling) field 'path' is {folder!r}; expected the folder of "
-                             "its config.json inside the model folder, e.g. '1_Pooling'")
-        by_type[kind] = folder
-    if TRANSFORMER_MODULE not in by_type:
-        raise InputError(f"{path}: no Transformer module; expected one, with path \"\"")
-    return by_type
+        return folder
+    root = path.parent.resolve()
+    plain = folder not in ("", ".", "..") and not any(character in folder for character in "/\\\0")
+    if not plain or (path.parent / folder).resolve().parent != root:
+        raise InputError(f"{path}: module {index} ({class_name}) field 'path' is {folder!r}; expected the name of "
+                         f"a folder inside the model folder (not a path, nor a symlink out of it), e.g. "
+                         f"'{1 if class_name == 'Pooling' else 2}_{class_name}'")
+    return folder
+
+
+def _check_no_default_prompt(model_dir: Path) -> None:
+    """sentence-transformers puts a default prompt before every text it encodes; minilm encodes texts as given,
+    so a model that names one is refused rather than encoded differently."""
+    path = model_dir / "config_sentence_transformers.json"
+    if path.is_file():
+        prompt = files.read_json(path, "sentence-transformers' settings").get("default_prompt_name")
+        if prompt is not None:
+            raise InputError(f"{path}: field 'default_prompt_name' is {prompt!r}; minilm encodes texts without "
+                             "prompts (expected null)")
 
 
 def _inference_key(encoder: BertEncoder) -> tuple:
@@ -397,8 +429,3 @@ def _check_texts(texts) -> list:
         if not isinstance(text, str):
             raise InputError(f"sentence {index} is {type(text).__name__}, not a string: {text!r:.60}")
     return texts
-
-
-def _write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n")
-

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import minilm
-from minilm import pooling
+from minilm import files, pooling
 
 SBERT_CITATION = """@inproceedings{reimers-2019-sentence-bert,
     title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
@@ -123,7 +123,8 @@ def plot_loss(history: list, path: Path) -> bool:
     axes.set_ylabel("training loss")
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with files.replaced_atomically(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)
     return True
 
@@ -142,16 +143,8 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
     _, first_rows, first_text_columns, _ = datasets[0]
     sample = first_rows[0]
 
-    front = ["---", "tags:", "- sentence-transformers", "- sentence-similarity", "- feature-extraction", "- dense",
-             "- minilm", f"- dataset_size:{size}", f"- loss:{loss_name}", f"base_model: {_yaml_string(base)}",
-             "widget:", f"- source_sentence: {_yaml_string(sample[first_text_columns[0]])}", "  sentences:"]
-    front += [f"  - {_yaml_string(row[first_text_columns[-1]])}" for row in first_rows[:3]]
-    front += ["pipeline_tag: sentence-similarity", "library_name: sentence-transformers"]
-    if metrics:
-        front += ["metrics:"] + [f"- {_yaml_string(key)}" for key in metrics]
-    front.append("---")
-
-    parts = ["\n".join(front), f"# SentenceTransformer based on {_text(base)}",
+    parts = [_front_matter(base, size, loss_name, first_rows, first_text_columns, metrics),
+             f"# SentenceTransformer based on {_text(base)}",
              f"This is a [sentence-transformers](https://www.SBERT.net)-compatible model fine-tuned with "
              f"minilm from {_text(base)}. It maps sentences & paragraphs to a "
              f"{model.embedding_dim}-dimensional dense vector space and can be used for semantic textual similarity, "
@@ -209,8 +202,20 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
     if citation:
         parts += [f"#### {loss_name}", _fence("bibtex", citation.strip())]
     path = out_dir / "README.md"
-    path.write_text("\n\n".join(parts) + "\n")
+    files.write_text(path, "\n\n".join(parts) + "\n")
     return path
+
+
+def _front_matter(base, size, loss_name, rows, text_columns, metrics) -> str:
+    """The card's YAML header: tags, base model, a widget from the first rows, the metric names."""
+    front = ["---", "tags:", "- sentence-transformers", "- sentence-similarity", "- feature-extraction", "- dense",
+             "- minilm", f"- dataset_size:{size}", f"- loss:{loss_name}", f"base_model: {_yaml_string(base)}",
+             "widget:", f"- source_sentence: {_yaml_string(rows[0][text_columns[0]])}", "  sentences:"]
+    front += [f"  - {_yaml_string(row[text_columns[-1]])}" for row in rows[:3]]
+    front += ["pipeline_tag: sentence-similarity", "library_name: sentence-transformers"]
+    if metrics:
+        front += ["metrics:"] + [f"- {_yaml_string(key)}" for key in metrics]
+    return "\n".join(front + ["---"])
 
 
 def _primary_eval_key(history: list):

@@ -5,8 +5,8 @@ an encode batch that costs as much as a good part of the multiply itself. oneDNN
 the weight prepacked once into its own blocked layout, and can apply GELU inside the matmul instead of in a
 separate pass over the output (benchmarks/README.md has the figures).
 
-`use_onednn(encoder)` swaps the Linears of an inference copy from outside the model (as gpt-fast's quantize.py
-rewrites Linears): `Layer.forward` stays the only block forward. Inference only: the prepacked weights are
+`use_onednn(encoder)` swaps the Linears of an inference copy from outside the model (minilm/swap.py, as gpt-fast's
+quantize.py rewrites Linears): `Layer.forward` stays the only block forward. Inference only: the prepacked weights are
 copies, take no gradients and go stale when the weights change, so `SentenceEncoder.encode` applies this to its
 private copy of the encoder and rebuilds that copy on any change. nn.Linear is the reference; tests hold the two
 equal. The ops are torch's own (the ones torch.compile emits for CPU inference), reached through `torch.ops`.
@@ -17,7 +17,7 @@ import os
 import torch
 import torch.nn as nn
 
-from minilm.fast_paths import is_plain, replace_linears
+from minilm.swap import is_plain, replace_linears
 
 # oneDNN creates a primitive (JIT-compiled code, ~0.1 ms) for every distinct input shape and keeps it in two LRU
 # caches of 1,024 entries each: oneDNN's own and ideep's (torch's C++ wrapper around it). A packed batch has as
@@ -30,8 +30,13 @@ for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
     os.environ.setdefault(_variable, PRIMITIVE_CACHE_CAPACITY)
 
 
+# What oneDNN's bf16 and fp16 Linears need of an x86 CPU (torch's own check: _is_mkldnn_bf16_supported / _fp16_).
+# Without it, oneDNN refuses to prepack the weights: AVX2-only CPUs run these precisions through plain nn.Linear.
+NEEDS = {torch.bfloat16: "avx512bw or avx_ne_convert", torch.float16: "avx512_fp16 or avx_ne_convert"}
+
+
 def available(device, dtype) -> bool:
-    """oneDNN prepacked linears can run here: a CPU torch build with oneDNN and, for bf16/fp16, CPU support."""
+    """oneDNN prepacked linears can run here: a CPU torch build with oneDNN and, for bf16/fp16, CPU support (NEEDS)."""
     if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -76,7 +81,7 @@ def use_onednn(encoder: nn.Module) -> nn.Module:
 
     Where a block's `ffn_in` is a plain Linear and its `activation` a plain nn.GELU or nn.ReLU, the activation
     moves into the matmul: `ffn_in` becomes Linear+activation and `activation` nn.Identity. A module the user
-    replaced, subclassed, patched or hooked is left as it is (see fast_paths.is_plain)."""
+    replaced, subclassed, patched or hooked is left as it is (see minilm/swap.py)."""
     for block in encoder.modules():
         ffn_in, activation = getattr(block, "ffn_in", None), getattr(block, "activation", None)
         if is_plain(ffn_in, nn.Linear) and any(is_plain(activation, kind) for kind in (nn.GELU, nn.ReLU)):

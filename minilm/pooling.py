@@ -3,14 +3,13 @@
 Every function takes `tokens [total_tokens, dim]` and `cu_seqlens [batch + 1]` and returns `[batch, dim]`.
 """
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from minilm import fast_paths
-from minilm.errors import InputError, MissingFileError
+from minilm import files
+from minilm.errors import InputError
 from minilm.packing import lengths, sequence_ids, token_coordinates
 
 # The sentence-transformers mode names, in the order their vectors are concatenated when several are on.
@@ -83,14 +82,7 @@ def read_pooling_config(path, dim=None) -> tuple:
 
     dim: the encoder's width, checked against the file's word_embedding_dimension when it gives one."""
     path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such file; modules.json names a Pooling module there")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"cannot read the pooling config {path}: {error}") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a JSON object of pooling settings, got a {type(raw).__name__}")
+    raw = files.read_json(path, "the pooling settings that modules.json names")
     if "pooling_mode" in raw:
         modes = raw["pooling_mode"]
         modes = (modes,) if isinstance(modes, str) else modes
@@ -118,16 +110,20 @@ def pooling_config(modes, dim) -> dict:
             "include_prompt": True}
 
 
-def pool(tokens, cu_seqlens, modes=("mean",), normalize=False, kernel=None):
+def pool(tokens, cu_seqlens, modes=("mean",), normalize=False, backend="plain"):
     """Pool each sentence with every mode in `modes` (concatenated in that order), then L2-normalize if asked.
 
     tokens: [total_tokens, dim]; cu_seqlens: [batch + 1]. -> [batch, len(modes) * dim].
-    kernel: "triton" for the kernel that does mean pooling and normalization in one pass (mean mode only), "plain"
-    for the code below (its reference), None for minilm/fast_paths.py's choice.
+    backend: "plain" for the code above (the reference), or "triton" for the kernel that does mean pooling and
+    normalization in one pass (mean mode only); the model passes minilm/fast_paths.py's choice.
     """
-    if fast_paths.pooling_kernel(tokens.device, modes, kernel) == "triton":
+    if backend == "triton":
+        if tuple(modes) != ("mean",):
+            raise InputError(f"the 'triton' pooling backend does mean pooling only, not {tuple(modes)}")
         from minilm import kernels
 
         return kernels.fused_mean_pool(tokens, cu_seqlens, normalize)
+    if backend != "plain":
+        raise InputError(f"unknown pooling backend {backend!r}; expected 'plain' or 'triton'")
     pooled = torch.cat([POOLERS[mode](tokens, cu_seqlens) for mode in modes], dim=-1)
     return F.normalize(pooled, p=2, dim=-1) if normalize else pooled

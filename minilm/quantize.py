@@ -20,6 +20,8 @@ the speed against fp32/bf16 are in benchmarks/README.md.
 import torch
 import torch.nn as nn
 
+from minilm.swap import replace_linears
+
 QMAX = 127  # symmetric int8: -127..127, so that -x quantizes to -q
 
 
@@ -75,7 +77,6 @@ def keep_qkv_float(name: str, linear: nn.Linear) -> bool:
 
 def quantize_linears(module: nn.Module, skip=lambda name, linear: False) -> nn.Module:
     """Replace every plain nn.Linear inside `module` (in place) by an Int8Linear, except where skip(name, linear)
-    is true; name is the Linear's dotted path in `module`. Returns `module`."""
-    from minilm.fast_paths import replace_linears
-
+    is true; name is the Linear's dotted path in `module`. Returns `module`. encode(precision="int8") runs
+    `quantize_linears(copy, skip=keep_qkv_float)` (minilm/fast_paths.py)."""
     return replace_linears(module, Int8Linear.from_linear, skip)

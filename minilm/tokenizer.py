@@ -4,18 +4,18 @@ tokenizer.json may switch on padding (all-MiniLM-L6-v2's pads to 128) and trunca
 sentence-transformers pads nothing and truncates at `max_seq_length` from sentence_bert_config.json. So do we.
 """
 
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer
 from tokenizers.implementations import BertWordPieceTokenizer
 
+from minilm import files
 from minilm.errors import InputError, MissingFileError
 from minilm.packing import pack
 
 
 class SentenceTokenizer:
-    """Turns a list of strings into a packed batch: input_ids [total_tokens], cu_seqlens [batch + 1], max_seqlen."""
+    """Turns a list of strings into a packed batch: input_ids [total_tokens], cu_seqlens [batch + 1], longest."""
 
     def __init__(self, tokenizer: Tokenizer, max_seq_length: int, do_lower_case: bool = False):
         self.tokenizer = tokenizer
@@ -40,7 +40,7 @@ class SentenceTokenizer:
         """Read tokenizer.json (or, for older checkpoints, vocab.txt) and sentence_bert_config.json."""
         model_dir = Path(model_dir)
         settings_path = model_dir / "sentence_bert_config.json"
-        settings = _read_json(settings_path, default={})
+        settings = _read_json(settings_path, "the sentence-transformers Transformer settings")
         if "do_lower_case" in settings and not isinstance(settings["do_lower_case"], bool):
             raise InputError(f"{settings_path}: field 'do_lower_case' is {settings['do_lower_case']!r}; "
                              "expected true or false")
@@ -51,7 +51,10 @@ class SentenceTokenizer:
                 raise InputError(f"cannot read the tokenizer {model_dir / 'tokenizer.json'}: {error}; expected a "
                                  "tokenizers (Hugging Face) tokenizer.json") from None
         elif (model_dir / "vocab.txt").is_file():
-            lowercase = _read_json(model_dir / "tokenizer_config.json", default={}).get("do_lower_case", True)
+            config_path = model_dir / "tokenizer_config.json"
+            lowercase = _read_json(config_path, "the tokenizer settings").get("do_lower_case", True)
+            if not isinstance(lowercase, bool):
+                raise InputError(f"{config_path}: field 'do_lower_case' is {lowercase!r}; expected true or false")
             tokenizer = BertWordPieceTokenizer(str(model_dir / "vocab.txt"), lowercase=lowercase)._tokenizer
         else:
             raise MissingFileError(f"no tokenizer.json or vocab.txt in {model_dir}")
@@ -95,20 +98,16 @@ def lone_surrogate(text: str):
     return None
 
 
-def _read_json(path: Path, default):
-    if not path.is_file():
-        return default
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"cannot parse {path}: {error}") from None
-    if not isinstance(value, type(default)):
-        raise InputError(f"{path}: expected a JSON object, got a {type(value).__name__}")
-    return value
+def _read_json(path: Path, what: str) -> dict:
+    """An optional JSON object of settings: {} when the file is not there."""
+    return files.read_json(path, what) if path.exists() else {}
 
 
 def _model_max_length(model_dir: Path) -> int:
     """Without a sentence_bert_config.json: the tokenizer's limit, capped by the position table."""
-    limit = _read_json(model_dir / "tokenizer_config.json", default={}).get("model_max_length", 512)
-    positions = _read_json(model_dir / "config.json", default={}).get("max_position_embeddings", 512)
-    return min(int(limit), int(positions)) if isinstance(limit, (int, float)) and limit < 1e9 else int(positions)
+    path = model_dir / "tokenizer_config.json"
+    limit = _read_json(path, "the tokenizer settings").get("model_max_length", 512)
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 2:
+        raise InputError(f"{path}: field 'model_max_length' is {limit!r}; expected a number >= 2")
+    positions = _read_json(model_dir / "config.json", "the BERT settings").get("max_position_embeddings", 512)
+    return min(int(limit), int(positions)) if limit < 1e9 else int(positions)  # transformers' "no limit" is 1e30

@@ -55,6 +55,45 @@ def edit_tensors(change):
     return mutate
 
 
+def reorder(*names):
+    """modules.json with its modules (named by class) in another order, or some left out."""
+    def change(modules):
+        by_name = {module["type"].rsplit(".", 1)[-1]: module for module in modules}
+        modules[:] = [by_name[name] for name in names]
+    return edit_json("modules.json", change)
+
+
+def set_module_path(name, path):
+    def change(modules):
+        next(module for module in modules if module["type"].endswith(name)).update(path=path)
+    return edit_json("modules.json", change)
+
+
+def symlink_out(folder):
+    """The module's folder moved out of the model folder, a symlink left in its place."""
+    def mutate(model_dir):
+        outside = model_dir.parent / f"outside-{folder}"
+        shutil.move(model_dir / folder, outside)
+        (model_dir / folder).symlink_to(outside, target_is_directory=True)
+    return mutate
+
+
+def vocab_only(change):
+    """A checkpoint without tokenizer.json (minilm then reads vocab.txt and tokenizer_config.json), changed."""
+    def mutate(model_dir):
+        (model_dir / "tokenizer.json").unlink()
+        edit_json("tokenizer_config.json", change)(model_dir)
+    return mutate
+
+
+def without_sbert_config(change):
+    """No sentence_bert_config.json (the length limit then comes from tokenizer_config.json), changed."""
+    def mutate(model_dir):
+        (model_dir / "sentence_bert_config.json").unlink()
+        edit_json("tokenizer_config.json", change)(model_dir)
+    return mutate
+
+
 def truncate(model_dir):
     path = model_dir / "model.safetensors"
     path.write_bytes(path.read_bytes()[:5000])
@@ -97,8 +136,35 @@ BAD_FILES = {
     "modules-entry-without-type": ("modules.json", edit_json("modules.json", lambda m: m[0].pop("type")), "'type'"),
     "modules-two-poolings": ("modules.json", edit_json("modules.json", lambda m: m.append(dict(m[1]))),
                              "second Pooling"),
+    # modules.json is followed exactly or not at all (issue 23): sentence-transformers computes these differently
+    "modules-normalize-before-pooling": ("modules.json", reorder("Transformer", "Normalize", "Pooling"),
+                                         "Transformer, Normalize, Pooling; minilm computes Transformer, Pooling"),
+    "modules-pooling-first": ("modules.json", reorder("Pooling", "Transformer", "Normalize"), "in that order"),
+    "modules-without-pooling": ("modules.json", reorder("Transformer", "Normalize"), "Transformer, Normalize;"),
+    "modules-transformer-only": ("modules.json", reorder("Transformer"), "the modules are Transformer;"),
+    "modules-empty": ("modules.json", write("modules.json", "[]"), "the modules are none"),
+    "modules-normalize-path-outside": ("modules.json", set_module_path("Normalize", "../elsewhere"),
+                                       "(Normalize) field 'path' is '../elsewhere'"),
+    "modules-normalize-path-absolute": ("modules.json", set_module_path("Normalize", "/tmp"),
+                                        "(Normalize) field 'path' is '/tmp'"),
+    "modules-pooling-path-not-a-name": ("modules.json", set_module_path("Pooling", "1_Pooling/../1_Pooling"),
+                                        "(Pooling) field 'path'"),
+    "modules-pooling-path-a-number": ("modules.json", set_module_path("Pooling", 1), "(Pooling) field 'path' is 1"),
+    "modules-pooling-symlink-out": ("modules.json", symlink_out("1_Pooling"), "a symlink out of it"),
+    "modules-normalize-symlink-out": ("modules.json", symlink_out("2_Normalize"),
+                                      "(Normalize) field 'path' is '2_Normalize'"),
+    "st-config-default-prompt": ("config_sentence_transformers.json", edit_json(
+        "config_sentence_transformers.json", lambda c: c.update(prompts={"query": "query: "},
+                                                                default_prompt_name="query")),
+        "'default_prompt_name'"),
+    "st-config-not-json": ("config_sentence_transformers.json", write("config_sentence_transformers.json", "{"),
+                           "cannot read"),
+    "tokenizer-config-lower-case-string": ("tokenizer_config.json", vocab_only(lambda c: c.update(do_lower_case="no")),
+                                           "'do_lower_case'"),
+    "tokenizer-config-length-negative": ("tokenizer_config.json", without_sbert_config(
+        lambda c: c.update(model_max_length=-5)), "'model_max_length'"),
     "sbert-not-json": ("sentence_bert_config.json", write("sentence_bert_config.json", "{'max_seq_length': 8}"),
-                       "cannot parse"),
+                       "cannot read"),
     "sbert-length-string": ("sentence_bert_config.json", edit_json("sentence_bert_config.json",
                             lambda c: c.update(max_seq_length="256")), "'max_seq_length'"),
     "sbert-length-above-positions": ("sentence_bert_config.json", edit_json("sentence_bert_config.json",
@@ -146,7 +212,8 @@ BAD_LOAD_ARGUMENTS = {
     "max-seq-length-above-positions": (dict(max_seq_length=9999), "max_seq_length=9999"),
     "max-seq-length-string": (dict(max_seq_length="64"), "max_seq_length='64'"),
     "max-seq-length-one": (dict(max_seq_length=1), "max_seq_length=1"),
-    "unknown-attention-backend": (dict(attention_backend="flash"), "attention backend 'flash'"),
+    "unknown-attention-backend": (dict(backends={"attention": "flash"}), "attention backend 'flash'"),
+    "unknown-backend-piece": (dict(backends={"attention_backend": "math"}), "unknown piece 'attention_backend'"),
     "unknown-device": (dict(device="gpu0"), "device 'gpu0'"),
     "device-minilm-does-not-run-on": (dict(device="mps"), "device 'mps': minilm runs on the CPU and CUDA"),
 }
@@ -212,3 +279,29 @@ def test_good_encode_arguments_still_work(tiny):
     assert np.array_equal(tiny.encode(iter(texts)), expected)
     with pytest.raises(minilm.InputError, match="encode also takes one string"):
         tiny.tokenize("a single string")  # the training path takes a list
+
+
+def test_a_failing_encode_leaves_a_training_model_training(tiny, monkeypatch):
+    """encode runs in eval mode and restores the model's mode however it ends: an evaluation during training that
+    meets a bad input must not leave dropout off for the rest of the run."""
+    original, calls = minilm.SentenceEncoder.forward, []
+
+    def fails_at_the_second_batch(self, *args, **kwargs):
+        calls.append(self.training)
+        if len(calls) == 2:
+            raise RuntimeError("the second batch failed")
+        return original(self, *args, **kwargs)
+
+    tiny.train()
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(minilm.SentenceEncoder, "forward", fails_at_the_second_batch)
+            with pytest.raises(RuntimeError, match="the second batch failed"):
+                tiny.encode(["one", "two words", "three words here"], batch_size=1)
+        assert calls == [False, False]  # encode ran in eval mode
+        assert tiny.training and all(module.training for module in tiny.modules())
+        with pytest.raises(minilm.InputError, match="surrogate"):  # a bad text found by the tokenizer, mid-way
+            tiny.encode(["fine", "not \ud800 fine"])
+        assert tiny.training and all(module.training for module in tiny.modules())
+    finally:
+        tiny.eval()

@@ -27,7 +27,11 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     kernels = steps["kernels"]["rows"]
     assert {row["dtype"] for row in kernels} == {"fp32", "bf16", "fp16"}
     assert {row["kernel"] for row in kernels} == {"attention", "mean pool", "mean pool + normalize"}
-    assert all(row["forward_error"] < 1e-2 and row["backward_error"] < 5e-2 for row in kernels)
+    # Every row within its tolerance is implied by the step's "ok"; what is not: half precision really ran in half
+    # precision: its largest error is far above float32's bound, 1e-5 (measured 3e-4 in fp16, 3e-3 in bf16; the
+    # rounding of a 10- or 7-bit mantissa, 5e-4 and 4e-3 relative).
+    for dtype in ("bf16", "fp16"):
+        assert max(row["forward_error"] for row in kernels if row["dtype"] == dtype) > 1e-4, dtype
     timings = steps["attention timings"]["rows"]
     assert {(row["backend"], row["pass"]) for row in timings} == {
         (backend, which) for backend in ("math", "sdpa") for which in ("forward", "forward+backward")}

@@ -1,5 +1,6 @@
-"""One model, one forward: an edit to any part of the model reaches `encode` on every path, and the fast paths are
-chosen in one place (minilm/fast_paths.py), forcible by name, with every fallback logged once.
+"""One model, one forward: an edit to any part of the model reaches `encode` on every path (every precision, every
+Linear and attention backend), and the backends are chosen in one place (minilm/fast_paths.py), once per call,
+forcible by name, with every fallback logged once.
 
 A tiny random BERT (2 layers, width 64) is enough: what is tested is which code runs, not the real weights."""
 
@@ -12,20 +13,32 @@ import torch
 import torch.nn as nn
 
 import minilm
+import minilm.kernels
 from minilm import fast_paths, onednn, pooling
+from minilm.quantize import Int8Linear
 from minilm.encoder import BertConfig, BertEncoder, Embeddings, SelfAttention
 from minilm.tokenizer import SentenceTokenizer
 
 TEXTS = ["a short one", "two words", "a somewhat longer sentence with more words in it", "x",
          "another sentence of middling length", "and one more to encode"]
-# name -> (precision, Linear kind, attention backend)
+# name -> (precision, Linear backend, attention backend)
 PATHS = {
     "fp32-onednn-sdpa": ("fp32", "onednn", "sdpa"),
     "fp32-plain-sdpa": ("fp32", "plain", "sdpa"),
     "fp32-plain-math": ("fp32", "plain", "math"),
     "bf16-onednn-sdpa": ("bf16", "onednn", "sdpa"),
     "bf16-plain-math": ("bf16", "plain", "math"),
+    "fp16-onednn-sdpa": ("fp16", "onednn", "sdpa"),
+    "fp16-plain-sdpa": ("fp16", "plain", "sdpa"),
+    "int8-int8-sdpa": ("int8", "int8", "sdpa"),
 }
+
+
+def skip_unless_runs_here(path):
+    precision, linear, _ = PATHS[path]
+    dtype = fast_paths.PRECISIONS[precision] or torch.float32
+    if linear == "onednn" and not onednn.available("cpu", dtype):
+        pytest.skip(f"oneDNN cannot run {precision} on this CPU (it needs {onednn.NEEDS.get(dtype, 'oneDNN')})")
 
 
 @pytest.fixture(scope="module")
@@ -91,19 +104,19 @@ EDITS = {"attention": edit_attention, "ffn": edit_ffn, "layer_norm": edit_layer_
 
 def encode(model, path):
     precision, linear, attention = PATHS[path]
-    model.linear_kind, model.attention_backend = linear, attention
+    model.backends = {"linear": None if precision == "int8" else linear, "attention": attention}
     try:
+        assert fast_paths.choose("cpu", precision, model.pooling_modes, model.backends) == fast_paths.Backends(
+            linear, attention, "plain")
         return model.encode(TEXTS, batch_size=4, precision=precision)
     finally:
-        model.linear_kind, model.attention_backend = None, None
+        model.backends = None
 
 
 @pytest.mark.parametrize("edit", EDITS)
 @pytest.mark.parametrize("path", PATHS)
 def test_an_edit_reaches_encode_on_every_path(tiny, monkeypatch, path, edit):
-    if PATHS[path][1] == "onednn" and not onednn.available("cpu", minilm.model.PRECISIONS[PATHS[path][0]]
-                                                            or torch.float32):
-        pytest.skip(f"oneDNN cannot run {PATHS[path][0]} on this CPU")
+    skip_unless_runs_here(path)
     before = encode(tiny, path)
     undo = EDITS[edit](tiny, monkeypatch)
     try:
@@ -117,6 +130,7 @@ def test_an_edit_reaches_encode_on_every_path(tiny, monkeypatch, path, edit):
 
 def test_onednn_path_swaps_modules_and_equals_the_plain_path(tiny):
     """The fast path is modules on encode's copy (the model itself keeps nn.Linear), equal to the plain path."""
+    skip_unless_runs_here("fp32-onednn-sdpa")
     fast = encode(tiny, "fp32-onednn-sdpa")
     copy = tiny._inference_encoder(None, "onednn")
     assert isinstance(copy.layers[0].ffn_in, onednn.OneDNNLinear) and copy.layers[0].ffn_in.post_op == "gelu"
@@ -132,17 +146,66 @@ def test_onednn_path_swaps_modules_and_equals_the_plain_path(tiny):
         del tiny.encoder.layers[1].ffn_in.forward
 
 
-def test_environment_forces_each_choice_by_name(monkeypatch):
-    assert fast_paths.choose("cpu", torch.float32) == fast_paths.FastPaths(
-        "sdpa", "plain", "onednn" if onednn.available("cpu", torch.float32) else "plain")
+def test_int8_path_swaps_all_but_qkv_and_the_model_keeps_its_linears(tiny):
+    encode(tiny, "int8-int8-sdpa")
+    copy = tiny._inference_encoder(None, "int8")
+    assert isinstance(copy.layers[0].ffn_in, Int8Linear) and isinstance(copy.layers[1].attention.out, Int8Linear)
+    assert type(copy.layers[0].attention.qkv) is nn.Linear  # keep_qkv_float
+    assert type(tiny.encoder.layers[0].ffn_in) is nn.Linear
+
+
+def test_choose_follows_the_table_and_forced_names(monkeypatch):
+    for variable in fast_paths.ENVIRONMENT.values():
+        monkeypatch.delenv(variable, raising=False)
+    onednn_fp32 = "onednn" if onednn.available("cpu", torch.float32) else "plain"
+    assert fast_paths.choose("cpu", "fp32") == fast_paths.Backends(onednn_fp32, "sdpa", "plain")
+    assert fast_paths.choose("cpu", "int8").linear == "int8"  # the precision's one Linear backend
+    assert fast_paths.choose("cpu", "bf16", training=True).linear == "plain"  # training: the model's own Linears
     monkeypatch.setenv("MINILM_ATTENTION", "math")
     monkeypatch.setenv("MINILM_LINEAR", "plain")
     monkeypatch.setenv("MINILM_POOLING", "plain")
-    assert fast_paths.choose("cpu", torch.float32) == fast_paths.FastPaths("math", "plain", "plain")
-    assert fast_paths.choose("cpu", torch.float32, attention="sdpa_padded").attention == "sdpa_padded"  # argument wins
+    assert fast_paths.choose("cpu", "fp32") == fast_paths.Backends("plain", "math", "plain")
+    assert fast_paths.choose("cpu", "fp32", forced_names={"attention": "sdpa_padded"}).attention == "sdpa_padded"
+    assert fast_paths.choose("cpu", "int8").linear == "int8"  # a forced linear backend is for the float precisions
     monkeypatch.setenv("MINILM_ATTENTION", "flash")
     with pytest.raises(minilm.InputError, match=r"unknown attention backend 'flash' \(from \$MINILM_ATTENTION\)"):
-        fast_paths.choose("cpu", torch.float32)
+        fast_paths.choose("cpu", "fp32")
+    monkeypatch.setenv("MINILM_ATTENTION", "math")
+    monkeypatch.setenv("MINILM_LINEAR", "int8")  # a precision, not a backend to force: refused before any work
+    with pytest.raises(minilm.InputError, match=r"'int8' \(from \$MINILM_LINEAR\) is chosen by the precision"):
+        fast_paths.check_environment()
+
+
+@pytest.mark.parametrize("forced, message", [
+    ({"attention": "flash"}, "unknown attention backend 'flash'; expected one of ('math', 'sdpa'"),
+    ({"linear": "int4"}, "unknown linear backend 'int4'"),
+    ({"pooling": "fused"}, "unknown pooling backend 'fused'"),
+    ({"attention_backend": "math"}, "unknown piece 'attention_backend'; expected some of ('linear', 'attention'"),
+    ("math", "backends must be None, a dict"),
+    ({"linear": "int8"}, "linear backend 'int8' is chosen by the precision (encode(precision='int8')"),
+])
+def test_a_bad_forced_name_is_one_line(tiny, forced, message):
+    with pytest.raises(minilm.InputError) as error:
+        tiny.backends = forced
+        tiny.encode("x")
+    tiny.backends = None
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_backends_are_chosen_once_per_call(tiny, monkeypatch):
+    """One decision per encode call (however many batches and layers) and one per training forward; the layers
+    run the name they are handed."""
+    calls, ran = [], []
+    choose = fast_paths.choose
+    monkeypatch.setattr(fast_paths, "choose", lambda *args, **kwargs: calls.append(kwargs) or choose(*args, **kwargs))
+    implementations = dict(minilm.attention._IMPLEMENTATIONS)
+    for name, function in implementations.items():
+        monkeypatch.setitem(minilm.attention._IMPLEMENTATIONS, name,
+                            lambda *args, name=name, function=function: ran.append(name) or function(*args))
+    tiny.encode(TEXTS, batch_size=2, token_budget=False)  # 3 batches x 2 layers
+    assert len(calls) == 1 and ran == ["sdpa"] * 6
+    tiny(tiny.tokenize(TEXTS[:2]))
+    assert len(calls) == 2 and calls[1] == {"training": True}
 
 
 def test_encode_runs_the_attention_backend_the_environment_names(tiny, monkeypatch):
@@ -159,10 +222,15 @@ def test_encode_runs_the_attention_backend_the_environment_names(tiny, monkeypat
 def test_a_fallback_is_logged_once(monkeypatch, caplog):
     monkeypatch.setattr(fast_paths, "_logged", set())
     monkeypatch.setattr(onednn, "available", lambda device, dtype: False)
+    if not minilm.kernels.available():
+        pytest.skip("the forced 'triton' pooling backend needs Triton (or its interpreter)")
     with caplog.at_level(logging.WARNING, logger="minilm.fast_paths"):
-        assert [fast_paths.linear_kind("cpu", torch.float32) for _ in range(3)] == ["plain"] * 3
-        assert fast_paths.pooling_kernel("cpu", ("cls",), "triton") == "plain"  # the kernel does mean only
+        assert [fast_paths.choose("cpu", "fp32").linear for _ in range(3)] == ["plain"] * 3
+        assert [fast_paths.choose("cpu", "bf16").linear for _ in range(2)] == ["plain"] * 2  # as on an AVX2 CPU
+        # the kernel does mean pooling only
+        assert fast_paths.choose("cpu", "fp32", ("cls",), {"pooling": "triton"}).pooling == "plain"
     messages = [record.getMessage() for record in caplog.records]
-    assert len(messages) == 2 and "oneDNN cannot run" in messages[0] and "mean pooling only" in messages[1]
-    with pytest.raises(minilm.InputError, match="linear 'onednn' cannot run"):
-        fast_paths.linear_kind("cpu", torch.float32, "onednn")  # forced: an error, not a fallback
+    assert len(messages) == 3 and "oneDNN cannot run fp32" in messages[0] and "mean pooling only" in messages[2]
+    assert "oneDNN cannot run bf16 on this CPU; bf16 needs avx512bw or avx_ne_convert" in messages[1]
+    with pytest.raises(minilm.InputError, match="linear backend 'onednn' cannot run"):
+        fast_paths.choose("cpu", "fp32", forced_names={"linear": "onednn"})  # forced: an error, not a fallback

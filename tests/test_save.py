@@ -17,7 +17,7 @@ SENTENCES = ["A saved model must round-trip.", "", "Ünïcödé and numbers 1234
 def changed_model(model_dir, tmp_path_factory):
     """The real model with its weights nudged, as after training, and saved."""
     model = minilm.load(str(model_dir), device="cpu")
-    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 1e-3)
@@ -116,3 +116,23 @@ def test_save_onto_a_file_is_a_named_error(tmp_path):
     with pytest.raises(package.InputError, match="is a file; give a folder"):
         model.save(target)
     assert target.read_text() == "mine"
+
+
+def test_every_saved_file_is_written_atomically(tiny_model_dir, tmp_path, monkeypatch):
+    """model.save and SoftmaxLoss.save write every file through minilm/files.py's one writer (a temporary file
+    renamed onto the name): a kill mid-save leaves each file old or new, never half written."""
+    from losses.softmax import SoftmaxLoss
+    from minilm import files
+
+    written, replaced_atomically = [], files.replaced_atomically
+
+    def recording(path):
+        written.append(str(path.relative_to(tmp_path / "saved")))
+        return replaced_atomically(path)
+
+    monkeypatch.setattr(files, "replaced_atomically", recording)
+    model = minilm.load(str(tiny_model_dir), device="cpu")
+    model.save(tmp_path / "saved")
+    SoftmaxLoss(model).save(tmp_path / "saved")
+    on_disk = sorted(str(p.relative_to(tmp_path / "saved")) for p in (tmp_path / "saved").rglob("*") if p.is_file())
+    assert sorted(written) == on_disk and "model.safetensors" in on_disk and "tokenizer.json" in on_disk

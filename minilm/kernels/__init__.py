@@ -18,11 +18,11 @@ def available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def flash_attention(q, k, v, cu_seqlens, max_seqlen):
+def flash_attention(q, k, v, cu_seqlens, longest):
     """See minilm/kernels/attention.py."""
     from minilm.kernels.attention import flash_attention as kernel
 
-    return kernel(q, k, v, cu_seqlens, max_seqlen)
+    return kernel(q, k, v, cu_seqlens, longest)
 
 
 def fused_mean_pool(tokens, cu_seqlens, normalize: bool):

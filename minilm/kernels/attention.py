@@ -195,7 +195,7 @@ def _launch_constexprs(q) -> dict:
 
 class FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen):
+    def forward(ctx, q, k, v, cu_seqlens, longest):
         q, k, v = (x.contiguous() for x in (q, k, v))
         total, heads, head_dim = q.shape
         constexprs = _launch_constexprs(q)
@@ -203,11 +203,11 @@ class FlashAttention(torch.autograd.Function):
         lse = torch.empty(total, heads, device=q.device, dtype=torch.float32)  # log2-sum-exp2 of each row
         scale = 1 / math.sqrt(head_dim)
         # (query blocks, sentences x heads)
-        grid = (triton.cdiv(max_seqlen, constexprs["_forward"]["BLOCK_M"]), (len(cu_seqlens) - 1) * heads)
+        grid = (triton.cdiv(longest, constexprs["_forward"]["BLOCK_M"]), (len(cu_seqlens) - 1) * heads)
         _forward[grid](q, k, v, out, lse, cu_seqlens, scale * LOG2_E, q.stride(0), q.stride(1),
                        **constexprs["_forward"])
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.max_seqlen = max_seqlen
+        ctx.longest = longest
         return out
 
     @staticmethod
@@ -222,23 +222,23 @@ class FlashAttention(torch.autograd.Function):
             out, d_out, delta, total, q.stride(0), q.stride(1), **constexprs["_backward_preprocess"])
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         sequences_heads = (len(cu_seqlens) - 1) * heads
-        key_blocks = triton.cdiv(ctx.max_seqlen, constexprs["_backward_dk_dv"]["BLOCK_N"])
+        key_blocks = triton.cdiv(ctx.longest, constexprs["_backward_dk_dv"]["BLOCK_N"])
         _backward_dk_dv[(key_blocks, sequences_heads)](q, k, v, d_out, lse, delta, dk, dv, cu_seqlens, scale * LOG2_E,
                                                        scale, q.stride(0), q.stride(1),
                                                        **constexprs["_backward_dk_dv"])
-        query_blocks = triton.cdiv(ctx.max_seqlen, constexprs["_backward_dq"]["BLOCK_M"])
+        query_blocks = triton.cdiv(ctx.longest, constexprs["_backward_dq"]["BLOCK_M"])
         _backward_dq[(query_blocks, sequences_heads)](q, k, v, d_out, lse, delta, dq, cu_seqlens, scale * LOG2_E,
                                                       scale, q.stride(0), q.stride(1), **constexprs["_backward_dq"])
         return dq, dk, dv, None, None
 
 
-def flash_attention(q, k, v, cu_seqlens, max_seqlen):
+def flash_attention(q, k, v, cu_seqlens, longest):
     """Softmax attention within each sentence of a packed batch, fused (see the module docstring).
 
     q, k, v: [total_tokens, heads, head_dim] float32/bfloat16/float16 on the same device; cu_seqlens: int32
     [batch + 1]. Returns [total_tokens, heads, head_dim] in q's dtype; differentiable in q, k and v.
     """
-    return FlashAttention.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen))
+    return FlashAttention.apply(q, k, v, cu_seqlens.to(torch.int32), int(longest))
 
 
 def attention_reference(q, k, v, cu_seqlens):
