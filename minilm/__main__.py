@@ -42,9 +42,9 @@ def encode(args) -> None:
     from minilm import corpus
 
     if args.dtype is not None:  # the flag's earlier name: --precision is how encode computes, --storage what it keeps
-        _fail(args.parser, f"--dtype {args.dtype}: the stored format is --storage now (--storage "
-                           f"{args.dtype if args.dtype in STORAGES else '|'.join(STORAGES)}); --precision is how encode "
-                           "computes")
+        named = args.dtype if args.dtype in STORAGES else "|".join(STORAGES)
+        _fail(args.parser, f"--dtype {args.dtype}: the stored format is --storage now (--storage {named}); "
+                           "--precision is how encode computes")
     try:  # before loading the model: a bad setting costs no time
         corpus.check_options(args.storage, args.batch_size, args.window, args.calibration_size)
     except corpus.CorpusError as error:
@@ -184,10 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "dimension (> 0), 8 per byte (default: float32)")
     p.add_argument("--dtype", default=None, help=argparse.SUPPRESS)  # its earlier name: refused, naming --storage
     p.add_argument("--calibration-size", type=int, default=1000,
-                   help=f"--storage int8: texts from the start of INPUT to calibrate the per-dimension ranges on; at "
-                        f"least {MIN_CALIBRATION}, since ranges from fewer clip the values of the other texts (on STS-B, "
-                        "47%% of values from 1 text, 2%% from 100, 0.1%% from 1000); an INPUT with fewer texts is "
-                        "calibrated on all of them (default: %(default)s)")
+                   help=f"--storage int8: texts from the start of INPUT to calibrate the per-dimension ranges on; "
+                        f"at least {MIN_CALIBRATION}, since ranges from fewer clip the values of the other texts (on "
+                        "STS-B, 47%% of values from 1 text, 2%% from 100, 0.1%% from 1000); an INPUT with fewer "
+                        "texts is calibrated on all of them (default: %(default)s)")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                    help="encode's precision: fp32, bf16/fp16 weights and activations, or int8 Linears "
                         "(default: fp32)")

@@ -9,7 +9,9 @@ list names is ever removed:
   A name that is a symbolic link is removed as a link, never followed.
 - --overwrite replaces a folder only when it is a minilm run (every entry its own). The new run trains in a
   staging folder beside it (.NAME.minilm-new) and takes the old run's place only once it has succeeded; then
-  the old run's own files are removed.
+  the old run's own files are removed. Each step of that move leaves a state the next train.py on that --out
+  recognizes and completes, so a kill during it loses nothing; an attempt stopped in the staging folder is
+  continued there by --resume, or replaced by the next --overwrite.
 - A folder is locked (flock on minilm.lock, see minilm/files.py) while a run uses it, from before the run writes
   its first file there; a run that is refused the lock writes and removes nothing.
 - The final save is recorded before it starts (the folder's entries at that moment): a run killed anywhere in

@@ -110,7 +110,8 @@ def finished_run(tiny_model_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("finished")
     (folder / "pairs.tsv").write_text(PAIRS)
     code = train.main(["--no-progress", "--model", str(tiny_model_dir), "--loss", "cosine", "--data",
-                       str(folder / "pairs.tsv"), "--batch-size", "4", "--max-steps", "1", "--out", str(folder / "run")])
+                       str(folder / "pairs.tsv"), "--batch-size", "4", "--max-steps", "1", "--out",
+                       str(folder / "run")])
     assert code == 0
     return folder / "run"
 

@@ -72,7 +72,8 @@ def test_a_run_that_loses_the_folder_to_another_removes_nothing(capsys, tiny_mod
         assert (out / "log.jsonl").read_text() == '{"step": 1}\n'
         # and the first run's own undo, should it fail now, still finds its files
         run_folder.remove_failed_run(out, created=True)
-        assert sorted(os.listdir(out)) == sorted([run_folder.MANIFEST, run_folder.LOCK, "log.jsonl"])  # it holds the lock
+        # it holds the lock:
+        assert sorted(os.listdir(out)) == sorted([run_folder.MANIFEST, run_folder.LOCK, "log.jsonl"])
 
 
 # --- killing a run at its N-th write ----------------------------------------------------------------------------
