@@ -224,9 +224,12 @@ def check_files(out: Path, manifest: dict) -> tuple:
     if lines != count:
         raise CorpusError(f"{out / 'ids.txt'}: {lines} lines, the manifest's count is {count} (one id per row); "
                           "damaged: --overwrite encodes DIR again")
-    if manifest["state"] == "encoding" and (out / "done.bin").stat().st_size != manifest["windows"]:
-        raise CorpusError(f"{out / 'done.bin'}: {(out / 'done.bin').stat().st_size} bytes, the manifest's windows is "
-                          f"{manifest['windows']} (one byte per window); damaged: --overwrite encodes DIR again")
+    if manifest["state"] == "encoding":
+        done = np.fromfile(out / "done.bin", dtype=np.uint8)
+        if len(done) != manifest["windows"] or (done > 1).any():
+            raise CorpusError(f"{out / 'done.bin'}: {len(done)} bytes of values {sorted(set(done.tolist()))[:4]}, the "
+                              f"manifest's windows is {manifest['windows']} (one byte per window, 0 or 1); damaged: "
+                              "--overwrite encodes DIR again")
     return embeddings, offsets
 
 

@@ -539,10 +539,23 @@ def test_resume_never_writes_through_a_symlinked_file(tiny, texts_file, tmp_path
         shutil.move(elsewhere, out / name)
 
 
+@pytest.mark.parametrize("damage", [b"\x01\x00", b"\x01\x02\x00\x00\x00\x00"])
+def test_a_damaged_done_bin_is_refused_before_resuming(tiny, texts_file, tmp_path, monkeypatch, damage):
+    """done.bin decides which windows are encoded again: one of another size, or a byte other than 0 or 1 (which
+    would count as done and leave a hole), is refused in one line naming it."""
+    out = tmp_path / "out"
+    killed_after_window_0(tiny, texts_file, out, monkeypatch)
+    (out / "done.bin").write_bytes(damage)
+    embeddings = (out / "embeddings.npy").read_bytes()
+    with pytest.raises(corpus.CorpusError, match=r"done.bin: .*windows is 6 \(one byte per window, 0 or 1\)"):
+        run(tiny, texts_file, out)
+    assert (out / "embeddings.npy").read_bytes() == embeddings
+
+
 def test_a_dir_in_use_is_refused_and_left_alone(tiny, tiny_dir, texts_file, straight, tmp_path, monkeypatch, capsys):
     """While one encode holds DIR (its lock, as train.py's), a second, resuming or --overwrite, is refused in one
     line before it touches anything; once the lock is free the run resumes to the bytes of an uninterrupted run
-    and the finished DIR holds no lock file."""
+    and the finished DIR holds no lock file (nor the temporary file of a killed manifest write)."""
     out = tmp_path / "out"
     killed_after_window_0(tiny, texts_file, out, monkeypatch)
     before = {path.name: path.read_bytes() for path in out.iterdir()}
@@ -554,8 +567,9 @@ def test_a_dir_in_use_is_refused_and_left_alone(tiny, tiny_dir, texts_file, stra
             assert f"--out {out}: another process (pid {os.getpid()}) is encoding into it" in message
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.name != "minilm.lock"} == \
         {name: data for name, data in before.items() if name != "minilm.lock"}
+    (out / ".manifest.json.12345-0.partial").write_text("{")  # what a kill while the manifest was written leaves
     run(tiny, texts_file, out)
-    assert_same_files(straight, out)
+    assert_same_files(straight, out)  # that temporary file removed too
 
 
 def test_a_dir_written_before_storage_was_named_still_reads_and_resumes(tiny, tiny_dir, texts_file, straight,
