@@ -41,7 +41,7 @@ echo; echo "== STS-B test after fine-tuning"
 python eval.py --model "$out" --task stsb --data "$data/stsb" --json "$out.sts-test.json"
 echo; echo "== embed the STS-B test sentences with the fine-tuned model (int8 output) and search them"
 cut -f6,7 "$data/stsb/test.tsv" | tr '\t' '\n' | sed 's/[[:space:]]*$//' | LC_ALL=C sort -u > runs/stsb-test-sentences.txt
-python -m minilm encode runs/stsb-test-sentences.txt --model "$out" --dtype int8 --out "$out.corpus" \
+python -m minilm encode runs/stsb-test-sentences.txt --model "$out" --storage int8 --out "$out.corpus" \
   --overwrite --no-progress
 python -m minilm search "$out.corpus" "A man is playing a guitar." "Stocks fell sharply." --top-k 3
 echo; echo "Model, model card (README.md), log.jsonl and loss.png are in $out; the embedded corpus in $out.corpus"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from minilm.corpus import MIN_CALIBRATION
+from minilm.corpus_folder import STORAGES
 from minilm.errors import InputError
 from minilm.model import PRECISIONS
 
@@ -40,8 +41,12 @@ def similarity(args) -> None:
 def encode(args) -> None:
     from minilm import corpus
 
+    if args.dtype is not None:  # the flag's earlier name: --precision is how encode computes, --storage what it keeps
+        named = args.dtype if args.dtype in STORAGES else "|".join(STORAGES)
+        _fail(args.parser, f"--dtype {args.dtype}: the stored format is --storage now (--storage {named}); "
+                           "--precision is how encode computes")
     try:  # before loading the model: a bad setting costs no time
-        corpus.check_options(args.dtype, args.batch_size, args.window, args.calibration_size)
+        corpus.check_options(args.storage, args.batch_size, args.window, args.calibration_size)
     except corpus.CorpusError as error:
         _fail(args.parser, str(error))
     device = args.device
@@ -55,7 +60,7 @@ def encode(args) -> None:
     try:
         manifest = corpus.encode_corpus(
             model, args.input, args.out, model_name=args.model, fmt=args.format, field=args.field,
-            id_field=args.id_field, dtype=args.dtype, precision=args.precision, normalize=args.normalize,
+            id_field=args.id_field, storage=args.storage, precision=args.precision, normalize=args.normalize,
             batch_size=args.batch_size, window=args.window, calibration_size=args.calibration_size,
             overwrite=args.overwrite, progress=not args.no_progress, log=_rank0_print)
     except corpus.CorpusError as error:
@@ -65,7 +70,7 @@ def encode(args) -> None:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    _rank0_print(f"{args.out}: {manifest['count']} texts -> embeddings.npy {manifest['shape']} {manifest['dtype']}, "
+    _rank0_print(f"{args.out}: {manifest['count']} texts -> embeddings.npy {manifest['shape']} {manifest['storage']}, "
                  "ids.txt, offsets.npy, manifest.json")
 
 
@@ -73,12 +78,17 @@ def search(args) -> None:
     from minilm import corpus
 
     try:
-        data = corpus.Corpus(args.dir)
-    except corpus.CorpusError as error:
+        _search(args, corpus.Corpus(args.dir))
+    except corpus.CorpusError as error:  # a DIR damaged or edited, in a file read only now (ids.txt, offsets)
         _fail(args.parser, str(error))
+
+
+def _search(args, data) -> None:
+    from minilm import corpus
+
     manifest = data.manifest
-    if args.rescore is not None and manifest["dtype"] != "binary":
-        _fail(args.parser, f"--rescore is for binary corpora; {args.dir} is {manifest['dtype']}")
+    if args.rescore is not None and manifest["storage"] != "binary":
+        _fail(args.parser, f"--rescore is for binary corpora; {args.dir} is {manifest['storage']}")
     if args.model:
         model = _load(args.parser, args.model, args.device, manifest["settings"]["max_seq_length"])
     else:  # manifests written before local folders were stored absolute name them relative to where encode ran
@@ -157,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "line (--column, --id-column), else plain text, one text per line (ids: line numbers; an empty "
                     "line is kept as the empty text). UTF-8; one record per line.",
         epilog="examples:\n  python -m minilm encode corpus.jsonl --field text --id-field _id --out emb\n"
-               "  torchrun --nproc_per_node=4 -m minilm encode texts.txt --out emb --dtype int8")
+               "  torchrun --nproc_per_node=4 -m minilm encode texts.txt --out emb --storage int8")
     p.add_argument("input", help="the texts: .txt (one per line), .jsonl, .tsv or .csv")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output directory (new, empty, or one this command started)")
@@ -168,15 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-field", "--id-column", dest="id_field", default=None,
                    help="JSONL field / TSV-CSV column holding the id (default: the record's line number)")
     p.add_argument("--model", default=MODEL, help="directory or hub id (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8", "binary"],
-                   help="stored precision: int8 with per-dimension ranges calibrated on the first "
-                        "--calibration-size texts (in the manifest), binary = 1 bit per dimension (> 0), 8 per "
-                        "byte (default: float32)")
+    p.add_argument("--storage", default="float32", choices=list(STORAGES),
+                   help="how embeddings.npy stores each row: float32, float16, int8 with per-dimension ranges "
+                        "calibrated on the first --calibration-size texts (in the manifest), binary = 1 bit per "
+                        "dimension (> 0), 8 per byte (default: float32)")
+    p.add_argument("--dtype", default=None, help=argparse.SUPPRESS)  # its earlier name: refused, naming --storage
     p.add_argument("--calibration-size", type=int, default=1000,
-                   help=f"int8: texts from the start of INPUT to calibrate the per-dimension ranges on; at least "
-                        f"{MIN_CALIBRATION}, since ranges from fewer clip the values of the other texts (on STS-B, "
-                        "47%% of values from 1 text, 2%% from 100, 0.1%% from 1000); an INPUT with fewer texts is "
-                        "calibrated on all of them (default: %(default)s)")
+                   help=f"--storage int8: texts from the start of INPUT to calibrate the per-dimension ranges on; "
+                        f"at least {MIN_CALIBRATION}, since ranges from fewer clip the values of the other texts (on "
+                        "STS-B, 47%% of values from 1 text, 2%% from 100, 0.1%% from 1000); an INPUT with fewer "
+                        "texts is calibrated on all of them (default: %(default)s)")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                    help="encode's precision: fp32, bf16/fp16 weights and activations, or int8 Linears "
                         "(default: fp32)")

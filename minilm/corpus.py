@@ -4,8 +4,9 @@
                         .npy (np.load(path, mmap_mode="r") opens it without reading it)
     DIR/ids.txt         one id per row (the --id-field/--id-column value, else the record's line number in INPUT)
     DIR/offsets.npy     [count] int64: the byte offset of each row's record in INPUT (search prints the text)
-    DIR/manifest.json   model, its fingerprint, settings, dtype, calibration, input fingerprint, state
+    DIR/manifest.json   model, its fingerprint, settings, storage, calibration, input fingerprint, state
     DIR/done.bin        while encoding: one byte per window, 1 once its rows are on disk
+    DIR/minilm.lock     while encoding: held by the process that prepares DIR (see minilm/corpus_folder.py)
 
 The run has two phases. Prepare (rank 0 alone): one cheap pass over INPUT validates every record (so bad input
 fails before any encoding, naming its line), hashes the file, writes ids.txt and offsets.npy, encodes the int8
@@ -20,9 +21,13 @@ encoded the same way whoever encodes it, so a run killed anywhere (kill -9 inclu
 not marked done and ends byte-identical to an uninterrupted run; so does a run over N processes. (Same model,
 settings and kind of hardware: float rounding differs between CPU and GPU.) pwrite rather than a shared
 memory map: a page holding the rows of two windows is then never written back whole by two machines.
+
+DIR is input too (minilm/corpus_folder.py): its manifest and files are checked against each other before a
+resumed run writes there or a search reads them.
 """
 
 import array
+import contextlib
 import hashlib
 import json
 import os
@@ -33,17 +38,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minilm import corpus_folder as folder
+from minilm.corpus_folder import FORMAT, PARTIAL, STORAGES, CorpusError
 from minilm.data import DataError, delimited_records, parse_json_line, strip_line_ending
+from minilm.files import LOCK
 from minilm.similarity_search import calibrate_int8, pack_binary, quantize_int8
 from minilm.tokenizer import lone_surrogate
 
-FORMAT = "minilm-corpus/1"
-DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "binary": np.uint8}
-INPUT_FORMATS = ("text", "jsonl", "tsv", "csv")
-FILES = ("manifest.json", "embeddings.npy", "ids.txt", "offsets.npy", "done.bin")
-PARTIAL = ".partial"  # files being written; a finished file is renamed to its name
 # Settings that change the bytes of embeddings.npy: a resumed run must use the same ones.
-SETTINGS = ("model_fingerprint", "dtype", "precision", "normalize", "max_seq_length", "batch_size", "window",
+SETTINGS = ("model_fingerprint", "storage", "precision", "normalize", "max_seq_length", "batch_size", "window",
             "calibration_size", "input_path", "input_format", "field", "id_field")
 # Test hook: MINILM_CORPUS_CRASH="point:window" ends the process like kill -9 at that point (points: prepare,
 # rows = half of the window's rows written, flushed = rows fsynced but the window not marked done, marked).
@@ -51,10 +54,6 @@ CRASH = os.environ.get("MINILM_CORPUS_CRASH", "")
 # int8 ranges from a smaller sample clip too much of the rest: the share of STS-B test values (all-MiniLM-L6-v2)
 # outside ranges calibrated on n random texts is 47% at n = 1, 17% at 10, 6% at 30, 1.9% at 100, 0.1% at 1,000.
 MIN_CALIBRATION = 100
-
-
-class CorpusError(Exception):
-    """Bad input, a DIR that does not match, or a write that failed: one line for the user."""
 
 
 def _crash(point: str, window: int = -1) -> None:
@@ -233,60 +232,11 @@ def model_fingerprint(model) -> str:
 
 
 # --- files ----------------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, value) -> None:
-    """Atomically: a reader (or a crash) sees the old file or the new one, never half of one."""
-    partial = path.with_name(path.name + PARTIAL)
-    with open(partial, "w") as file:
-        file.write(json.dumps(value, indent=1) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
-    _fsync_dir(path.parent)
-
-
 def _pwrite(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
-
-
-def read_manifest(out: Path):
-    """DIR's manifest, None for a new or empty DIR; refuses a DIR holding files minilm did not write."""
-    if out.exists() and not out.is_dir():
-        raise CorpusError(f"--out {out} is a file, not a directory")
-    names = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
-    manifest = None
-    if "manifest.json" in names:
-        try:
-            manifest = json.loads((out / "manifest.json").read_text())
-        except (OSError, ValueError) as error:
-            raise CorpusError(f"{out / 'manifest.json'}: unreadable ({error}); not touching {out}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise CorpusError(f"{out / 'manifest.json'} is not a minilm corpus manifest ({FORMAT}); choose an "
-                              "empty or new --out")
-    ours = set(FILES) | {name + PARTIAL for name in FILES}
-    foreign = [name for name in names if name not in ours]
-    if foreign or (names and manifest is None):
-        shown = ", ".join((foreign or names)[:5])
-        raise CorpusError(f"--out {out} holds files minilm did not write ({shown}); choose an empty or new --out "
-                          "(minilm never deletes files it did not write)")
-    return manifest
-
-
-def _remove_ours(out: Path) -> None:
-    for name in FILES:
-        for path in (out / name, out / (name + PARTIAL)):
-            if path.exists():
-                path.unlink()
 
 
 def _differences(old: dict, settings: dict, sha) -> str:
@@ -332,13 +282,13 @@ def _broadcast(value, rank: int, world: int):
     return box[0]
 
 
-def check_options(dtype: str, batch_size: int, window: int, calibration_size: int) -> None:
+def check_options(storage: str, batch_size: int, window: int, calibration_size: int) -> None:
     """CorpusError for settings no run should start with (the CLI checks them before loading the model)."""
-    if dtype not in DTYPES:
-        raise CorpusError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if storage not in STORAGES:
+        raise CorpusError(f"--storage must be one of {', '.join(STORAGES)}, not {storage!r}")
     if window < 1 or batch_size < 1 or calibration_size < 1:
         raise CorpusError("--window, --batch-size and --calibration-size must be at least 1")
-    if dtype == "int8" and calibration_size < MIN_CALIBRATION:
+    if storage == "int8" and calibration_size < MIN_CALIBRATION:
         raise CorpusError(f"--calibration-size {calibration_size} is too few texts for int8: ranges calibrated on a "
                           "small sample clip the values of the other texts (on STS-B, 47% of values are clipped from "
                           f"1 text, 17% from 10, 6% from 30, 2% from 100); use at least {MIN_CALIBRATION} (an INPUT "
@@ -346,26 +296,35 @@ def check_options(dtype: str, batch_size: int, window: int, calibration_size: in
 
 
 def encode_corpus(model, input_path, out, model_name: str, fmt: str = "auto", field=None, id_field=None,
-                  dtype: str = "float32", precision: str = "fp32", normalize=None, batch_size: int = 32,
+                  storage: str = "float32", precision: str = "fp32", normalize=None, batch_size: int = 32,
                   window: int = 10000, calibration_size: int = 1000, overwrite: bool = False,
                   progress: bool = True, log=print) -> dict:
     """Encode INPUT into DIR (see the module docstring); under torchrun each process does its share.
 
-    Returns the manifest. Raises CorpusError with one line for bad input or a DIR that does not match."""
-    check_options(dtype, batch_size, window, calibration_size)
+    storage: how embeddings.npy holds the rows (float32, float16, int8, binary); precision: how encode computes
+    them (see SentenceEncoder.encode). Returns the manifest. Raises CorpusError with one line for bad input or a
+    DIR that does not match."""
+    check_options(storage, batch_size, window, calibration_size)
     rank, world = _distributed()
     out, input_path = Path(out), Path(input_path).resolve()
     model_name = manifest_model_name(model_name)
     normalize = bool(model.normalize if normalize is None else normalize)
-    settings = {"model_fingerprint": model_fingerprint(model), "dtype": dtype, "precision": precision,
+    settings = {"model_fingerprint": model_fingerprint(model), "storage": storage, "precision": precision,
                 "normalize": normalize, "max_seq_length": model.max_seq_length, "batch_size": batch_size,
-                "window": window, "calibration_size": calibration_size if dtype == "int8" else None,
+                "window": window, "calibration_size": calibration_size if storage == "int8" else None,
                 "input_path": str(input_path), "input_format": None, "field": field, "id_field": id_field}
     encode = dict(batch_size=batch_size, normalize=normalize, precision=precision)
+    with contextlib.ExitStack() as held:  # rank 0 holds DIR's lock from before it writes there to the end
+        return _run(model, model_name, input_path, out, fmt, settings, encode, overwrite, progress, log, rank, world,
+                    held)
+
+
+def _run(model, model_name, input_path, out, fmt, settings, encode, overwrite, progress, log, rank, world,
+         held) -> dict:
     result = None
     if rank == 0:
         try:
-            result = _prepare(model, model_name, input_path, out, fmt, settings, encode, overwrite, log)
+            result = _prepare(model, model_name, input_path, out, fmt, settings, encode, overwrite, log, held)
         except CorpusError as error:
             result = error
         except OSError as error:
@@ -389,39 +348,50 @@ def encode_corpus(model, input_path, out, model_name: str, fmt: str = "auto", fi
         if not done.all():  # only if a rank skipped a window: a bug, never silently a hole
             raise CorpusError(f"{out}: windows {np.flatnonzero(done == 0)[:5].tolist()} were not written; rerun")
         manifest["state"] = "finished"
-        _write_json(out / "manifest.json", manifest)
+        folder.write_json(out / "manifest.json", manifest)
         (out / "done.bin").unlink()
+        (out / LOCK).unlink()  # held until the end of _run: a process that locks it after that sees it is gone
     if world > 1:
         dist.barrier()
     return manifest
 
 
-def _prepare(model, model_name, input_path, out, fmt, settings, encode, overwrite, log) -> dict:
-    """Rank 0: check DIR against this run, and for a new run validate INPUT and lay out all files."""
-    manifest = read_manifest(out)
+def _prepare(model, model_name, input_path, out, fmt, settings, encode, overwrite, log, held) -> dict:
+    """Rank 0: check DIR against this run (refusing, or finding it finished, changes nothing); then, holding DIR's
+    lock, resume it or, for a new run, validate INPUT and lay out all files."""
+    manifest = folder.read_manifest(out)
     reader = Reader(input_path, fmt, settings["field"], settings["id_field"])
     settings["input_format"] = reader.format
-    if manifest is not None and not overwrite and manifest["state"] != "preparing":  # preparing: nothing encoded
+    resume = manifest is not None and not overwrite and manifest["state"] != "preparing"  # preparing: nothing encoded
+    if resume:
         sha = file_sha256(input_path)
         differences = _differences(manifest, settings, sha)
         if differences:
             raise CorpusError(f"--out {out} was encoded with other settings or input ({differences}); use another "
                               "--out, or --overwrite to start again")
+        folder.check_files(out, manifest)
         if manifest["state"] == "finished":
-            log(f"{out} is finished ({manifest['count']} texts, {manifest['dtype']}): nothing to do "
+            log(f"{out} is finished ({manifest['count']} texts, {manifest['storage']}): nothing to do "
                 "(--overwrite encodes it again)")
-            return manifest
-        if manifest["state"] == "encoding":
             return manifest
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    _remove_ours(out)
+    had_lock = (out / LOCK).exists()
+    held.enter_context(folder.lock(out))
+    if folder.read_manifest(out) != manifest:
+        raise CorpusError(f"--out {out} changed while this command started (another encode into it?); run it "
+                          "again")
+    if resume:
+        return manifest
+    folder.remove_ours(out)
     try:
         return _lay_out(model, model_name, input_path, out, reader, settings, encode, log)
     except (Exception, KeyboardInterrupt):
         # Nothing was encoded yet and every file here is this run's: leave DIR as it was found (bad input, a
         # full disk or Ctrl-C while preparing), so that it never blocks another command.
-        _remove_ours(out)
+        folder.remove_ours(out)
+        if not had_lock:
+            (out / LOCK).unlink()
         if created:
             out.rmdir()
         raise
@@ -430,12 +400,12 @@ def _prepare(model, model_name, input_path, out, fmt, settings, encode, overwrit
 def _lay_out(model, model_name, input_path, out, reader, settings, encode, log) -> dict:
     """A new run: validate INPUT in one pass, write ids.txt, offsets.npy, an empty embeddings.npy, done.bin."""
     manifest = {"format": FORMAT, "state": "preparing", "model": model_name, "settings": settings}
-    _write_json(out / "manifest.json", manifest)  # first: from now on the DIR's files are known to be minilm's
+    folder.write_json(out / "manifest.json", manifest)  # first: from now on DIR's files are known to be minilm's
 
     # One pass over INPUT: validate every record (bad input fails here, before any encoding), write the ids and
     # the record offsets, keep the calibration sample. Offsets go raw to a scratch file: the count is unknown.
     count, empty, sample, id_hashes = 0, 0, [], array.array("Q")
-    want_sample = settings["calibration_size"] if settings["dtype"] == "int8" else 0
+    want_sample = settings["calibration_size"] if settings["storage"] == "int8" else 0
     scratch = out / ("done.bin" + PARTIAL)
     with open(out / ("ids.txt" + PARTIAL), "w", encoding="utf-8", newline="\n") as ids, open(scratch, "wb") as raw:
         block = []
@@ -466,12 +436,12 @@ def _lay_out(model, model_name, input_path, out, reader, settings, encode, log) 
     _crash("prepare")
 
     calibration = None
-    if settings["dtype"] == "int8":
+    if settings["storage"] == "int8":
         calibration = calibrate_int8(model.encode(sample, **encode))
     dim = model.embedding_dim
-    columns = (dim + 7) // 8 if settings["dtype"] == "binary" else dim
+    columns = (dim + 7) // 8 if settings["storage"] == "binary" else dim
     embeddings = np.lib.format.open_memmap(out / ("embeddings.npy" + PARTIAL), mode="w+",
-                                           dtype=DTYPES[settings["dtype"]], shape=(count, columns))
+                                           dtype=STORAGES[settings["storage"]], shape=(count, columns))
     del embeddings  # a sparse file of the full size: each window's rows are written into it
     windows = (count + settings["window"] - 1) // settings["window"]
     scratch.write_bytes(bytes(windows))
@@ -481,12 +451,12 @@ def _lay_out(model, model_name, input_path, out, reader, settings, encode, log) 
             os.fsync(file.fileno())
         os.replace(path, out / name)
     stat = input_path.stat()
-    manifest.update(state="encoding", count=count, dim=dim, dtype=settings["dtype"], shape=[count, columns],
+    manifest.update(state="encoding", count=count, dim=dim, storage=settings["storage"], shape=[count, columns],
                     normalize=settings["normalize"], precision=settings["precision"], calibration=calibration,
                     empty_texts=empty, windows=windows,
                     input={"path": str(input_path), "format": reader.format, "size": stat.st_size,
                            "mtime_ns": stat.st_mtime_ns, "sha256": sha})
-    _write_json(out / "manifest.json", manifest)  # last: the DIR is laid out
+    folder.write_json(out / "manifest.json", manifest)  # last: the DIR is laid out
     if empty:
         log(f"note: {empty} of {count} texts in {input_path} are empty or blank; they are kept (embedded as "
             "the empty text) so that rows stay aligned with the input")
@@ -517,13 +487,13 @@ def _repeated_ids(reader, id_hashes: array.array) -> list:
 
 def _encode_windows(model, manifest, out, rank, world, encode, progress) -> None:
     """Encode this process's share of the windows not yet done; each is marked done once its rows are on disk."""
-    window, count, dtype = manifest["settings"]["window"], manifest["count"], manifest["dtype"]
+    window, count, storage = manifest["settings"]["window"], manifest["count"], manifest["storage"]
     done = np.fromfile(out / "done.bin", dtype=np.uint8)
     remaining = np.flatnonzero(done == 0)
     mine = remaining[rank::world]  # every rank read the same done.bin: they agree on the split
     offsets = np.load(out / "offsets.npy", mmap_mode="r")
     header = np.load(out / "embeddings.npy", mmap_mode="r").offset
-    row_bytes = manifest["shape"][1] * np.dtype(DTYPES[dtype]).itemsize
+    row_bytes = manifest["shape"][1] * np.dtype(STORAGES[storage]).itemsize
     reader = Reader(manifest["input"]["path"], manifest["input"]["format"], manifest["settings"]["field"],
                     manifest["settings"]["id_field"])
     bar = None
@@ -535,18 +505,19 @@ def _encode_windows(model, manifest, out, rank, world, encode, progress) -> None
         bar = tqdm(total=count, initial=finished(done), unit="text", unit_scale=True, dynamic_ncols=True,
                    desc=f"encode {out.name}" + (f" ({world} processes)" if world > 1 else ""), smoothing=0.1)
     start, tokens = time.perf_counter(), 0
-    embeddings_fd = os.open(out / "embeddings.npy", os.O_WRONLY)
-    done_fd = os.open(out / "done.bin", os.O_WRONLY)
+    # Written in place, never through a symbolic link into a file elsewhere (corpus_folder refuses links too).
+    embeddings_fd = os.open(out / "embeddings.npy", os.O_WRONLY | os.O_NOFOLLOW)
+    done_fd = os.open(out / "done.bin", os.O_WRONLY | os.O_NOFOLLOW)
     try:
         for w in map(int, mine):
             first = w * window
             texts = reader.read(int(offsets[first]), min(window, count - first))
             rows = model.encode(texts, **encode)  # [n, dim] float32, in the window's order
-            if dtype == "int8":
+            if storage == "int8":
                 rows = quantize_int8(rows, manifest["calibration"])
-            elif dtype == "binary":
+            elif storage == "binary":
                 rows = pack_binary(rows)
-            data = np.ascontiguousarray(rows.astype(DTYPES[dtype], copy=False)).tobytes()
+            data = np.ascontiguousarray(rows.astype(STORAGES[storage], copy=False)).tobytes()
             if CRASH.startswith("rows"):
                 _pwrite(embeddings_fd, data[:len(data) // 2], header + first * row_bytes)
                 _crash("rows", w)
@@ -577,7 +548,8 @@ def _encode_windows(model, manifest, out, rank, world, encode, progress) -> None
 
 # --- reading a corpus back ------------------------------------------------------------------------------------
 class Corpus:
-    """A finished DIR: embeddings (memory-mapped), ids, texts read back from INPUT by offset, and search."""
+    """A finished DIR: embeddings (memory-mapped), ids, texts read back from INPUT by offset, and search. DIR's
+    manifest and files are checked against each other when it is opened (CorpusError naming file and field)."""
 
     def __init__(self, out):
         self.dir = Path(out)
@@ -585,20 +557,23 @@ class Corpus:
             raise CorpusError(f"{self.dir}: no such folder (a DIR written by python -m minilm encode --out DIR)")
         if not (self.dir / "manifest.json").is_file():
             raise CorpusError(f"{self.dir}: no manifest.json; not a corpus made by python -m minilm encode")
-        self.manifest = read_manifest(self.dir)
+        self.manifest = folder.read_manifest(self.dir)
         if self.manifest["state"] != "finished":
             raise CorpusError(f"{self.dir} is not finished ({self.manifest['state']}): rerun its encode command "
                               "to continue")
-        self.embeddings = np.load(self.dir / "embeddings.npy", mmap_mode="r")
-        self.offsets = np.load(self.dir / "offsets.npy", mmap_mode="r")
+        self.embeddings, self.offsets = folder.check_files(self.dir, self.manifest)
         self._same_bytes = None  # (INPUT's mtime_ns, whether its sha256 matched) once INPUT was hashed
 
     def ids(self, rows) -> list:
         wanted, found = set(int(row) for row in rows), {}
-        with open(self.dir / "ids.txt", encoding="utf-8") as file:  # one pass, for a handful of rows
+        with open(self.dir / "ids.txt", "rb") as file:  # one pass, for a handful of rows (as many lines as rows)
             for row, line in enumerate(file):
                 if row in wanted:
-                    found[row] = line.rstrip("\n")
+                    try:
+                        found[row] = line.decode("utf-8").rstrip("\n")
+                    except UnicodeDecodeError as error:
+                        raise CorpusError(f"{self.dir / 'ids.txt'} line {row + 1}: not UTF-8 ({error.reason}); "
+                                          "damaged: --overwrite encodes DIR again") from None
                     if len(found) == len(wanted):
                         break
         return [found[int(row)] for row in rows]
@@ -610,7 +585,14 @@ class Corpus:
         if not self.input_unchanged():
             return [None] * len(rows)
         reader = Reader(path, info["format"], self.manifest["settings"]["field"], self.manifest["settings"]["id_field"])
-        return [next(reader.records(int(self.offsets[int(row)])))[2] for row in rows]
+        texts = []
+        for row in rows:
+            record = next(reader.records(int(self.offsets[int(row)])), None)
+            if record is None:
+                raise CorpusError(f"{self.dir / 'offsets.npy'} row {int(row)}: no record of {path} at byte "
+                                  f"{int(self.offsets[int(row)])}; damaged: --overwrite encodes DIR again")
+            texts.append(record[2])
+        return texts
 
     def input_unchanged(self) -> bool:
         """Whether INPUT still holds the bytes that were encoded. Size and mtime decide when they agree; a new mtime

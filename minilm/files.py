@@ -1,4 +1,4 @@
-"""Model files: the one writer and the one JSON reader.
+"""Files: the one writer, the one JSON reader for model files, and the lock of a folder minilm writes into.
 
 Writing: whole or not at all, and readable as any file the user creates. `replaced_atomically(path)` gives a
 temporary file beside `path` to write, then renames it onto `path`: a reader, or an interrupted run, sees the old
@@ -8,12 +8,18 @@ renames it), would leave 0600, a model other users cannot read. `write_text`, `w
 `save_tensors` write through it.
 
 Reading: `read_json(path, what)` is a model folder's JSON file, or one line naming the file and what is wrong with it.
+
+`folder_lock(folder)` holds FOLDER/minilm.lock while a process writes into a folder minilm made (a training run,
+a corpus): one writer at a time, the second refused at once, before it touches anything.
 """
 
 import contextlib
+import errno
+import fcntl
 import itertools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -89,3 +95,47 @@ def read_json(path, what: str, kind=dict):
         raise InputError(f"{path}: expected {what} as a JSON {JSON_NAMES[kind]}, got a "
                          f"{JSON_NAMES.get(type(value), type(value).__name__)}")
     return value
+
+
+def temporary_of(name: str):
+    """The name of the file that `name` was to replace, when `name` is a temporary file of replaced_atomically
+    (one left behind by a process killed while it wrote); else None."""
+    match = re.fullmatch(r"\.(.+)\.\d+-\d+\.partial", name)
+    return match.group(1) if match else None
+
+
+LOCK = "minilm.lock"  # flock'ed while a process writes in the folder; the kernel drops it when the process dies
+
+
+class FolderInUse(Exception):
+    """Another process holds the folder's lock; str(error) is what it wrote in the lock file ("pid N")."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold folder/minilm.lock (flock, exclusive) for the block; FolderInUse at once when another process holds it.
+
+    The lock file is created if missing and never followed when it is a symbolic link (OSError, errno ELOOP): the
+    pid written into it must not land in a file elsewhere. The lock is the kernel's, so a killed process leaves
+    none behind. A lock file may be removed by the process that holds it: one locked after that, through a handle
+    opened before, no longer is the folder's lock file and counts as held by another process."""
+    path = Path(folder) / LOCK
+    handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666), "r+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not os.path.samestat(os.fstat(handle.fileno()), os.stat(path, follow_symlinks=False)):
+            raise FileNotFoundError(errno.ENOENT, "replaced", str(path))
+    except (BlockingIOError, FileNotFoundError):
+        owner = handle.read(200).strip() or "another process"
+        handle.close()
+        raise FolderInUse(owner) from None
+    except BaseException:
+        handle.close()
+        raise
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()

@@ -1,5 +1,6 @@
 """Faults and files from elsewhere: a crafted checkpoint runs nothing, a damaged newest checkpoint falls back to
-the previous one, a full disk and a read-only folder end in one line, eval.py's bad input, the model card's
+the previous one, a run folder's manifest crafted or damaged in each field is refused (its names never reach
+outside the folder), a full disk and a read-only folder end in one line, eval.py's bad input, the model card's
 escaping, and the command line itself (no hang, one line)."""
 
 import json
@@ -99,6 +100,116 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(capsys, run_with
     assert f"resuming from {out / 'checkpoints' / 'step-0000002'} at step 2" in stdout
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8]  # each step once: the log was cut back to the checkpoint
+
+
+# --- a run folder's manifest is input ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A finished 1-step run: copied by each test that crafts its manifest."""
+    folder = tmp_path_factory.mktemp("finished")
+    (folder / "pairs.tsv").write_text(PAIRS)
+    code = train.main(["--no-progress", "--model", str(tiny_model_dir), "--loss", "cosine", "--data",
+                       str(folder / "pairs.tsv"), "--batch-size", "4", "--max-steps", "1", "--out",
+                       str(folder / "run")])
+    assert code == 0
+    return folder / "run"
+
+
+def snapshot(*folders) -> dict:
+    return {path: (path.readlink() if path.is_symlink() else path.read_bytes() if path.is_file() else None)
+            for folder in folders for path in [folder, *folder.rglob("*")]}
+
+
+MANIFEST_CASES = [  # (name, change to a finished run's manifest (victim: a folder outside it), message fragments)
+    ("absolute-name", lambda m, victim: m["files"].append(str(victim)), ["files[", "victim",
+                                                                        "not a plain name in the folder"]),
+    ("dot-dot-name", lambda m, victim: m["files"].append(f"../{victim.name}"), ["../victim", "not a plain name"]),
+    ("nested-name", lambda m, victim: m["files"].append(f"sub/../../{victim.name}"), ["sub/../../victim"]),
+    ("parent-name", lambda m, victim: m["files"].append(".."), ["files[", '".."', "not a plain name"]),
+    ("empty-name", lambda m, victim: m["files"].append(""), ["files[", '""', "not a plain name"]),
+    ("number-name", lambda m, victim: m["files"].append(7), ["files[", "is 7", "not a plain name"]),
+    ("files-not-a-list", lambda m, victim: m.update(files=str(victim)), ["'files'", "a list of file names"]),
+    ("files-missing", lambda m, victim: m.pop("files"), ["'files' is null", "a list of file names"]),
+    ("replaces-elsewhere", lambda m, victim: m.update(replaces=str(victim)), ["'replaces'", "staging folder"]),
+    ("replaces-a-number", lambda m, victim: m.update(replaces=3), ["'replaces' is 3"]),
+    ("finished-a-word", lambda m, victim: m.update(finished="yes"), ["'finished' is \"yes\"", "true or false"]),
+    ("saving-a-list", lambda m, victim: m.update(saving=[]), ["'saving' is []"]),
+    ("saving-outside", lambda m, victim: m.update(saving={"before": ["/"]}), ["saving.before[0]", "not a plain"]),
+    ("not-a-run", lambda m, victim: m.update(minilm_run=2), ["not a minilm run's manifest", "minilm_run"]),
+    ("a-list", lambda m, victim: m.clear() or m.update(x=[str(victim)]), ["not a minilm run's manifest"]),
+]
+
+
+@pytest.mark.parametrize("case", MANIFEST_CASES, ids=[case[0] for case in MANIFEST_CASES])
+def test_a_crafted_run_manifest_is_refused_and_touches_nothing(case, capsys, finished_run, tiny_model_dir, tmp_path):
+    """--overwrite, --resume and a plain run on the folder: one line naming the manifest and its field; nothing
+    inside or outside the folder changes (today a "files" entry naming another folder is deleted with the run)."""
+    _, change, fragments = case
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.txt").write_text("keep")
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out, symlinks=True)
+    manifest = json.loads((out / run_folder.MANIFEST).read_text())
+    change(manifest, victim)
+    (out / run_folder.MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / "pairs.tsv").write_text(PAIRS)
+    before = snapshot(tmp_path)
+    new_run = ["--no-progress", "--model", tiny_model_dir, "--loss", "cosine", "--data", tmp_path / "pairs.tsv",
+               "--max-steps", 1, "--out", out]
+    for argv in (new_run + ["--overwrite"], ["--no-progress", "--out", out, "--resume"]):
+        code, _, err = call(capsys, train.main, argv)
+        assert_one_line_error(code, err, "train.py", [out / run_folder.MANIFEST, *fragments])
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("damage", ["not-json", "a-folder", "a-link"])
+def test_a_damaged_run_manifest_is_one_line(damage, capsys, finished_run, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out, symlinks=True)
+    manifest = out / run_folder.MANIFEST
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(manifest.read_text())
+    manifest.unlink()
+    if damage == "not-json":
+        manifest.write_text('{"minilm_run": 1, "files": [')
+    elif damage == "a-folder":
+        manifest.mkdir()
+    else:
+        manifest.symlink_to(elsewhere)  # a manifest from elsewhere would name files there
+    before = snapshot(tmp_path)
+    code, _, err = call(capsys, train.main, ["--no-progress", "--out", out, "--resume"])
+    fragment = "unreadable" if damage == "not-json" else "is not a file"
+    assert_one_line_error(code, err, "train.py", [manifest, fragment])
+    assert snapshot(tmp_path) == before
+
+
+def test_a_listed_symlink_is_removed_as_a_link_and_a_symlinked_lock_is_refused(capsys, finished_run, tiny_model_dir,
+                                                                               tmp_path):
+    """A run's listed name that is a symbolic link to a folder elsewhere: --overwrite removes the link, never what
+    it points to. A minilm.lock that is a link: refused in one line (the pid is never written through it)."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.txt").write_text("keep")
+    (tmp_path / "pairs.tsv").write_text(PAIRS)
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out, symlinks=True)
+    shutil.rmtree(out / "1_Pooling")
+    (out / "1_Pooling").symlink_to(victim)  # listed by the run, now a link out of the folder
+    (out / run_folder.LOCK).unlink()
+    (out / run_folder.LOCK).symlink_to(victim / "thesis.txt")
+    argv = ["--no-progress", "--model", tiny_model_dir, "--loss", "cosine", "--data", tmp_path / "pairs.tsv",
+            "--batch-size", 4, "--max-steps", 1, "--out", out, "--overwrite"]
+    before = snapshot(tmp_path)
+    code, _, err = call(capsys, train.main, argv)
+    assert_one_line_error(code, err, "train.py", [out, "minilm.lock is a symbolic link"])
+    assert snapshot(tmp_path) == before
+    (out / run_folder.LOCK).unlink()
+    code, _, err = call(capsys, train.main, argv)
+    assert code == 0, err
+    assert (victim / "thesis.txt").read_text() == "keep" and (out / "1_Pooling").is_dir()
+    assert not (out / "1_Pooling").is_symlink()
 
 
 def mount_tmpfs(folder: Path, options: str) -> None:

@@ -1,8 +1,12 @@
 """python -m minilm encode: streaming equals encode(), kill-and-resume and torchrun give the same bytes, int8/binary
-outputs, and bad input or a mismatched DIR ends in one line with nothing lost."""
+outputs, bad input or a mismatched DIR ends in one line with nothing lost, and a DIR is input: damaged or
+crafted in any file or field it is refused in one line, locked while encode writes, never written through a
+symbolic link."""
 
 import json
+import math
 import os
+import shutil
 import resource
 import signal
 import subprocess
@@ -15,7 +19,7 @@ import pytest
 import torch
 
 import minilm
-from minilm import corpus
+from minilm import corpus, corpus_folder
 from minilm.__main__ import main
 from minilm.similarity_search import calibrate_int8, dequantize_int8, pack_binary, quantize_int8, unpack_binary
 
@@ -180,14 +184,14 @@ def test_torchrun_two_ranks_resume_to_the_bytes_of_one_process(tiny_dir, tiny, t
         assert (straight / name).read_bytes() == (out / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("dtype", ["float16", "int8", "binary"])
-def test_stored_precisions(tiny, texts_file, straight, tmp_path, dtype):
-    manifest = run(tiny, texts_file, tmp_path / "out", dtype=dtype, calibration_size=100)
+@pytest.mark.parametrize("storage", ["float16", "int8", "binary"])
+def test_stored_formats(tiny, texts_file, straight, tmp_path, storage):
+    manifest = run(tiny, texts_file, tmp_path / "out", storage=storage, calibration_size=100)
     stored = np.load(tmp_path / "out" / "embeddings.npy")
     full = np.load(straight / "embeddings.npy")
-    if dtype == "float16":
+    if storage == "float16":
         assert stored.dtype == np.float16 and np.array_equal(stored, full.astype(np.float16))
-    elif dtype == "int8":
+    elif storage == "int8":
         texts = texts_file.read_text(encoding="utf-8").splitlines()
         calibration = manifest["calibration"]
         assert calibration == calibrate_int8(tiny.encode(texts[:100])) and calibration["size"] == 100
@@ -221,7 +225,7 @@ def cli_error(capsys, argv) -> str:
         main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("python -m minilm encode: error: "), err
+    assert len(err.splitlines()) == 1 and err.startswith(f"python -m minilm {argv[0]}: error: "), err
     return err.strip()
 
 
@@ -274,8 +278,8 @@ def test_mismatched_or_foreign_dir_is_refused_and_kept(tiny_dir, tiny, texts_fil
     other_model = make_tiny_model(tmp_path / "other", Path(tiny.source_dir), seed=1)
     message = cli_error(capsys, base[:2] + ["--model", str(other_model)] + base[4:-1] + [str(straight)])
     assert "other settings or input (model_fingerprint" in message
-    message = cli_error(capsys, base[:-1] + [str(straight), "--dtype", "int8"])
-    assert 'dtype "float32" -> "int8"' in message and "calibration_size" in message
+    message = cli_error(capsys, base[:-1] + [str(straight), "--storage", "int8"])
+    assert 'storage "float32" -> "int8"' in message and "calibration_size" in message
     before = {name: (straight / name).read_bytes() for name in FILES}
     main(base[:-1] + [str(straight)])  # same settings, finished: reported, nothing done
     assert "is finished (300 texts" in capsys.readouterr().out
@@ -378,18 +382,225 @@ def test_texts_survive_touch_but_not_a_change_of_the_same_size(tiny, tmp_path, m
 
 
 def test_int8_refuses_a_calibration_sample_below_the_floor(tmp_path, capsys):
-    """--calibration-size below 100 with --dtype int8 is refused in one line before the model loads
-    (no-such-model is no model); other dtypes do not calibrate, so the flag does not matter to them."""
+    """--calibration-size below 100 with --storage int8 is refused in one line before the model loads
+    (no-such-model is no model); other storages do not calibrate, so the flag does not matter to them."""
     (tmp_path / "t.txt").write_text("one\ntwo\n")
     base = ["encode", str(tmp_path / "t.txt"), "--model", "./no-such-model", "--out", str(tmp_path / "o"),
             "--no-progress", "--device", "cpu"]
     for size in ("1", "99"):
-        message = cli_error(capsys, base + ["--dtype", "int8", "--calibration-size", size])
+        message = cli_error(capsys, base + ["--storage", "int8", "--calibration-size", size])
         assert f"--calibration-size {size} is too few texts for int8" in message
         assert "use at least 100" in message and "clip" in message
     base += ["--calibration-size", "1"]
-    assert "no-such-model" in cli_error(capsys, base + ["--dtype", "float32"])  # past the check, at the model
+    assert "no-such-model" in cli_error(capsys, base + ["--storage", "float32"])  # past the check, at the model
     assert not (tmp_path / "o").exists()
     with pytest.raises(corpus.CorpusError, match="too few texts for int8"):  # the Python API refuses it too
-        corpus.encode_corpus(None, tmp_path / "t.txt", tmp_path / "o", model_name="m", dtype="int8",
+        corpus.encode_corpus(None, tmp_path / "t.txt", tmp_path / "o", model_name="m", storage="int8",
                              calibration_size=1)
+
+
+# --- a DIR is input -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def int8_dir(tiny, tmp_path_factory) -> Path:
+    """A finished int8 DIR of 20 JSONL texts with ids (calibrated on all 20): copied by the tests that damage it."""
+    folder = tmp_path_factory.mktemp("int8")
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": text}) + "\n"
+                                               for i, text in enumerate(make_texts(20, seed=3))) + "\n\n")
+    run(tiny, folder / "docs.jsonl", folder / "out", id_field="id", storage="int8", calibration_size=100)
+    return folder / "out"
+
+
+def edit(field: str, value):
+    """A damage: set the manifest's field (a dotted path) to value; value None removes it."""
+    def damage(out: Path):
+        manifest = json.loads((out / "manifest.json").read_text())
+        *parents, name = field.split(".")
+        target = manifest
+        for parent in parents:
+            target = target[parent]
+        target.pop(name) if value is None else target.__setitem__(name, value(target[name]) if callable(value)
+                                                                  else value)
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    return damage
+
+
+def resave(name: str, change):
+    return lambda out: np.save(out / name, change(np.load(out / name)))
+
+
+def rewrite(name: str, change):
+    return lambda out: (out / name).write_bytes(change((out / name).read_bytes()))
+
+
+def link_elsewhere(out: Path):
+    shutil.copy(out / "embeddings.npy", out.parent / "elsewhere.npy")
+    (out / "embeddings.npy").unlink()
+    (out / "embeddings.npy").symlink_to(out.parent / "elsewhere.npy")
+
+
+DIR_CASES = [  # (name, damage to a finished int8 DIR of 20 rows of 64 dims, fragments of the one-line error)
+    ("embeddings-fewer-rows", resave("embeddings.npy", lambda a: a[:5]), ["embeddings.npy", "int8 [5, 64]",
+                                                                          "the manifest says int8 [20, 64]"]),
+    ("embeddings-other-dtype", resave("embeddings.npy", lambda a: a.astype(np.float32)), ["embeddings.npy",
+                                                                                           "float32 [20, 64]"]),
+    ("embeddings-transposed", resave("embeddings.npy", lambda a: np.asfortranarray(a)), ["embeddings.npy"]),
+    ("embeddings-cut-short", rewrite("embeddings.npy", lambda b: b[:-100]), ["embeddings.npy"]),
+    ("embeddings-longer", rewrite("embeddings.npy", lambda b: b + bytes(64)), ["embeddings.npy", "its header says"]),
+    ("embeddings-not-npy", rewrite("embeddings.npy", lambda b: b"not numpy"), ["embeddings.npy", "not a .npy"]),
+    ("embeddings-a-link", link_elsewhere, ["embeddings.npy", "symbolic link"]),
+    ("embeddings-missing", lambda out: (out / "embeddings.npy").unlink(), ["embeddings.npy", "missing"]),
+    ("offsets-short", resave("offsets.npy", lambda a: a[:-1]), ["offsets.npy", "[19]", "[20]"]),
+    ("offsets-as-int32", resave("offsets.npy", lambda a: a.astype(np.int32)), ["offsets.npy", "int32"]),
+    ("offsets-not-increasing", resave("offsets.npy", lambda a: a[::-1].copy()), ["offsets.npy", "not increasing"]),
+    ("offsets-outside-input", resave("offsets.npy", lambda a: a + 10**6), ["offsets.npy", "inside INPUT"]),
+    ("ids-short", rewrite("ids.txt", lambda b: b[:b.rindex(b"d19")]), ["ids.txt", "19 lines", "count is 20"]),
+    ("ids-long", rewrite("ids.txt", lambda b: b + b"d20\n"), ["ids.txt", "21 lines"]),
+    ("ids-missing", lambda out: (out / "ids.txt").unlink(), ["ids.txt", "missing"]),
+    ("manifest-not-json", rewrite("manifest.json", lambda b: b[:-20]), ["manifest.json", "unreadable"]),
+    ("manifest-a-list", rewrite("manifest.json", lambda b: b"[1, 2]"), ["not a minilm corpus manifest"]),
+    ("state", edit("state", "done"), ["'state' is \"done\"", "preparing or encoding or finished"]),
+    ("count-a-word", edit("count", "20"), ["'count' is \"20\"", "whole number"]),
+    ("count-zero", edit("count", 0), ["'count' is 0"]),
+    ("count-larger", edit("count", 40), ["'shape' is [20, 64]", "[40, 64]"]),
+    ("dim-smaller", edit("dim", 32), ["'shape' is [20, 64]", "[20, 32]"]),
+    ("shape", edit("shape", [5, 64]), ["'shape' is [5, 64]"]),
+    ("storage-unknown", edit("settings.storage", "int4"), ["'settings.storage' is \"int4\"", "binary"]),
+    ("storage-disagrees", edit("storage", "float32"), ["'storage' is \"float32\"", "settings.storage (int8)"]),
+    ("windows", edit("windows", 7), ["'windows' is 7", "= 1"]),
+    ("window-zero", edit("settings.window", 0), ["'settings.window' is 0"]),
+    ("max-seq-length", edit("settings.max_seq_length", "long"), ["'settings.max_seq_length'"]),
+    ("fingerprint", edit("settings.model_fingerprint", None), ["'settings.model_fingerprint' is null"]),
+    ("settings-missing", edit("settings", None), ["'settings' is null"]),
+    ("input-missing", edit("input", None), ["'input' is null"]),
+    ("input-path", edit("input.path", 3), ["'input.path' is 3"]),
+    ("input-size", edit("input.size", -1), ["'input.size' is -1"]),
+    ("input-sha256", edit("input.sha256", "abc"), ["'input.sha256'"]),
+    ("model", edit("model", 5), ["'model' is 5"]),
+    ("precision", edit("precision", "fp64"), ["'precision' is \"fp64\""]),
+    ("normalize", edit("normalize", "yes"), ["'normalize' is \"yes\""]),
+    ("empty-texts", edit("empty_texts", 99), ["'empty_texts' is 99"]),
+    ("calibration-missing", edit("calibration", None), ["'calibration' is null", "an object"]),
+    ("calibration-short", edit("calibration.min", lambda v: v[:-1]), ["'calibration.min'", "64 numbers"]),
+    ("calibration-inverted", edit("calibration.max", lambda v: [-x for x in v]), ["'calibration.max[0]'"]),
+    ("calibration-nan", edit("calibration.min", lambda v: v[:3] + [math.nan] + v[4:]), ["'calibration.max[3]'"]),
+    ("calibration-size", edit("calibration.size", "all"), ["'calibration.size' is \"all\""]),
+    ("ids-not-utf8", rewrite("ids.txt", lambda b: b.replace(b"d3\n", b"\xff3\n")), ["ids.txt line 4", "not UTF-8"]),
+    ("offset-at-a-blank-line", lambda out: resave("offsets.npy", lambda a: np.append(a[:-1], json.loads(
+        (out / "manifest.json").read_text())["input"]["size"] - 1))(out), ["offsets.npy row 19", "no record"]),
+]
+
+
+@pytest.mark.parametrize("case", DIR_CASES, ids=[case[0] for case in DIR_CASES])
+def test_a_damaged_dir_is_refused_in_one_line_naming_file_and_field(case, int8_dir, tiny_dir, tmp_path, capsys):
+    """search (and encode, run again on it) read DIR's files only after checking them against the manifest:
+    one line naming the file and the field, nothing changed (today a smaller embeddings.npy is searched as is,
+    and damaged fields end in tracebacks)."""
+    _, damage, fragments = case
+    out = tmp_path / "out"
+    shutil.copytree(int8_dir, out, symlinks=True)
+    damage(out)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    message = cli_error(capsys, ["search", str(out), "a query", "--top-k", "20", "--model", str(tiny_dir),
+                                 "--device", "cpu"])
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    if "line" not in message and "row" not in message:  # found before any row is read: encode finds it too
+        source = json.loads((int8_dir / "manifest.json").read_text())["input"]["path"]
+        message = cli_error(capsys, ["encode", source, "--out", str(out), "--model", str(tiny_dir), "--id-field",
+                                     "id", "--storage", "int8", "--calibration-size", "100", "--window", "50",
+                                     "--no-progress", "--device", "cpu"])
+        assert all(fragment in message for fragment in fragments), message
+    assert before == {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+
+
+def killed_after_window_0(tiny, texts_file, out, monkeypatch) -> None:
+    """A run killed once window 0 is on disk and marked (state: encoding)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(corpus, "_die", lambda: (_ for _ in ()).throw(Killed()))
+        patch.setattr(corpus, "CRASH", "marked:0")
+        with pytest.raises(Killed):
+            run(tiny, texts_file, out)
+
+
+def test_resume_never_writes_through_a_symlinked_file(tiny, texts_file, tmp_path, monkeypatch):
+    """A killed run whose embeddings.npy (or done.bin) became a link to a file elsewhere: the resumed run refuses
+    it in one line and that file keeps its bytes (today the rows are written into it)."""
+    out = tmp_path / "out"
+    killed_after_window_0(tiny, texts_file, out, monkeypatch)
+    for name in ("embeddings.npy", "done.bin"):
+        elsewhere = tmp_path / f"elsewhere-{name}"
+        shutil.move(out / name, elsewhere)
+        (out / name).symlink_to(elsewhere)
+        kept = elsewhere.read_bytes()
+        with pytest.raises(corpus.CorpusError, match=f"{out / name} is a symbolic link"):
+            run(tiny, texts_file, out)
+        assert elsewhere.read_bytes() == kept
+        (out / name).unlink()
+        shutil.move(elsewhere, out / name)
+
+
+@pytest.mark.parametrize("damage", [b"\x01\x00", b"\x01\x02\x00\x00\x00\x00"])
+def test_a_damaged_done_bin_is_refused_before_resuming(tiny, texts_file, tmp_path, monkeypatch, damage):
+    """done.bin decides which windows are encoded again: one of another size, or a byte other than 0 or 1 (which
+    would count as done and leave a hole), is refused in one line naming it."""
+    out = tmp_path / "out"
+    killed_after_window_0(tiny, texts_file, out, monkeypatch)
+    (out / "done.bin").write_bytes(damage)
+    embeddings = (out / "embeddings.npy").read_bytes()
+    with pytest.raises(corpus.CorpusError, match=r"done.bin: .*windows is 6 \(one byte per window, 0 or 1\)"):
+        run(tiny, texts_file, out)
+    assert (out / "embeddings.npy").read_bytes() == embeddings
+
+
+def test_a_dir_in_use_is_refused_and_left_alone(tiny, tiny_dir, texts_file, straight, tmp_path, monkeypatch, capsys):
+    """While one encode holds DIR (its lock, as train.py's), a second, resuming or --overwrite, is refused in one
+    line before it touches anything; once the lock is free the run resumes to the bytes of an uninterrupted run
+    and the finished DIR holds no lock file (nor the temporary file of a killed manifest write)."""
+    out = tmp_path / "out"
+    killed_after_window_0(tiny, texts_file, out, monkeypatch)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    command = ["encode", str(texts_file), "--out", str(out), "--model", str(tiny_dir), "--window", "50",
+               "--no-progress", "--device", "cpu"]
+    with corpus_folder.lock(out):
+        for extra in ([], ["--overwrite"]):
+            message = cli_error(capsys, command + extra)
+            assert f"--out {out}: another process (pid {os.getpid()}) is encoding into it" in message
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.name != "minilm.lock"} == \
+        {name: data for name, data in before.items() if name != "minilm.lock"}
+    (out / ".manifest.json.12345-0.partial").write_text("{")  # what a kill while the manifest was written leaves
+    run(tiny, texts_file, out)
+    assert_same_files(straight, out)  # that temporary file removed too
+
+
+def test_a_dir_written_before_storage_was_named_still_reads_and_resumes(tiny, tiny_dir, texts_file, straight,
+                                                                        tmp_path, monkeypatch, capsys):
+    """Manifests written before --storage say "dtype" (at the top and in settings): search reads a finished one,
+    and a killed one resumes to the same bytes, its manifest then saying "storage"."""
+    def as_before(out: Path):
+        manifest = json.loads((out / "manifest.json").read_text())
+        for fields in (manifest, manifest["settings"]):
+            fields["dtype"] = fields.pop("storage")
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+    out = tmp_path / "out"
+    killed_after_window_0(tiny, texts_file, out, monkeypatch)
+    as_before(out)
+    run(tiny, texts_file, out)
+    for name in ("embeddings.npy", "ids.txt", "offsets.npy"):
+        assert (straight / name).read_bytes() == (out / name).read_bytes(), name
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((straight / "manifest.json").read_text())
+    as_before(out)
+    main(["search", str(out), "a query", "--top-k", "2", "--device", "cpu", "--model", str(tiny_dir)])
+    assert capsys.readouterr().out.count("\n   ") == 2  # two hits
+    assert corpus.Corpus(out).manifest["storage"] == "float32"
+
+
+def test_dtype_is_refused_naming_storage(tmp_path, capsys):
+    """--storage is what embeddings.npy keeps, --precision how encode computes: the old --dtype is one line that
+    says so, before any model loads (no-such-model is no model)."""
+    (tmp_path / "t.txt").write_text("one\n")
+    base = ["encode", str(tmp_path / "t.txt"), "--model", "./no-such-model", "--out", str(tmp_path / "o")]
+    message = cli_error(capsys, base + ["--dtype", "int8"])
+    assert "--dtype int8: the stored format is --storage now (--storage int8)" in message and "--precision" in message
+    assert "--storage float32|float16|int8|binary" in cli_error(capsys, base + ["--dtype", "fp16"])
+    assert not (tmp_path / "o").exists()

@@ -89,21 +89,21 @@ def test_search_reads_a_memory_mapped_corpus(data, tmp_path):
                        minilm.search(queries, pack_binary(corpus), top_k=5, rescore=3)[0])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "binary"])
-def test_cli_search_prints_ids_and_texts(tiny, tiny_dir, tmp_path, capsys, dtype):  # noqa: F811
+@pytest.mark.parametrize("storage", ["float32", "binary"])
+def test_cli_search_prints_ids_and_texts(tiny, tiny_dir, tmp_path, capsys, storage):  # noqa: F811
     texts = ["a dog runs in the park", "the stock market fell", "a cat sleeps on the sofa", "rain over the city"]
     (tmp_path / "docs.jsonl").write_text("".join(f'{{"_id": "d{i}", "text": "{t}"}}\n' for i, t in enumerate(texts)))
-    run(tiny, tmp_path / "docs.jsonl", tmp_path / "out", id_field="_id", dtype=dtype)
+    run(tiny, tmp_path / "docs.jsonl", tmp_path / "out", id_field="_id", storage=storage)
     main(["search", str(tmp_path / "out"), "a dog runs in the park", "--top-k", "2", "--device", "cpu"]
-         + (["--rescore", "2"] if dtype == "binary" else []))
+         + (["--rescore", "2"] if storage == "binary" else []))
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "query: a dog runs in the park"
     expected = minilm.search(tiny.encode(["a dog runs in the park"]),
                              np.load(tmp_path / "out" / "embeddings.npy"), top_k=2,
-                             rescore=2 if dtype == "binary" else None)[0][0].tolist()
+                             rescore=2 if storage == "binary" else None)[0][0].tolist()
     for line, row in zip(lines[1:], expected):
         assert line.split()[2:] == [f"d{row}", *texts[row].split()], lines
-    if dtype == "float32":
+    if storage == "float32":
         assert lines[1].split()[1] == "1.0000"  # the query is the first text
     else:  # a bad --rescore or a DIR that is not there: one line, exit 2
         for argv, message in ((["--rescore", "0"], "--rescore must be at least 1, not 0"),
