@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import train
-from minilm import run_folder
+from minilm import checkpoint, run_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +68,7 @@ def stopped_run(capsys, monkeypatch, argv) -> None:
         self.signal = "SIGINT"
         return self
     with monkeypatch.context() as patch:
-        patch.setattr(train.StopRequest, "__enter__", stopped_at_once)
+        patch.setattr(checkpoint.StopRequest, "__enter__", stopped_at_once)
         code, err = call(capsys, argv)
     assert code == 130, err
 
