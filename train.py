@@ -3,15 +3,14 @@
     python train.py --loss cosine --data cosine.tsv --batch-size 16 --epochs 1 --lr 5e-5 --out runs/cosine
     python train.py --recipe recipes/002_binary_cosine.json --data ../shared/data/stsb --out runs/002
     python train.py --out runs/cosine --resume          # continue exactly where a stopped run left off
-    torchrun --nproc_per_node=N train.py ...            # DDP: N processes, each a share of every batch
+    torchrun --nproc_per_node=N train.py ...            # DDP: each process trains on its share of every batch
 
 --data takes TSV/CSV (header) or JSONL files with sentence-transformers' column names (anchor, positive
-[, negative...] | sentence1, sentence2, score | premise, hypothesis, label), or a local benchmark: the STS-B folder
-(../shared/data/stsb), SICK.tsv or a BEIR folder. Each loss declares the columns it reads and the scores or labels
-it accepts (losses/); every row is checked before training starts. A recipe is a JSON file of flag values
-(recipes/), checked exactly as the flags are; flags on the command line win. Under torchrun only rank 0 logs,
-evaluates, checkpoints and saves; --loss-params '{"gather_across_devices": true}' lets in-batch-negative losses
-score each anchor against the whole global batch.
+[, negative...] | sentence1, sentence2, score | premise, hypothesis, label), the STS-B folder, SICK.tsv or a BEIR
+folder. Each loss declares the columns it reads and the scores or labels it accepts (losses/); every row is checked
+before training starts. A recipe is a JSON file of flag values (recipes/), checked as the flags are; flags on the
+command line win. Under torchrun, --loss-params '{"gather_across_devices": true}' lets in-batch-negative losses
+score each anchor against the whole global batch; rank 0 alone logs, evaluates, checkpoints and saves.
 
 The run folder gets the model in sentence-transformers' layout, README.md (model card), log.jsonl, loss.png,
 checkpoints/step-N (for --resume) and minilm-run.json, the list of the files the run wrote. A run writes only into
@@ -38,14 +37,13 @@ import minilm
 from minilm import checkpoint as checkpoints, data, evaluation, fast_paths, model_card, training_data
 from minilm.distributed import any_rank, barrier, global_mean, setup_distributed, tear_down
 from minilm.errors import (InputError, Parser, UsageError, any_float, blamed_on, fraction, json_object,
-                           non_negative_float, non_negative_int, positive_float, positive_int)
+                           non_negative_float, non_negative_int, positive_float, positive_int, seed)
 from minilm.model import PRECISIONS, resolve_device
 from minilm.optimizer import clip_gradients, parameter_groups
 from minilm.run_folder import RunFolderError, check_output, finish_run_folder, save_started
 from losses import LOSSES
 from losses.params import check_params
 
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 RECIPE_NOTES = ("description", "seed_card")  # recipe keys that document, not configure
 
 
@@ -61,18 +59,16 @@ def build_parser(explicit_only: bool = False) -> Parser:
         parser.add_argument(*names, default=argparse.SUPPRESS if explicit_only else default, **kwargs)
 
     add("--recipe", help="JSON file of flag values (see recipes/); command-line flags win")
-    add("--model", default=DEFAULT_MODEL, help="base model: directory or hub id (default: %(default)s)")
+    add("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="base model: directory or hub id")
     add("--loss", choices=sorted(LOSSES), help="training objective (required here or in the recipe)")
     add("--loss-params", type=json_object, default={}, help='loss parameters as JSON, e.g. \'{"scale": 20}\'')
     add("--data", nargs="+", help="training data file(s) or benchmark location(s)")
     add("--split", default="train", help="split for benchmark data (default: train)")
     add("--multi-dataset", choices=sorted(data.MULTI_DATASET), default="proportional",
         help="with several --data: proportional = every batch of every dataset each epoch, interleaved at random; "
-             "round_robin = one batch of each in turn until the smallest runs out (sentence-transformers' two "
-             "samplers)")
-    add("--score-scale", type=positive_float, default=1.0,
-        help="divide every score of the data by this: 5 for STS-style 0..5 scores (default: 1). The benchmark "
-             "loaders (the stsb folder, SICK.tsv) give 0..1 already")
+             "round_robin = one batch of each in turn until the smallest runs out (as sentence-transformers')")
+    add("--score-scale", type=positive_float, default=1.0, help="divide every score of the data by this: 5 for "
+        "STS-style 0..5 scores (default: 1; the stsb folder and SICK.tsv give 0..1 already)")
     add("--min-score", type=any_float, default=0.8,
         help="for losses without labels on scored pairs: keep pairs scoring at least this (default 0.8)")
     add("--out", help="output folder: new or empty (or a previous minilm run with --overwrite / --resume)")
@@ -88,7 +84,7 @@ def build_parser(explicit_only: bool = False) -> Parser:
     add("--warmup-steps", type=non_negative_int, default=0, help="warm-up steps (overrides --warmup-ratio)")
     add("--max-grad-norm", type=positive_float, default=1.0, help="clip the model's gradient norm to this")
     add("--grad-accum", type=positive_int, default=1, help="batches per optimizer step")
-    add("--seed", type=int, default=42, help="seed of the shuffling, dropout and any new weights")
+    add("--seed", type=seed, default=42, help="seed of the shuffling, dropout and any new weights")
     add("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
         help="autocast precision; auto: bf16 on CUDA when supported, else fp32")
     add("--max-seq-length", type=positive_int, help="truncate inputs to this many tokens (default: the model's)")
@@ -120,8 +116,7 @@ def parse_args(argv=None) -> tuple:
         args = argparse.Namespace(**{**vars(args), **given})
     given.pop("recipe", None)
     if not args.out:
-        raise UsageError("--out is required: the folder " + ("of the run to resume" if args.resume else
-                                                             "the run writes into"))
+        raise UsageError("--out is required: the folder the run writes into (or, with --resume, the run's folder)")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite together: --resume continues the run in --out, --overwrite "
                          "starts a new one there; choose one")
@@ -133,23 +128,20 @@ def check_args(args, world: int = 1) -> torch.device:
     run's flags come here too. -> the device to train on."""
     missing = [flag for flag, value in (("--loss", args.loss), ("--data", args.data)) if not value]
     if missing:
-        recipe = f"the --recipe {args.recipe}" if getattr(args, "recipe", None) else "a --recipe"
+        recipe = f"the --recipe {args.recipe}" if args.recipe else "a --recipe"
         raise UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (here or in "
                          f"{recipe})")
     with blamed_on("", InputError):
         fast_paths.check_environment()
     loss_class, params = LOSSES[args.loss], json.dumps(args.loss_params)
-    try:  # the loss's own arguments, by name and value, before anything is loaded
-        inspect.signature(loss_class).bind(None, **args.loss_params)
-    except TypeError:
-        names = [name for name in inspect.signature(loss_class).parameters if name != "model"]
-        raise UsageError(f"--loss-params {params}: the {args.loss} loss takes {', '.join(names) or 'no parameters'}") \
-            from None
+    names = [name for name in inspect.signature(loss_class).parameters if name != "model"]
+    if set(args.loss_params) - set(names):  # the loss's own arguments, by name and value, before anything is loaded
+        raise UsageError(f"--loss-params {params}: the {args.loss} loss takes {', '.join(names) or 'no parameters'}")
     with blamed_on(f"--loss-params {params}", ValueError):
         check_params(args.loss_params)
     if loss_class.in_batch_negatives and args.batch_size * world < 2:
-        raise UsageError(f"--batch-size {args.batch_size}: the {args.loss} loss scores each row against the other "
-                         "rows of its batch, so a batch needs at least 2 rows")
+        raise UsageError(f"--batch-size {args.batch_size}: the {args.loss} loss contrasts the rows of a batch, so a "
+                         "batch needs at least 2 rows")
     with blamed_on(f"--device {args.device}", InputError):
         device = resolve_device(args.device)
     if args.precision == "fp16" and device.type != "cuda":
@@ -166,7 +158,6 @@ class Run:
     rank: int
     world: int
     folder: Path
-    device: torch.device
     data: training_data.TrainingData
     model: minilm.SentenceEncoder
     loss_fn: torch.nn.Module
@@ -209,8 +200,7 @@ def set_up(args, given: dict, rank: int, world: int, held: contextlib.ExitStack)
         model.normalize = args.normalize == "yes"
     with blamed_on(f"--loss-params {json.dumps(args.loss_params)}", TypeError, ValueError):
         loss_fn = loss_class(model, **args.loss_params).to(device)
-    evaluator, note = training_data.evaluator_for(args, getattr(loss_fn, "classifier", None))
-    prepared.notes += [note] if note else []
+    evaluator = training_data.evaluator_for(args, prepared, getattr(loss_fn, "classifier", None))
     batches, steps_per_epoch = training_data.plan_batches(args, prepared.datasets, loss_class, world)
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)  # rounded up, as the HF trainer does
@@ -235,7 +225,7 @@ def set_up(args, given: dict, rank: int, world: int, held: contextlib.ExitStack)
     barrier()
     if rank == 0:  # the log holds exactly the entries up to the checkpoint: steps after it are trained again
         (folder / "log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in state["history"]))
-    return Run(args, rank, world, folder, device, prepared, model, loss_fn, evaluator, batches, steps_per_epoch,
+    return Run(args, rank, world, folder, prepared, model, loss_fn, evaluator, batches, steps_per_epoch,
                total_steps, optimizer, scheduler, precision, scaler, state, *checkpoints.as_started(args, resumed))
 
 
@@ -243,15 +233,14 @@ def set_up(args, given: dict, rank: int, world: int, held: contextlib.ExitStack)
 
 def train(run: Run, stop: checkpoints.StopRequest) -> bool:
     """The loop, from run.state on: micro-batches, an optimizer step every --grad-accum of them, and between steps
-    the logs, evaluations and checkpoints. -> True after the last step, False when a signal stopped it (after
-    writing a checkpoint)."""
+    logs, evaluations and checkpoints. -> True after the last step, False when a signal stopped it (checkpointed)."""
     args, state, model = run.args, run.state, run.model
     progress = tqdm(total=run.total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True,
                     disable=run.rank != 0 or args.no_progress)
     model.train()
     # The loss stays on the device between log steps: no host sync per micro-batch. Restored on --resume: the loss
     # logged at the next log step then equals an uninterrupted run's.
-    running_loss = torch.tensor(float(state.get("running_loss", 0.0)), device=run.device)
+    running_loss = torch.tensor(float(state.get("running_loss", 0.0)), device=run.model.device)
     running_count, grad_norm = state.get("running_count", 0), None
     run.started = time.perf_counter() - state["train_seconds"]
     while state["step"] < run.total_steps:
@@ -282,7 +271,7 @@ def train(run: Run, stop: checkpoints.StopRequest) -> bool:
                           "lr": lr, "grad_norm": float(grad_norm),
                           "seconds": round(time.perf_counter() - run.started, 2)})
                 progress.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr:.2e}")
-                running_loss, running_count = torch.zeros((), device=run.device), 0
+                running_loss, running_count = torch.zeros((), device=run.model.device), 0
             if run.rank == 0 and run.evaluator and args.eval_steps and step % args.eval_steps == 0 \
                     and step < run.total_steps:
                 evaluate(run)
@@ -313,13 +302,11 @@ def forward_backward(run: Run, dataset_index: int, batch_indices: list, accumula
     batch_indices = batch_indices[run.rank * run.args.batch_size:(run.rank + 1) * run.args.batch_size]
     _, rows, text_columns, label_column = run.data.datasets[dataset_index]
     features, labels = data.collate([rows[i] for i in batch_indices], text_columns, label_column, run.model.tokenize)
-    features = [minilm.batch_to(f, run.device) for f in features]
-    labels = labels.to(run.device) if labels is not None else None
-    dtype = PRECISIONS[run.precision]
-    autocast = torch.autocast(run.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    features = [minilm.batch_to(f, run.model.device) for f in features]
+    labels = labels.to(run.model.device) if labels is not None else None
     # Between optimizer steps, DDP need not average gradients: the last micro-batch does it for all.
     with run.loss_fn.model.no_sync() if run.world > 1 and accumulating else contextlib.nullcontext():
-        with autocast:
+        with torch.autocast(run.model.device.type, dtype=PRECISIONS[run.precision], enabled=run.precision != "fp32"):
             loss = run.loss_fn(features, labels)
         run.scaler.scale(loss / run.args.grad_accum).backward()
     return loss.detach().float()
@@ -353,8 +340,6 @@ def write_checkpoint(run: Run) -> Path:
         "data": run.data.fingerprints, "world": run.world}, run.args.save_total_limit, run.rank)
 
 
-# --- the end ---------------------------------------------------------------------------------------------------
-
 def save(run: Run) -> tuple:
     """The final evaluation, then the model, its card and the loss's own weights. -> (metrics, save_started)."""
     metrics = evaluate(run) if run.evaluator else {}
@@ -385,7 +370,7 @@ def main(argv=None) -> int:
                     print(f"train.py: note: {note}", file=sys.stderr)
                 print(f"training {run.args.loss} on {sum(len(d[1]) for d in run.data.datasets)} rows: "
                       f"{run.total_steps} steps of {run.args.batch_size} x {run.args.grad_accum} x {world} "
-                      f"process(es), {run.precision}, device {run.device}")
+                      f"process(es), {run.precision}, device {run.model.device}")
             with checkpoints.StopRequest() as stop:
                 if not train(run, stop):
                     return 130

@@ -148,14 +148,20 @@ class BadField(ValueError):
     """A field of a checkpoint that train.py would not have written."""
 
 
+def _shown(value) -> str:
+    if torch.is_tensor(value):
+        return f"a tensor of shape {list(value.shape)}"
+    return repr(value)[:60] if isinstance(value, (int, float, str, type(None))) else f"a {type(value).__name__}"
+
+
 def _expect(value, kinds, field: str, what: str, low=None):
-    """value is of one of `kinds` (a bool is no number here) and at least `low`, else BadField naming field."""
+    """value is of one of `kinds` (a bool is no number here), finite and at least `low`, else BadField naming
+    the field. -> value."""
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     wrong_kind = not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
     if wrong_kind or (low is not None and not value >= low) \
             or (isinstance(value, float) and not math.isfinite(value)):
-        shown = repr(value) if isinstance(value, (int, float, str, type(None))) else f"a {type(value).__name__}"
-        raise BadField(f"field {field} is {shown[:60]}, expected {what}")
+        raise BadField(f"field {field} is {_shown(value)}, expected {what}")
     return value
 
 
@@ -181,7 +187,10 @@ def check_checkpoint(checkpoint, parser: argparse.ArgumentParser) -> dict:
         _expect(data.get("sha256"), str, f"{field}['sha256']", "a SHA-256 in hex")
     check_state(checkpoint["state"])
     check_random_state(checkpoint["rng"])
-    return check_flags(checkpoint["args"], parser)
+    flags = check_flags(checkpoint["args"], parser)
+    if len(checkpoint["data"]) != len(flags["data"]):
+        raise BadField(f"field data holds {len(checkpoint['data'])} fingerprint(s) for {len(flags['data'])} --data")
+    return flags
 
 
 def check_state(state) -> None:
@@ -196,6 +205,7 @@ def check_state(state) -> None:
         field = f"state['history'][{index}]"
         _expect(entry, dict, field, "a log entry (a dict)")
         _expect(entry.get("step"), int, f"{field}['step']", "a whole number >= 0", low=0)
+        _expect(entry.get("epoch"), (int, float), f"{field}['epoch']", "a number >= 0", low=0)
         for key, value in entry.items():
             if not isinstance(key, str) or not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise BadField(f"field {field}[{key!r}] is {type(value).__name__}, expected a number")
@@ -284,16 +294,20 @@ def start_run(folder: Path, out: str, held) -> None:
 def restore(parts: dict, resumed: tuple, steps_per_epoch: int, grad_accum: int, total_steps: int,
             rank: int) -> dict:
     """Put each part ({"model": model, "loss": loss_fn, "optimizer": ..., "scheduler": ..., "scaler": ...}; the
-    loss's holds its own weights only) and this rank's random states where the checkpoint left them, once its
-    position fits this run. resumed: open_for_resume's (file, checkpoint, random state). -> the loop's state."""
+    loss's holds its own weights only) and this rank's random states where the checkpoint left them, once they fit
+    this run. resumed: open_for_resume's (file, checkpoint, random state). -> the loop's state."""
     file, checkpoint, rng = resumed
     state = checkpoint["state"]
-    batches = steps_per_epoch * grad_accum
-    expected = state["epoch"] * steps_per_epoch + state["batch_in_epoch"] // grad_accum  # written after a step
-    if state["batch_in_epoch"] > batches or state["batch_in_epoch"] % grad_accum or state["step"] != expected:
-        raise UsageError(f"{file}: field state: step {state['step']}, epoch {state['epoch']}, batch_in_epoch "
-                         f"{state['batch_in_epoch']} do not fit this run's {batches} batches an epoch of "
-                         f"{grad_accum} per step (step {expected} would); not a checkpoint train.py wrote")
+    try:
+        check_position(state, steps_per_epoch, grad_accum)
+        check_optimizer(checkpoint["optimizer"], parts["optimizer"])
+        for name in ("scheduler", "scaler"):
+            check_like(checkpoint[name], parts[name].state_dict(), name)
+        if checkpoint["scheduler"].get("last_epoch") != state["step"]:  # one scheduler step per optimizer step
+            raise BadField(f"field scheduler['last_epoch'] is {checkpoint['scheduler'].get('last_epoch')!r}, "
+                           f"where the step is {state['step']}")
+    except BadField as error:
+        raise UsageError(f"{file}: {error}; not a checkpoint train.py wrote") from None
     if total_steps < state["step"]:
         raise UsageError(f"--max-steps {total_steps}: the run is at step {state['step']} already")
     try:
@@ -306,6 +320,55 @@ def restore(parts: dict, resumed: tuple, steps_per_epoch: int, grad_accum: int, 
     if rank == 0:
         print(f"resuming from {file.parent} at step {state['step']}")
     return state
+
+
+def check_position(state: dict, steps_per_epoch: int, grad_accum: int) -> None:
+    """A checkpoint is written after an optimizer step: its step follows from its epoch and batch."""
+    batches = steps_per_epoch * grad_accum
+    expected = state["epoch"] * steps_per_epoch + state["batch_in_epoch"] // grad_accum
+    if state["batch_in_epoch"] > batches or state["batch_in_epoch"] % grad_accum or state["step"] != expected:
+        raise BadField(f"field state: step {state['step']}, epoch {state['epoch']}, batch_in_epoch "
+                       f"{state['batch_in_epoch']} do not fit this run's {batches} batches an epoch of {grad_accum} "
+                       f"per step (step {expected} would)")
+
+
+def check_like(saved, fresh, field: str) -> None:
+    """saved is shaped as fresh (this run's own state_dict of the same part) where both have a key: dicts, lists
+    and tuples of the same length, numbers for numbers, tensors of the same shape, else the same type."""
+    if isinstance(fresh, dict):
+        for key in _expect(saved, dict, field, "a dict").keys() & fresh.keys():
+            check_like(saved[key], fresh[key], f"{field}[{key!r}]")
+    elif isinstance(fresh, (list, tuple)):
+        if not isinstance(saved, type(fresh)) or len(saved) != len(fresh):
+            raise BadField(f"field {field} is {_shown(saved)}, expected a {type(fresh).__name__} of {len(fresh)}")
+        for index, (value, like) in enumerate(zip(saved, fresh)):
+            check_like(value, like, f"{field}[{index}]")
+    elif torch.is_tensor(fresh):
+        if not torch.is_tensor(saved) or saved.shape != fresh.shape:
+            raise BadField(f"field {field} is {_shown(saved)}, expected a tensor of shape {list(fresh.shape)}")
+    elif isinstance(fresh, (int, float)) and not isinstance(fresh, bool):
+        _expect(saved, (int, float), field, "a number")
+    elif type(saved) is not type(fresh):
+        raise BadField(f"field {field} is {_shown(saved)}, expected {_shown(fresh)}")
+
+
+def check_optimizer(saved, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer's settings shaped as this run's, over the same parameters, and a state (AdamW's step and
+    moments) of each parameter's shape."""
+    fresh = optimizer.state_dict()
+    check_like(saved, fresh, "optimizer")
+    if [group.get("params") for group in saved.get("param_groups", [])] != \
+            [group["params"] for group in fresh["param_groups"]]:
+        raise BadField("field optimizer['param_groups'] does not list this model's parameters")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in _expect(saved.get("state"), dict, "optimizer['state']", "a dict").items():
+        field = f"optimizer['state'][{index!r}]"
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            raise BadField(f"field {field}: there is no parameter {index!r}")
+        for key, value in _expect(entry, dict, field, "a dict").items():
+            if not torch.is_tensor(value) or (value.dim() and value.shape != params[index].shape):
+                raise BadField(f"field {field}[{key!r}] is {_shown(value)}, expected a tensor of shape "
+                               f"{list(params[index].shape)} (or a number's)")
 
 
 def absolute_paths(value, folder: str):
@@ -340,9 +403,6 @@ def resume_args(checkpoint: dict, given: dict) -> argparse.Namespace:
 
 
 def check_same_data(saved: list, now: list) -> None:
-    if len(saved) != len(now):
-        raise UsageError(f"--resume: the checkpoint has {len(saved)} data fingerprint(s) for {len(now)} --data; "
-                         "not a checkpoint train.py wrote")
     for before, after in zip(saved, now):
         if (before["bytes"], before["sha256"]) != (after["bytes"], after["sha256"]):
             raise UsageError(f"--resume: {after['file']} changed since the checkpoint (was {before['bytes']} bytes, "

@@ -130,6 +130,7 @@ positive_float = _number(float, above=0, what="a number > 0")
 non_negative_float = _number(float, low=0, what="a number >= 0")
 fraction = _number(float, low=0, below=1, what="a number in 0..1 (1 excluded)")
 any_float = _number(float, what="a number")
+seed = _number(int, low=0, below=2 ** 32, what="a whole number in 0..4294967295 (numpy's seeds)")
 
 
 def json_object(text):

@@ -130,21 +130,21 @@ def prepare_data(args, loss_class) -> TrainingData:
     return prepared
 
 
-def evaluator_for(args, classifier=None) -> tuple:
-    """The evaluator of --eval-task on --eval-data (default: the first --data), or None; a note when it scores the
-    training file itself. -> (evaluator or None, note or None); a problem with the data is a DataError."""
+def evaluator_for(args, prepared: TrainingData, classifier=None):
+    """The evaluator of --eval-task on --eval-data (default: the first --data), or None; when it scores the training
+    file itself, a note says so (into prepared.notes). A problem with the data is a DataError."""
     if not args.eval_task:
-        return None, None
+        return None
     location = Path(args.eval_data or args.data[0])
     try:
         evaluator = evaluation.for_task(args.eval_task, location, args.eval_split, classifier)
     except (OSError, ValueError) as error:
         raise data.DataError(f"--eval-task {args.eval_task}: {error}") from None
     split_of_it = location.is_dir() or (args.eval_task in ("sick", "nli") and not data.is_snli(location))
-    if args.eval_data or split_of_it:
-        return evaluator, None
-    return evaluator, (f"--eval-task {args.eval_task} without --eval-data scores the training file {location} "
-                       "itself, not held-out data; pass --eval-data for a held-out score")
+    if not args.eval_data and not split_of_it:
+        prepared.notes.append(f"--eval-task {args.eval_task} without --eval-data scores the training file "
+                              f"{location} itself, not held-out data; pass --eval-data for a held-out score")
+    return evaluator
 
 
 def make_batches(datasets, loss_class, loss_params: dict, batch_size: int, seed: int,
