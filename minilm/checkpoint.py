@@ -1,5 +1,5 @@
-"""train.py's checkpoints: what a stopped run needs to continue exactly where it left off, and the checks a
-checkpoint passes before it is used.
+"""train.py's checkpoints: what a stopped run needs to continue exactly where it left off, the checks a checkpoint
+passes before it is used, and the stops that write one.
 
 RUN/checkpoints/step-N/state.pt holds one dict: the run's flags ("args", and "cwd", the folder they are relative
 to), the model's, the loss's, the optimizer's, the scheduler's and the grad scaler's states, the loop's position
@@ -8,9 +8,12 @@ to), the model's, the loss's, the optimizer's, the scheduler's and the grad scal
 Python numbers, strings, lists, dicts and tensors only, so that it loads with torch.load(weights_only=True): nothing
 in it can run code.
 
-A checkpoint is a file in the user's folder, so it is input: every field is checked like a flag (the flags through
-train.py's own parser) before anything is used, and a damaged or crafted one is one line naming the file and the
-field. Ctrl-C or SIGTERM (StopRequest) lets the loop finish its step and write one.
+A checkpoint is a file in the user's folder, so it is input: every field is checked before anything is used (the
+flags through train.py's own parser and cross-checks, exactly as flags; the position, the history and the random
+states by kind and range; the optimizer's, scheduler's and scaler's states against this run's own), and a damaged
+or crafted one is one line naming the file and the field. open_for_resume and restore are the two steps of
+--resume, start_run the first write of a new run (whose folder rules are minilm/run_folder.py's). StopRequest
+turns Ctrl-C or SIGTERM into a checkpoint at the end of the step; check_finite stops a run whose loss diverged.
 """
 
 import argparse
@@ -25,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minilm.distributed import barrier
+from minilm.distributed import any_rank, barrier
 from minilm.errors import UsageError
-from minilm.distributed import any_rank
 from minilm.run_folder import check_output, create_run_folder, folder_lock, remove_failed_run
 
 CHECKPOINT = "state.pt"  # checkpoints/step-N/state.pt

@@ -57,7 +57,8 @@ class Parser(argparse.ArgumentParser):
     def parse_values(self, values: dict, where: str, refused=()) -> dict:
         """Flag values read from a file (a recipe, a checkpoint's flags), {dest: value} -> {dest: parsed value}:
         each is given to its flag as on the command line, so it passes the flag's own checks. A null value is
-        left out; a key that names no flag (or one in `refused`) is refused. Errors: one UsageError line
+        left out (an on/off flag takes true or false only); a key that names no flag (or is in `refused`) is
+        refused. Errors: one UsageError line
         f"{where} {key!r} ..."."""
         actions = {action.dest: action for action in self._actions if action.option_strings}
         known = sorted(set(actions) - {"help", *refused})

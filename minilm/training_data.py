@@ -1,10 +1,11 @@
-"""train.py's data: every --data read and checked against the loss before training starts, and the batches drawn
-from it.
+"""train.py's data: every --data read and checked against the loss before training starts, the batches drawn
+from it, and the evaluator of --eval-task.
 
 Each loss declares the columns it reads and the scores or labels it accepts (losses/__init__.py); the loss class
 is passed in, so this module needs no loss of its own. Problems are data.DataError: one line naming the file (and
 line, where there is one) and what the loss accepts. What the checks notice but allow (pairs left out by
---min-score, empty texts) comes back as notes, for train.py to say once everything is checked.
+--min-score, empty texts, an evaluation on the training file) comes back as notes (TrainingData.notes), for
+train.py to say once everything is checked.
 """
 
 import hashlib
