@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from minilm.distributed import any_rank, barrier
-from minilm.errors import UsageError
+from minilm.errors import UsageError, first_line
 from minilm.run_folder import check_output, create_run_folder, folder_lock, remove_failed_run
 
 CHECKPOINT = "state.pt"  # checkpoints/step-N/state.pt
@@ -98,7 +98,7 @@ def save_checkpoint(out: Path, checkpoint: dict, limit: int, rank: int) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         free = shutil.disk_usage(checkpoints).free if checkpoints.exists() else 0
         previous = latest_checkpoint(out)
-        raise UsageError(f"writing checkpoint {final} failed ({_first_line(error)[:120]}; {free / 2**20:.0f} MiB "
+        raise UsageError(f"writing checkpoint {final} failed ({first_line(error)[:120]}; {free / 2**20:.0f} MiB "
                          "free on that disk): removed the partial checkpoint; "
                          + (f"{previous} is intact: free space, then --resume" if previous
                             else "no earlier checkpoint exists")) from None
@@ -109,10 +109,6 @@ def save_checkpoint(out: Path, checkpoint: dict, limit: int, rank: int) -> Path:
 def latest_checkpoint(out: Path):
     found = sorted((out / "checkpoints").glob("step-*"))
     return found[-1] if found else None
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 # --- loading and checking --------------------------------------------------------------------------------------
@@ -134,7 +130,7 @@ def load_checkpoint(out: Path, rank: int, parser: argparse.ArgumentParser) -> tu
                 rng = torch.load(folder / f"rng-rank{rank}.pt", weights_only=True)
                 check_random_state(rng)
         except Exception as error:  # any way a file can be damaged or crafted: try the one before
-            reason = _first_line(error)[:240]
+            reason = first_line(error)[:240]
             if reason.startswith("Weights only load failed"):  # torch's advice about weights_only misleads here
                 reason = "not a checkpoint train.py wrote (damaged, or holds objects other than tensors)"
             problems.append(f"{folder / CHECKPOINT}: {reason}")
@@ -220,7 +216,7 @@ def check_random_state(rng) -> None:
     try:
         restore_random_state(rng)
     except Exception as error:
-        raise BadField(f"field rng does not restore ({_first_line(error)[:100]})") from None
+        raise BadField(f"field rng does not restore ({first_line(error)[:100]})") from None
     finally:
         restore_random_state(own)
 
@@ -317,7 +313,7 @@ def restore(parts: dict, resumed: tuple, steps_per_epoch: int, grad_accum: int, 
             saved = checkpoint[name]
             part.load_state_dict({**part.state_dict(), **saved} if name == "loss" else saved)
     except Exception as error:  # a checkpoint of another model or loss, or crafted
-        raise UsageError(f"{file}: does not fit this model and loss ({_first_line(error)[:160]})") from None
+        raise UsageError(f"{file}: does not fit this model and loss ({first_line(error)[:160]})") from None
     restore_random_state(rng)
     if rank == 0:
         print(f"resuming from {file.parent} at step {state['step']}")

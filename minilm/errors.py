@@ -99,8 +99,12 @@ def blamed_on(flag: str, *errors):
     try:
         yield
     except errors as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"{flag}: {reason}" if flag else reason) from None
+        raise UsageError(f"{flag}: {first_line(error)}" if flag else first_line(error)) from None
+
+
+def first_line(error: Exception) -> str:
+    """An error's message for a one-line report: its first line, or its type's name when it has none."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _json(value):
