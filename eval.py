@@ -31,32 +31,13 @@ import torch
 
 import minilm
 from minilm import data, evaluation, fast_paths
-from minilm.errors import InputError
+from minilm.errors import InputError, Parser, UsageError, positive_int
 from minilm.files import write_text
 from losses.softmax import SoftmaxLoss
 from minilm.model import PRECISIONS, resolve_device
 
 SPLITS = {"stsb": ("train", "dev", "test"), "stsb-binary": ("train", "dev", "test"),
           "sick": ("train", "trial", "dev", "test"), "nli": ("train", "trial", "dev", "test")}  # SICK: dev = trial
-
-
-class UsageError(Exception):
-    """A problem with the flags or the files: one line for the user, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
 
 
 def main(argv=None) -> int:

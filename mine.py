@@ -43,6 +43,7 @@ import torch
 
 import minilm
 from minilm import corpus as corpus_files, data, evaluation, files
+from minilm.errors import Parser, UsageError
 from minilm.model import PRECISIONS
 
 
@@ -152,15 +153,6 @@ def write_atomically(path: Path, rows: list) -> None:
     with files.replaced_atomically(path) as temporary, open(temporary, "w", encoding="utf-8") as out:
         for row in rows:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-class UsageError(Exception):
-    """A problem with the flags or the files: one line for the user, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors (a missing flag, a bad choice) too: one line, no usage block
-        raise UsageError(message)
 
 
 def input_files(args) -> list:

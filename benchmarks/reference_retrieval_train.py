@@ -2,8 +2,8 @@
 
     python benchmarks/reference_retrieval_train.py --recipe recipes/001_quora_mnrl.json --max-steps 100 --out runs/st
 
-Rows come from minilm's own readers (train.py's load_training_rows and columns_for_loss), so both trainers see
-the same pairs. The recipe's loss (MNRL or SoftmaxLoss), batch size, lr, epochs (or --epochs/--max-steps),
+Rows come from minilm's own readers (minilm/training_data.py's load_training_rows and columns_for_loss), so both
+trainers see the same pairs. The recipe's loss (MNRL or SoftmaxLoss), batch size, lr, epochs (or --epochs/--max-steps),
 max_seq_length and Normalize choice are applied; AdamW, linear decay, no warm-up, max_grad_norm 1 and the
 seed cards' plain batch sampler, as in the seed cards. A SoftmaxLoss classifier is saved the way minilm saves
 it, so that eval.py --task nli scores it. Prints one JSON line (steps, training seconds, wall seconds).
@@ -22,15 +22,15 @@ sys.path.insert(0, str(REPO))
 
 def training_rows(recipe: dict, data=None) -> tuple:
     """The recipe's rows as train.py reads them -> (rows, text columns, label column or None)."""
-    import train
     from losses import LOSSES
+    from minilm.training_data import columns_for_loss, load_training_rows
 
     loss_class = LOSSES[recipe["loss"]]
     num_labels = loss_class.num_classes(recipe.get("loss_params", {})) if loss_class.label == "class" else None
     rows, columns, label = [], None, None
     for location in data or recipe["data"]:
-        part, _, _ = train.load_training_rows(location, recipe.get("split", "train"), num_labels)
-        part, columns, label = train.columns_for_loss(part, loss_class, 0.8, location)
+        part, _, _ = load_training_rows(location, recipe.get("split", "train"), num_labels)
+        part, columns, label = columns_for_loss(part, loss_class, 0.8, location)
         rows += part
     return rows, columns, label
 

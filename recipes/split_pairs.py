@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from minilm import data, files  # noqa: E402
+from minilm.errors import Parser, UsageError  # noqa: E402
 
 
 def split(pairs: list, test_fraction: float):
@@ -72,15 +73,6 @@ def write_beir(folder: Path, pairs: list) -> None:
     judged = dict.fromkeys((ids[a], ids[b]) for a, p in pairs for a, b in ((a, p), (p, a)) if a != b)
     files.write_text(folder / "qrels" / "test.tsv",
                      "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in judged))
-
-
-class UsageError(Exception):
-    """A problem with the flags or the files: one line for the user, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors too: one line, no usage block
-        raise UsageError(message)
 
 
 def check_out(data_path: Path, out: Path, overwrite: bool) -> None:

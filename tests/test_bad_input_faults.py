@@ -17,6 +17,7 @@ import eval as eval_script
 import train
 from conftest import REPO, child_env
 from minilm import run_folder
+from minilm.checkpoint import CHECKPOINT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,13 +77,13 @@ def test_a_crafted_checkpoint_runs_nothing(capsys, run_with_checkpoints, tmp_pat
     marker = tmp_path / "pwned"
     newest = out / "checkpoints" / "step-0000004"
     if which == "only":
-        torch.save({"args": Planted(str(marker))}, newest / train.CHECKPOINT)
-        (out / "checkpoints" / "step-0000002" / train.CHECKPOINT).unlink()
+        torch.save({"args": Planted(str(marker))}, newest / CHECKPOINT)
+        (out / "checkpoints" / "step-0000002" / CHECKPOINT).unlink()
         code, _, err = call(capsys, train.main, ["--no-progress", "--out", out, "--resume", "--max-steps", 8])
-        assert_one_line_error(code, err, "train.py", [str(newest / train.CHECKPOINT), "no usable checkpoint",
+        assert_one_line_error(code, err, "train.py", [str(newest / CHECKPOINT), "no usable checkpoint",
                                                       "not a checkpoint train.py wrote"])
     else:
-        torch.save({"args": Planted(str(marker))}, newest / train.CHECKPOINT)
+        torch.save({"args": Planted(str(marker))}, newest / CHECKPOINT)
         code, stdout, err = call(capsys, train.main, ["--no-progress", "--out", out, "--resume", "--max-steps", 8])
         assert code == 0, err
         assert f"resuming from {out / 'checkpoints' / 'step-0000002'} instead" in err
@@ -92,7 +93,7 @@ def test_a_crafted_checkpoint_runs_nothing(capsys, run_with_checkpoints, tmp_pat
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(capsys, run_with_checkpoints):
     out = run_with_checkpoints
-    state = out / "checkpoints" / "step-0000004" / train.CHECKPOINT
+    state = out / "checkpoints" / "step-0000004" / CHECKPOINT
     state.write_bytes(state.read_bytes()[:1000])  # cut short, as by a crash of the disk rather than the process
     code, stdout, err = call(capsys, train.main, ["--no-progress", "--out", out, "--resume", "--max-steps", 8])
     assert code == 0, err
@@ -234,7 +235,7 @@ def test_disk_full_removes_the_partial_checkpoint_and_keeps_the_previous(capsys,
         assert_one_line_error(code, err, "train.py", ["writing checkpoint", "step-0000004", "removed the partial",
                                                       "step-0000002 is intact", "--resume"])
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]
-        checkpoint = torch.load(out / "checkpoints" / "step-0000002" / train.CHECKPOINT, weights_only=True)
+        checkpoint = torch.load(out / "checkpoints" / "step-0000002" / CHECKPOINT, weights_only=True)
         assert checkpoint["state"]["step"] == 2
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)

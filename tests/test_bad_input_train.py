@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import train
-from minilm import run_folder
+from minilm import checkpoint, run_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +68,7 @@ def stopped_run(capsys, monkeypatch, argv) -> None:
         self.signal = "SIGINT"
         return self
     with monkeypatch.context() as patch:
-        patch.setattr(train.StopRequest, "__enter__", stopped_at_once)
+        patch.setattr(checkpoint.StopRequest, "__enter__", stopped_at_once)
         code, err = call(capsys, argv)
     assert code == 130, err
 
@@ -112,6 +112,8 @@ CASES = [
     ("max-seq-length-0", lambda c: c.cosine("--max-seq-length", 0), ["--max-seq-length", ">= 1"]),
     ("max-seq-length-too-long", lambda c: c.cosine("--max-seq-length", 9999), ["--max-seq-length 9999", "512"]),
     ("score-scale-0", lambda c: c.cosine("--score-scale", 0), ["--score-scale", "> 0"]),
+    ("seed-negative", lambda c: c.cosine("--seed", -1), ["--seed", "'-1'", "0..4294967295"]),
+    ("seed-too-large", lambda c: c.cosine("--seed", 2 ** 32), ["--seed", "0..4294967295"]),
     ("precision-int8", lambda c: c.cosine("--precision", "int8"), ["--precision", "'int8'", "fp32"]),
     ("precision-fp16-on-cpu", lambda c: c.cosine("--precision", "fp16", "--device", "cpu"),
      ["--precision fp16", "CUDA"]),
@@ -161,6 +163,8 @@ CASES = [
     ("recipe-malformed", lambda c: c.cosine("--recipe", recipe(c, "r.json", '{"loss": "cosine",\n "lr": }')),
      ["--recipe", "r.json:2", "not valid JSON"]),
     ("recipe-not-object", lambda c: c.cosine("--recipe", recipe(c, "r.json", [1, 2])), ["r.json", "JSON object"]),
+    ("recipe-not-utf8", lambda c: c.cosine("--recipe", c.write_bytes("r.json", '{"lr": "é"}'.encode("latin-1"))),
+     ["--recipe", "r.json", "not UTF-8"]),
     ("recipe-precision-int8", lambda c: c.cosine("--recipe", recipe(c, "r.json", {"precision": "int8"})),
      ["r.json", "'precision'", "'int8'"]),
     ("recipe-unknown-key", lambda c: c.cosine("--recipe", recipe(c, "r.json", {"learning_rate": 1})),

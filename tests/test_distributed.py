@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import minilm.checkpoint
 import train
 from conftest import shared_data
 
@@ -53,14 +54,14 @@ def forked_ranks(arguments, out, die_after_checkpoint=None) -> list:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         if die_after_checkpoint is not None and rank == 0:
-            save = train.save_checkpoint
+            save = minilm.checkpoint.save_checkpoint
 
             def save_then_die(folder, checkpoint, limit, rank):
                 final = save(folder, checkpoint, limit, rank)
                 if checkpoint["state"]["step"] == die_after_checkpoint:
                     os.kill(os.getpid(), signal.SIGKILL)
                 return final
-            train.save_checkpoint = save_then_die
+            minilm.checkpoint.save_checkpoint = save_then_die
         os._exit(train.main(argv))
 
     context = multiprocessing.get_context("fork")

@@ -99,7 +99,8 @@ def test_random_sampling_is_seeded_and_drawn_from_the_window(tiny_model):
 
 
 def test_cli_writes_rows_train_reads_and_refuses_to_overwrite(tiny_model, tmp_path, capsys):
-    import train
+    from losses import LOSSES
+    from minilm.training_data import columns_for_loss
 
     pairs, _ = small_pairs()
     source = tmp_path / "pairs.tsv"
@@ -109,7 +110,7 @@ def test_cli_writes_rows_train_reads_and_refuses_to_overwrite(tiny_model, tmp_pa
                       "--num-negatives", "2", "--batch-size", "8"]) == 0
     rows = data.read_dataset(out).rows
     assert len(rows) == len(pairs)
-    _, columns, _ = train.columns_for_loss(rows, train.LOSSES["mnrl"], 0.8, str(out))
+    _, columns, _ = columns_for_loss(rows, LOSSES["mnrl"], 0.8, str(out))
     assert columns == ["anchor", "positive", "negative_1", "negative_2"]
     before = out.read_bytes()
     assert mine.main(["--model", str(tiny_model.source_dir), "--data", str(source), "--out", str(out)]) == 2

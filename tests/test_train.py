@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from minilm import run_folder
+from minilm import checkpoint, optimizer, run_folder
 from conftest import REPO, child_env, shared_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,7 +79,7 @@ def test_recipes_cover_every_seed_card():
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_flags_are_valid(recipe, tmp_path):
     """Every recipe parses through the same checks as the flags, and with its data passes check_args."""
-    values = train.recipe_values(str(recipe), train.build_parser())
+    values = train.build_parser().values_from_json(str(recipe), "--recipe", ignored=train.RECIPE_NOTES)
     settings = json.loads(recipe.read_text())
     assert set(values) == set(settings) - set(train.RECIPE_NOTES)
     data = shared_data("sick", "SICK.tsv") if values["loss"] == "softmax" else shared_data("stsb")
@@ -168,7 +168,7 @@ def test_gradient_clipping_counts_the_model_not_the_loss_classifier(tiny_model_d
     classifier_grad = loss_fn.classifier.weight.grad.clone()
     model_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in model_grads]))
     assert model_norm > 1
-    assert torch.isclose(train.clip_gradients(model, 1.0), model_norm)
+    assert torch.isclose(optimizer.clip_gradients(model, 1.0), model_norm)
     for before, parameter in zip(model_grads, model.parameters()):
         assert torch.allclose(parameter.grad, before / model_norm, atol=1e-6)
     assert torch.equal(loss_fn.classifier.weight.grad, classifier_grad)
@@ -212,15 +212,16 @@ def killing_script(tmp_path: Path, when: str) -> Path:
         import os, signal, sys
         sys.path.insert(0, {str(REPO)!r})
         import torch, train
+        import minilm.checkpoint
         when = {when!r}
         if when == "after-checkpoint":
-            save = train.save_checkpoint
+            save = minilm.checkpoint.save_checkpoint
             def save_then_die(out, checkpoint, limit, rank):
                 final = save(out, checkpoint, limit, rank)
                 if checkpoint["state"]["step"] == 8:
                     os.kill(os.getpid(), signal.SIGKILL)
                 return final
-            train.save_checkpoint = save_then_die
+            minilm.checkpoint.save_checkpoint = save_then_die
         else:
             write = torch.save
             def write_then_die(obj, path, *args, **kwargs):
@@ -295,7 +296,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(capsys, tiny_model_dir, tm
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "the loss became nan" in err.lower() or "became inf" in err.lower()
     checkpoints = sorted((out / "checkpoints").glob("step-*"))
-    assert checkpoints and (checkpoints[-1] / train.CHECKPOINT).is_file()
+    assert checkpoints and (checkpoints[-1] / checkpoint.CHECKPOINT).is_file()
     assert str(checkpoints[-1]) in err
     assert not (out / "model.safetensors").exists()
 
@@ -313,7 +314,7 @@ def test_resume_refuses_changed_flags_and_data_and_accepts_safe_ones(capsys, tin
     data.write_text(original)
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(train.StopRequest, "__enter__", stopped_at_once)
+        patch.setattr(checkpoint.StopRequest, "__enter__", stopped_at_once)
         code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 8, "--save-steps", 2),
                                  "--out", out)
     assert code == 130, err
@@ -362,7 +363,7 @@ def test_an_interrupted_overwrite_keeps_the_old_run_and_resumes_into_its_place(c
     first = (out / "model.safetensors").read_bytes()
 
     with monkeypatch.context() as patch:
-        patch.setattr(train.StopRequest, "__enter__", stopped_at_once)
+        patch.setattr(checkpoint.StopRequest, "__enter__", stopped_at_once)
         code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 4), "--out", out,
                                  "--overwrite")
     staging = run_folder.staging_folder(out)
@@ -387,7 +388,7 @@ def test_a_file_the_user_puts_in_a_run_folder_is_never_listed_or_removed(capsys,
     data.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a{i}\tb{i}\t0.{i % 10}\n" for i in range(24)))
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(train.StopRequest, "__enter__", stopped_at_once)
+        patch.setattr(checkpoint.StopRequest, "__enter__", stopped_at_once)
         code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 3), "--out", out)
     assert code == 130, err
     (out / "my-notes.txt").write_text("mine")
@@ -438,7 +439,7 @@ def test_resume_from_another_folder_finds_the_runs_relative_paths(capsys, tiny_m
                                     + "".join(f"a{i}\tb{i}\t0.{i % 10}\n" for i in range(24)))
     monkeypatch.chdir(work)
     with monkeypatch.context() as patch:
-        patch.setattr(train.StopRequest, "__enter__", stopped_at_once)
+        patch.setattr(checkpoint.StopRequest, "__enter__", stopped_at_once)
         code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, "pairs.tsv", "--max-steps", 4), "--out", "run")
     assert code == 130, err
     monkeypatch.chdir(elsewhere)
@@ -457,7 +458,7 @@ def test_the_loss_logged_after_a_resume_equals_the_uninterrupted_runs(capsys, ti
     common = tiny_run(tiny_model_dir, data, "--max-steps", 6, "--log-steps", 3)
     ok(capsys, *common, "--out", tmp_path / "straight")
     with monkeypatch.context() as patch:
-        patch.setattr(train.StopRequest, "__enter__", stopped_at_once)
+        patch.setattr(checkpoint.StopRequest, "__enter__", stopped_at_once)
         code, _, err = run_train(capsys, *common, "--out", tmp_path / "stopped")
     assert code == 130, err
     ok(capsys, "--out", tmp_path / "stopped", "--resume")
@@ -487,7 +488,7 @@ def test_weight_decay_spares_biases_and_layernorms_as_the_reference_trainer_does
 
     model = minilm.load(str(tiny_model_dir), device="cpu")
     loss_fn = SoftmaxLoss(model, 3)
-    decayed, spared = train.parameter_groups(model, loss_fn, 0.01)
+    decayed, spared = optimizer.parameter_groups(model, loss_fn, 0.01)
     assert decayed["weight_decay"] == 0.01 and spared["weight_decay"] == 0.0
     names = {id(p): name for name, p in loss_fn.named_parameters()}
     decayed_names = {names[id(p)] for p in decayed["params"]}

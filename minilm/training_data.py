@@ -1,0 +1,188 @@
+"""train.py's data: every --data read and checked against the loss before training starts, the batches drawn
+from it, and the evaluator of --eval-task.
+
+Each loss declares the columns it reads and the scores or labels it accepts (losses/__init__.py); the loss class
+is passed in, so this module needs no loss of its own. Problems are data.DataError: one line naming the file (and
+line, where there is one) and what the loss accepts. What the checks notice but allow (pairs left out by
+--min-score, empty texts, an evaluation on the training file) comes back as notes (TrainingData.notes), for
+train.py to say once everything is checked.
+"""
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from minilm import data, evaluation
+
+
+def load_training_rows(location: str, split: str, num_labels=None) -> tuple:
+    """-> (rows, the line of each row or None, the file read)."""
+    path = Path(location)
+    if path.is_dir():
+        if (path / f"{split}.tsv").is_file():
+            return data.load_stsb(path, split), None, path / f"{split}.tsv"
+        if (path / "corpus.jsonl").is_file():  # BEIR layout: (query, relevant document) pairs of the split's qrels
+            return evaluation.beir_pairs(path, split), None, path / "qrels" / f"{split}.tsv"
+        raise data.DataError(f"{path}: a folder without {split}.tsv or corpus.jsonl; --data takes a TSV/CSV/JSONL "
+                             "file, the STS-B folder or a BEIR folder")
+    if data.is_snli(path):
+        return data.load_snli(path), None, path
+    if path.is_file() and path.name.lower().startswith("sick"):
+        return data.load_sick(path, split), None, path
+    dataset = data.read_dataset(path, num_labels=num_labels)
+    return dataset.rows, dataset.lines, path
+
+
+def fingerprint(path: Path) -> dict:
+    """Size and SHA-256 of a data file: --resume refuses data that changed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return {"file": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def columns_for_loss(rows: list, loss_class, min_score: float, source: str):
+    """Pick the columns a loss reads, from its declarations (losses/__init__.py). -> (rows, text
+    columns, label column or None). A loss without labels takes scored pairs scoring at least min_score."""
+    columns = set(rows[0]) if rows else set()
+    label_column = {"score": "score", "class": "label", None: None}[loss_class.label]
+    if loss_class.label is None and "label" in columns and "score" not in columns:
+        # NLI (entailment/neutral/contradiction) or binary (0/1) rows: a loss without labels would take every row,
+        # contradictions and non-duplicates too, as a pair to pull together. (Rows that also have a score, such as
+        # SICK's, are chosen by --min-score below.)
+        labels = sorted({row["label"] for row in rows})
+        raise data.DataError(f"{source}: its rows carry a label column (labels {labels[:6]}), and the "
+                             f"{loss_class.__name__} loss reads none: it would learn every pair as a match, "
+                             "contradictions and non-matches too. Keep only the matching pairs in the file (e.g. "
+                             "entailment, or label 1) and drop the label column, or train --loss softmax")
+    prefix = loss_class.extra_text_columns
+    for layout in loss_class.text_columns:
+        if set(layout) <= columns and (label_column is None or label_column in columns):
+            extra = sorted(c for c in columns if prefix and c.startswith(prefix) and c not in layout)
+            return rows, [*layout, *extra], label_column
+    if loss_class.label is None:
+        first, second = loss_class.text_columns[0][:2]
+        for a, b in (("sentence1", "sentence2"), ("premise", "hypothesis")):
+            if {a, b} <= columns:
+                scores = [r["score"] for r in rows if "score" in r]
+                if scores and max(scores) > 1:  # --min-score is on the 0..1 scale of the loaders and --score-scale
+                    raise data.DataError(f"{source}: scores run up to {max(scores):g}, and --min-score {min_score} "
+                                         "chooses the pairs to learn from on a 0..1 scale; for data scored 0..5 "
+                                         "add --score-scale 5")
+                kept = [r for r in rows if "score" not in r or r["score"] >= min_score]
+                if rows and not kept:
+                    raise data.DataError(f"{source}: no pair scores at least --min-score {min_score} (scores run "
+                                         f"{min(scores):g}..{max(scores):g}); lower --min-score")
+                return [{first: r[a], second: r[b]} for r in kept], [first, second], None
+    wanted = " or ".join(", ".join(layout + ((label_column,) if label_column else ()))
+                         for layout in loss_class.text_columns)
+    raise data.DataError(f"{source}: columns {sorted(columns)} do not fit the {loss_class.__name__} loss, which "
+                         f"reads {wanted}")
+
+
+def check_labels(rows, lines, loss_class, loss_name: str, source) -> None:
+    """Scores inside the loss's range (after --score-scale), with the line of the first one outside."""
+    if loss_class.label != "score" or loss_class.score_range is None:
+        return
+    low, high = loss_class.score_range
+    for index, row in enumerate(rows):
+        if not low <= row["score"] <= high:
+            where = f"{source}:{lines[index]}" if lines else f"{source}, row {index + 1}"
+            raise data.DataError(f"{where}: score {row['score']:g} is outside {low:g}..{high:g}, the range of the "
+                                 f"{loss_name} loss; scores on a 0..5 scale need --score-scale 5")
+
+
+@dataclass
+class TrainingData:
+    datasets: list  # (location as given, rows, text columns, label column or None) for each --data
+    fingerprints: list  # fingerprint() of each file read
+    notes: list  # what the checks noticed but allow, one line each
+
+
+def prepare_data(args, loss_class) -> TrainingData:
+    """Read and check every --data for the loss (args: train.py's flags)."""
+    num_labels = loss_class.num_classes(args.loss_params) if loss_class.label == "class" else None
+    prepared = TrainingData([], [], [])
+    for location in args.data:
+        rows, lines, file = load_training_rows(location, args.split, num_labels)
+        if not rows:
+            raise data.DataError(f"{location}: no training rows in split {args.split!r}")
+        if args.score_scale != 1:
+            for row in rows:
+                if "score" in row:
+                    row["score"] /= args.score_scale
+        selected, text_columns, label_column = columns_for_loss(rows, loss_class, args.min_score, location)
+        if len(selected) < len(rows):
+            prepared.notes.append(f"{location}: {len(selected)} of {len(rows)} pairs score at least --min-score "
+                                  f"{args.min_score}; the {loss_class.__name__} loss learns from those only")
+        check_labels(selected, lines, loss_class, args.loss, file)
+        if loss_class.label == "class":  # files are checked as they are read; the benchmark loaders here
+            largest = max(row[label_column] for row in selected)
+            if largest >= num_labels:
+                raise data.DataError(f"{location}: label {largest} is outside 0..{num_labels - 1}, the labels of "
+                                     f"the {args.loss} loss (set num_labels in --loss-params)")
+        empty = sum(1 for row in selected if any(not row[column].strip() for column in text_columns))
+        if empty:  # trained on as they are, as the reference does
+            prepared.notes.append(f"{location}: {empty} of {len(selected)} rows have an empty or blank text; they "
+                                  "train as the empty text")
+        prepared.datasets.append((location, selected, text_columns, label_column))
+        prepared.fingerprints.append(fingerprint(Path(file)))
+    return prepared
+
+
+def evaluator_for(args, prepared: TrainingData, classifier=None):
+    """The evaluator of --eval-task on --eval-data (default: the first --data), or None; when it scores the training
+    file itself, a note says so (into prepared.notes). A problem with the data is a DataError."""
+    if not args.eval_task:
+        return None
+    location = Path(args.eval_data or args.data[0])
+    try:
+        evaluator = evaluation.for_task(args.eval_task, location, args.eval_split, classifier)
+    except (OSError, ValueError) as error:
+        raise data.DataError(f"--eval-task {args.eval_task}: {error}") from None
+    split_of_it = location.is_dir() or (args.eval_task in ("sick", "nli") and not data.is_snli(location))
+    if not args.eval_data and not split_of_it:
+        prepared.notes.append(f"--eval-task {args.eval_task} without --eval-data scores the training file "
+                              f"{location} itself, not held-out data; pass --eval-data for a held-out score")
+    return evaluator
+
+
+def make_batches(datasets, loss_class, loss_params: dict, batch_size: int, seed: int,
+                 drop_last: bool, multi_dataset: str = "proportional") -> data.RoundRobinBatches:
+    """One sampler per dataset, as the loss declares: for in-batch negatives, batches of 2 rows or more, without
+    repeated texts where the loss does not mask duplicates itself; plain shuffled batches otherwise; always
+    (dataset index, row indices). Several datasets are interleaved as --multi-dataset says (data.MULTI_DATASET)."""
+    samplers = []
+    for _, rows, columns, _ in datasets:
+        if loss_class.in_batch_negatives and loss_class.needs_unique_texts(loss_params):
+            samplers.append(data.NoDuplicatesBatchSampler(rows, batch_size, seed=seed, drop_last=drop_last,
+                                                          columns=columns, min_size=2))
+        else:
+            min_size = 2 if loss_class.in_batch_negatives else 1
+            samplers.append(data.RandomBatchSampler(rows, batch_size, seed=seed, drop_last=drop_last,
+                                                    min_size=min_size))
+    if multi_dataset == "round_robin":
+        return data.RoundRobinBatches(samplers)
+    return data.ProportionalBatches(samplers, seed)
+
+
+def plan_batches(args, datasets, loss_class, world: int) -> tuple:
+    """The batches of a run (args: train.py's flags), each a global batch of world x --batch-size rows (only full
+    ones under torchrun: each rank takes its slice), and the optimizer steps an epoch makes of them; an epoch too
+    small for one step is a DataError. -> (batches, steps per epoch)."""
+    batches = make_batches(datasets, loss_class, args.loss_params, args.batch_size * world, args.seed,
+                           drop_last=world > 1, multi_dataset=args.multi_dataset)
+    for location, rows, columns, _ in datasets if loss_class.in_batch_negatives else []:
+        if len({tuple(row[column] for column in columns) for row in rows}) < 2:  # masked: nothing to contrast
+            raise data.DataError(f"--data {location}: gives no batch of 2 different rows for the {args.loss} loss "
+                                 + ("(it has one row)" if len(rows) == 1 else
+                                    f"(all {len(rows)} rows are the same texts)"))
+    if len(batches) == 0:
+        need = f"{args.batch_size * world} rows" if world > 1 else "2 rows with no text twice"
+        raise data.DataError(f"--data {' '.join(args.data)}: gives no batch of {need} for the {args.loss} loss "
+                             f"({sum(len(d[1]) for d in datasets)} rows)")
+    if len(batches) < args.grad_accum:
+        raise data.DataError(f"--grad-accum {args.grad_accum}: an epoch has only {len(batches)} batch(es) of "
+                             f"{args.batch_size}; lower --grad-accum or --batch-size")
+    return batches, len(batches) // args.grad_accum
