@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import mine
-import train
 from minilm import corpus, data, evaluation
+from minilm.training_data import load_training_rows
 
 from conftest import REPO, shared_data
 
@@ -55,7 +55,7 @@ def test_tsv_lines_that_open_quotes_are_text_for_train_and_encode_alike(tmp_path
     path = tmp_path / "pairs.tsv"
     path.write_text("anchor\tpositive\n" + "".join(f"{t}\tp{i}\n" for i, t in enumerate(texts)), encoding="utf-8")
     expected = ['"Yes," she said, "no."', '"This is an extremely heartrending time', 'say ""hi""', "quoted"]
-    rows, lines, _ = train.load_training_rows(str(path), "train")
+    rows, lines, _ = load_training_rows(str(path), "train")
     assert [row["anchor"] for row in rows] == expected and lines == [2, 3, 4, 5]
     assert table_reader(path, "anchor", "positive") == [(t, f"p{i}") for i, t in enumerate(expected)]
     evaluator = evaluation.for_task("retrieval", path, "test")
@@ -88,7 +88,7 @@ def test_csv_quoted_fields_hold_commas_quotes_and_line_breaks(tmp_path):
     path = tmp_path / "pairs.csv"
     path.write_bytes('anchor,positive\r\n"two\r\nlines, and ""quotes""",5" screen\r\n\r\nnext,"a\nb"\n'
                      .encode("utf-8"))
-    rows, lines, _ = train.load_training_rows(str(path), "train")
+    rows, lines, _ = load_training_rows(str(path), "train")
     expected = [("two\r\nlines, and \"quotes\"", '5" screen'), ("next", "a\nb")]
     assert [(row["anchor"], row["positive"]) for row in rows] == expected and lines == [2, 5]
     assert table_reader(path, "anchor", "positive") == expected
@@ -158,7 +158,7 @@ def test_mined_rows_read_back_unchanged_by_train_py(tmp_path, tiny_model_dir):
                       "--device", "cpu"]) == 0
     assert "\u2028" in out.read_text(encoding="utf-8")  # written raw, as the issue found it
     written = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n") if line]
-    rows, _, _ = train.load_training_rows(str(out), "train")
+    rows, _, _ = load_training_rows(str(out), "train")
     assert rows == written and [(r["anchor"], r["positive"]) for r in rows] == [tuple(p.values()) for p in pairs]
     positives = {p["positive"] for p in pairs}
     assert all(row["negative_1"] in positives for row in rows)
