@@ -270,6 +270,7 @@ class SentenceEncoder(nn.Module):
     # --- files -----------------------------------------------------------------------------------------------
     def save(self, model_dir) -> Path:
         """Write the sentence-transformers layout: weights, configs, tokenizer files, modules.json."""
+        check_prompts(self.prompts, self.default_prompt_name, "the model's")  # never save what load refuses
         model_dir = Path(model_dir)
         if model_dir.exists() and not model_dir.is_dir():
             raise InputError(f"save: {model_dir} is a file; give a folder (new, or one that holds a model)")
@@ -295,7 +296,6 @@ class SentenceEncoder(nn.Module):
             (model_dir / "2_Normalize").mkdir(exist_ok=True)
             modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": NORMALIZE_MODULE})
         files.write_json(model_dir / "modules.json", modules)
-        check_prompts(self.prompts, self.default_prompt_name, "the model's")  # never save what load refuses
         settings = {"__version__": {"pytorch": torch.__version__}, "prompts": self.prompts,
                     "default_prompt_name": self.default_prompt_name, "similarity_fn_name": "cosine"}
         if self.truncate_dim is not None:  # as sentence-transformers writes it: only when set
