@@ -104,7 +104,7 @@ def check_json_target(path: str, inputs: list) -> None:
         raise UsageError(f"--json {path}: cannot write there (read-only or no permission)")
 
 
-def evaluate(argv=None) -> int:
+def build_parser() -> Parser:
     parser = Parser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a model directory or a hub id")
     parser.add_argument("--task", required=True, choices=evaluation.TASKS)
@@ -131,6 +131,11 @@ def evaluate(argv=None) -> int:
                         "judged document whose id is the query's own (query 3 relevant to document 3). By default "
                         "it is skipped, as BEIR and MTEB do for corpora that hold their queries, and a warning says "
                         "how many judged pairs that skips")
+    return parser
+
+
+def evaluate(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     has_splits = ((args.task in SPLITS and not data.is_snli(args.data))
@@ -173,18 +178,7 @@ def evaluate(argv=None) -> int:
                                         keep_self_matches=args.keep_self_matches)
     except (OSError, ValueError, KeyError) as error:
         raise UsageError(f"--task {args.task} --data {args.data}: {_first_line(error)}") from None
-    evaluator.batch_size, evaluator.precision = args.batch_size, args.precision
-    for dim in args.truncate_dim or []:
-        try:
-            check_truncate_dim(dim, model.embedding_dim)
-        except InputError as error:
-            raise UsageError(f"--truncate-dim {dim}: {error}") from None
-    if args.truncate_dim and len(args.truncate_dim) > 1:
-        evaluator.truncate_dims = args.truncate_dim
-    elif args.truncate_dim:
-        evaluator.truncate_dim = args.truncate_dim[0]
-    if args.task == "retrieval":
-        evaluator.query_prompt, evaluator.corpus_prompt = args.query_prompt, args.corpus_prompt
+    configure(evaluator, args, model)
     start = time.perf_counter()
     with torch.inference_mode():
         metrics = evaluator(model)
@@ -200,6 +194,22 @@ def evaluate(argv=None) -> int:
                   "precision": args.precision, "truncate_dim": args.truncate_dim, "metrics": metrics}
         write_text(args.json, json.dumps(result, indent=2) + "\n")  # whole or not at all
     return 0
+
+
+def configure(evaluator, args, model) -> None:
+    """The evaluator's encode settings from the flags: batch size, precision, sizes, prompts."""
+    evaluator.batch_size, evaluator.precision = args.batch_size, args.precision
+    for dim in args.truncate_dim or []:
+        try:
+            check_truncate_dim(dim, model.embedding_dim)
+        except InputError as error:
+            raise UsageError(f"--truncate-dim {dim}: {error}") from None
+    if args.truncate_dim and len(args.truncate_dim) > 1:
+        evaluator.truncate_dims = args.truncate_dim  # one encode, every metric per size
+    elif args.truncate_dim:
+        evaluator.truncate_dim = args.truncate_dim[0]
+    if args.task == "retrieval":
+        evaluator.query_prompt, evaluator.corpus_prompt = args.query_prompt, args.corpus_prompt
 
 
 def _first_line(error: Exception) -> str:

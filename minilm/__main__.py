@@ -146,19 +146,8 @@ def _fail(parser, message: str):
     sys.exit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minilm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{similarity,encode,search}")
-
-    p = commands.add_parser("similarity", help="print the cosine similarity matrix of sentences (the default)",
-                            description="Encode sentences and print their cosine similarities. Also the bare "
-                                        "form: python -m minilm \"A man eats.\" \"Someone is eating.\"")
-    p.add_argument("sentences", nargs="*", help=f"sentences to compare (default: {len(EXAMPLES)} examples)")
-    p.add_argument("--model", default=MODEL, help="directory or hub id (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
-    p.set_defaults(run=similarity, parser=p)
-
+def _add_encode(commands) -> None:
+    """The encode command's flags."""
     p = commands.add_parser(
         "encode", help="embed every text of a file into DIR (streaming, resumable, shardable with torchrun)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -221,6 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start again in a DIR that holds another (or a finished) run of this command")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=encode, parser=p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m minilm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="{similarity,encode,search}")
+
+    p = commands.add_parser("similarity", help="print the cosine similarity matrix of sentences (the default)",
+                            description="Encode sentences and print their cosine similarities. Also the bare "
+                                        "form: python -m minilm \"A man eats.\" \"Someone is eating.\"")
+    p.add_argument("sentences", nargs="*", help=f"sentences to compare (default: {len(EXAMPLES)} examples)")
+    p.add_argument("--model", default=MODEL, help="directory or hub id (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    p.set_defaults(run=similarity, parser=p)
+
+    _add_encode(commands)
 
     p = commands.add_parser("search", help="print the top hits of queries in a DIR made by encode",
                             description="Encode the queries with DIR's model and print the exact top hits (score, "
