@@ -584,7 +584,7 @@ def model_prompts(prompts, text_columns: list) -> tuple:
     given = {column: prompts for column in text_columns} if isinstance(prompts, str) else dict(prompts)
     query_column, document_column = text_columns[0], text_columns[min(1, len(text_columns) - 1)]
     kept = {"query": given.get(query_column, ""), "document": given.get(document_column, ""), **given}
-    same = len({given.get(column, "") for column in text_columns}) == 1 and kept["query"]
+    same = len({given.get(column, "") for column in text_columns}) == 1 and kept["query"] != ""
     return kept, "query" if same else None
 
 

@@ -466,7 +466,10 @@ def check_prompts(prompts, default_prompt_name, where: str) -> None:
     """Prompts as sentence-transformers keeps them: a dict of name -> text, and a default that is None or one of
     the names. where: the file (or "the model's") for the one-line InputError."""
     if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
-        shown = json.dumps(prompts, default=repr)
+        try:
+            shown = json.dumps(prompts, default=repr)
+        except TypeError:  # a key JSON cannot hold (a tuple): only a Python caller can get here
+            shown = repr(prompts)
         raise InputError(f"{where}: field 'prompts' is {shown[:80]}; expected an object of prompt name -> text, "
                          'e.g. {"query": "query: ", "document": "passage: "}')
     if default_prompt_name is not None and (not isinstance(default_prompt_name, str)
