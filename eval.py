@@ -4,6 +4,7 @@
     python eval.py --model runs/cosine --task sick --data ../shared/data/sick/SICK.tsv --json metrics.json
     python eval.py --model sentence-transformers/all-MiniLM-L6-v2 --task retrieval --data ../shared/data/scifact
     python eval.py --model runs/mnrl --task stsb --data ../shared/data/stsb --precision bf16   # the bf16 fast path
+    python eval.py --model runs/matryoshka --task retrieval --data ../shared/data/scifact --truncate-dim 384,128,64
 
 Tasks:
   stsb      STS benchmark: Pearson/Spearman of cosine similarity vs gold scores (--data: the stsb directory)
@@ -34,10 +35,18 @@ from minilm import data, evaluation, fast_paths
 from minilm.errors import InputError, Parser, UsageError, positive_int
 from minilm.files import write_text
 from losses.softmax import SoftmaxLoss
-from minilm.model import PRECISIONS, resolve_device
+from minilm.model import PRECISIONS, check_truncate_dim, resolve_device
 
 SPLITS = {"stsb": ("train", "dev", "test"), "stsb-binary": ("train", "dev", "test"),
           "sick": ("train", "trial", "dev", "test"), "nli": ("train", "trial", "dev", "test")}  # SICK: dev = trial
+
+
+def dimensions(text):
+    """--truncate-dim: N, or N,M,... for a metric at each size."""
+    sizes = [positive_int(part.strip()) for part in text.split(",")]
+    if len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"a size appears twice in {text!r}")
+    return sizes
 
 
 def main(argv=None) -> int:
@@ -76,7 +85,7 @@ def check_json_target(path: str, inputs: list) -> None:
         raise UsageError(f"--json {path}: cannot write there (read-only or no permission)")
 
 
-def evaluate(argv=None) -> int:
+def build_parser() -> Parser:
     parser = Parser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a model directory or a hub id")
     parser.add_argument("--task", required=True, choices=evaluation.TASKS)
@@ -89,11 +98,25 @@ def evaluate(argv=None) -> int:
                         "activations, or int8 Linears (all but the attention's q/k/v); to check what a faster "
                         "precision costs in quality")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    parser.add_argument("--truncate-dim", type=dimensions, default=None, metavar="N[,M...]",
+                        help="score the embeddings cut to their first N dimensions (a Matryoshka model's smaller "
+                        "sizes); several sizes, e.g. 384,256,128,64: encoded once, each metric reported per size "
+                        "as NAME_dimN (default: the model's truncate_dim, else the whole embedding)")
+    parser.add_argument("--query-prompt", default=None, metavar="TEXT", help="retrieval: put TEXT before every "
+                        "query (default: the model's \"query\" prompt, else its default prompt, else none)")
+    parser.add_argument("--corpus-prompt", default=None, metavar="TEXT", help="retrieval: put TEXT before every "
+                        "document (default: the model's \"document\", \"passage\" or \"corpus\" prompt, else its "
+                        "default prompt, else none). Pairs (stsb, sick, nli, ...) get the model's default prompt")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     parser.add_argument("--keep-self-matches", action="store_true", help="retrieval on a BEIR folder: count a "
                         "judged document whose id is the query's own (query 3 relevant to document 3). By default "
                         "it is skipped, as BEIR and MTEB do for corpora that hold their queries, and a warning says "
                         "how many judged pairs that skips")
+    return parser
+
+
+def evaluate(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     has_splits = ((args.task in SPLITS and not data.is_snli(args.data))
@@ -105,6 +128,12 @@ def evaluate(argv=None) -> int:
     if args.keep_self_matches and not (args.task == "retrieval" and Path(args.data).is_dir()):
         parser.error(f"--keep-self-matches is for --task retrieval on a BEIR folder, not --task {args.task} "
                      f"--data {args.data}")
+    if args.truncate_dim and args.task == "nli":
+        parser.error("--truncate-dim: the nli task scores with the SoftmaxLoss classifier, which reads the whole "
+                     "embedding")
+    if (args.query_prompt is not None or args.corpus_prompt is not None) and args.task != "retrieval":
+        parser.error(f"--query-prompt and --corpus-prompt are for --task retrieval, not {args.task} (pairs are "
+                     "encoded with the model's default prompt)")
     if args.task in SPLITS and has_splits and args.split not in SPLITS[args.task]:
         parser.error(f"--split for {args.task} must be one of {SPLITS[args.task]}, not {args.split!r}")
     try:
@@ -130,7 +159,7 @@ def evaluate(argv=None) -> int:
                                         keep_self_matches=args.keep_self_matches)
     except (OSError, ValueError, KeyError) as error:
         raise UsageError(f"--task {args.task} --data {args.data}: {_first_line(error)}") from None
-    evaluator.batch_size, evaluator.precision = args.batch_size, args.precision
+    configure(evaluator, args, model)
     start = time.perf_counter()
     with torch.inference_mode():
         metrics = evaluator(model)
@@ -143,9 +172,25 @@ def evaluate(argv=None) -> int:
         print(f"  {key:32s} {value:.4f}")
     if args.json:
         result = {"model": args.model, "task": args.task, "data": args.data, "split": split,
-                  "precision": args.precision, "metrics": metrics}
+                  "precision": args.precision, "truncate_dim": args.truncate_dim, "metrics": metrics}
         write_text(args.json, json.dumps(result, indent=2) + "\n")  # whole or not at all
     return 0
+
+
+def configure(evaluator, args, model) -> None:
+    """The evaluator's encode settings from the flags: batch size, precision, sizes, prompts."""
+    evaluator.batch_size, evaluator.precision = args.batch_size, args.precision
+    for dim in args.truncate_dim or []:
+        try:
+            check_truncate_dim(dim, model.embedding_dim)
+        except InputError as error:
+            raise UsageError(f"--truncate-dim {dim}: {error}") from None
+    if args.truncate_dim and len(args.truncate_dim) > 1:
+        evaluator.truncate_dims = args.truncate_dim  # one encode, every metric per size
+    elif args.truncate_dim:
+        evaluator.truncate_dim = args.truncate_dim[0]
+    if args.task == "retrieval":
+        evaluator.query_prompt, evaluator.corpus_prompt = args.query_prompt, args.corpus_prompt
 
 
 def _first_line(error: Exception) -> str:

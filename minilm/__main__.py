@@ -62,7 +62,8 @@ def encode(args) -> None:
             model, args.input, args.out, model_name=args.model, fmt=args.format, field=args.field,
             id_field=args.id_field, storage=args.storage, precision=args.precision, normalize=args.normalize,
             batch_size=args.batch_size, window=args.window, calibration_size=args.calibration_size,
-            overwrite=args.overwrite, progress=not args.no_progress, log=_rank0_print)
+            overwrite=args.overwrite, progress=not args.no_progress, log=_rank0_print,
+            truncate_dim=args.truncate_dim, prompt=args.prompt, prompt_name=args.prompt_name)
     except corpus.CorpusError as error:
         _fail(args.parser, str(error))
     finally:
@@ -70,8 +71,9 @@ def encode(args) -> None:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    prompt = manifest["settings"]["prompt"]
     _rank0_print(f"{args.out}: {manifest['count']} texts -> embeddings.npy {manifest['shape']} {manifest['storage']}, "
-                 "ids.txt, offsets.npy, manifest.json")
+                 "ids.txt, offsets.npy, manifest.json" + (f" (prompt {prompt!r} before each text)" if prompt else ""))
 
 
 def search(args) -> None:
@@ -98,7 +100,10 @@ def _search(args, data) -> None:
     if corpus.model_fingerprint(model) != manifest["settings"]["model_fingerprint"]:
         _fail(args.parser, f"the model {args.model or manifest['model']} is not the one that encoded {args.dir} "
                            "(its weights or tokenizer differ); pass that model with --model")
-    queries = model.encode(args.queries, normalize=manifest["normalize"], precision=manifest["precision"])
+    # The corpus's size and normalization; the query prompt: --query-prompt, else the model's "query" prompt
+    queries = model.encode_query(args.queries, normalize=manifest["normalize"], precision=manifest["precision"],
+                                 truncate_dim=manifest["settings"]["truncate_dim"] or model.embedding_dim,
+                                 prompt=args.query_prompt)
     indices, scores = data.search(queries, top_k=args.top_k, rescore=args.rescore)
     for query, rows, row_scores in zip(args.queries, indices.tolist(), scores.tolist()):
         print(f"\nquery: {query}")
@@ -141,19 +146,8 @@ def _fail(parser, message: str):
     sys.exit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minilm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{similarity,encode,search}")
-
-    p = commands.add_parser("similarity", help="print the cosine similarity matrix of sentences (the default)",
-                            description="Encode sentences and print their cosine similarities. Also the bare "
-                                        "form: python -m minilm \"A man eats.\" \"Someone is eating.\"")
-    p.add_argument("sentences", nargs="*", help=f"sentences to compare (default: {len(EXAMPLES)} examples)")
-    p.add_argument("--model", default=MODEL, help="directory or hub id (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
-    p.set_defaults(run=similarity, parser=p)
-
+def _add_encode(commands) -> None:
+    """The encode command's flags."""
     p = commands.add_parser(
         "encode", help="embed every text of a file into DIR (streaming, resumable, shardable with torchrun)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -194,8 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction,
                    help="unit-length embeddings (default: as the model, Normalize in modules.json)")
     p.add_argument("--batch-size", type=int, default=32, help="encode batch size (default: %(default)s)")
-    p.add_argument("--max-seq-length", type=int, default=None, help="truncate texts at this many tokens "
-                   "(default: the model's)")
+    p.add_argument("--max-seq-length", type=int, default=None, help="truncate texts at this many tokens, a "
+                   "prompt's included (default: the model's)")
+    p.add_argument("--truncate-dim", type=int, default=None, metavar="N",
+                   help="keep the first N dimensions of each embedding (a Matryoshka-trained model's smaller "
+                        "embeddings: disk and search time shrink with N); unit length after the cut when "
+                        "normalized. search cuts its queries the same (default: the model's truncate_dim, else all)")
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt-name", default=None, metavar="NAME",
+                         help="put the model's prompt NAME (config_sentence_transformers.json) before every text "
+                              "(default: its \"document\", \"passage\" or \"corpus\" prompt, else its default "
+                              "prompt, else none)")
+    prompts.add_argument("--prompt", default=None, metavar="TEXT",
+                         help="put TEXT before every text, e.g. \"passage: \" (\"\" for none)")
     p.add_argument("--window", type=int, default=10000,
                    help="texts read, length-sorted, encoded and written at a time; the unit of resume and of "
                         "sharding (default: %(default)s)")
@@ -205,6 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start again in a DIR that holds another (or a finished) run of this command")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=encode, parser=p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m minilm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="{similarity,encode,search}")
+
+    p = commands.add_parser("similarity", help="print the cosine similarity matrix of sentences (the default)",
+                            description="Encode sentences and print their cosine similarities. Also the bare "
+                                        "form: python -m minilm \"A man eats.\" \"Someone is eating.\"")
+    p.add_argument("sentences", nargs="*", help=f"sentences to compare (default: {len(EXAMPLES)} examples)")
+    p.add_argument("--model", default=MODEL, help="directory or hub id (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    p.set_defaults(run=similarity, parser=p)
+
+    _add_encode(commands)
 
     p = commands.add_parser("search", help="print the top hits of queries in a DIR made by encode",
                             description="Encode the queries with DIR's model and print the exact top hits (score, "
@@ -218,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "text's (1 - 2 * Hamming / dim), or with --rescore the float query's and the text's. They "
                         "rank like the float cosine but run lower than it")
     p.add_argument("--model", default=None, help="the model that encoded DIR (default: the manifest's)")
+    p.add_argument("--query-prompt", default=None, metavar="TEXT",
+                   help="put TEXT before every query, e.g. \"query: \" (default: the model's \"query\" prompt, "
+                        "else its default prompt, else none). The queries are cut to DIR's --truncate-dim")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     p.set_defaults(run=search, parser=p)
     return parser

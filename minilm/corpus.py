@@ -47,7 +47,7 @@ from minilm.tokenizer import lone_surrogate
 
 # Settings that change the bytes of embeddings.npy: a resumed run must use the same ones.
 SETTINGS = ("model_fingerprint", "storage", "precision", "normalize", "max_seq_length", "batch_size", "window",
-            "calibration_size", "input_path", "input_format", "field", "id_field")
+            "calibration_size", "input_path", "input_format", "field", "id_field", "truncate_dim", "prompt")
 # Test hook: MINILM_CORPUS_CRASH="point:window" ends the process like kill -9 at that point (points: prepare,
 # rows = half of the window's rows written, flushed = rows fsynced but the window not marked done, marked).
 CRASH = os.environ.get("MINILM_CORPUS_CRASH", "")
@@ -298,13 +298,17 @@ def check_options(storage: str, batch_size: int, window: int, calibration_size: 
 def encode_corpus(model, input_path, out, model_name: str, fmt: str = "auto", field=None, id_field=None,
                   storage: str = "float32", precision: str = "fp32", normalize=None, batch_size: int = 32,
                   window: int = 10000, calibration_size: int = 1000, overwrite: bool = False,
-                  progress: bool = True, log=print) -> dict:
+                  progress: bool = True, log=print, truncate_dim=None, prompt=None, prompt_name=None) -> dict:
     """Encode INPUT into DIR (see the module docstring); under torchrun each process does its share.
 
     storage: how embeddings.npy holds the rows (float32, float16, int8, binary); precision: how encode computes
-    them (see SentenceEncoder.encode). Returns the manifest. Raises CorpusError with one line for bad input or a
-    DIR that does not match."""
+    them (see SentenceEncoder.encode). truncate_dim: keep each embedding's first truncate_dim dimensions (None:
+    the model's truncate_dim, by default all); normalized embeddings are unit length after the cut. prompt or
+    prompt_name: put before every text (None for both: the model's document prompt, as encode_document). The
+    manifest records both (settings.truncate_dim, settings.prompt: the text). Returns the manifest. Raises
+    CorpusError with one line for bad input or a DIR that does not match."""
     check_options(storage, batch_size, window, calibration_size)
+    truncate_dim, prompt = _cut_and_prompt(model, truncate_dim, prompt, prompt_name)
     rank, world = _distributed()
     out, input_path = Path(out), Path(input_path).resolve()
     model_name = manifest_model_name(model_name)
@@ -312,11 +316,29 @@ def encode_corpus(model, input_path, out, model_name: str, fmt: str = "auto", fi
     settings = {"model_fingerprint": model_fingerprint(model), "storage": storage, "precision": precision,
                 "normalize": normalize, "max_seq_length": model.max_seq_length, "batch_size": batch_size,
                 "window": window, "calibration_size": calibration_size if storage == "int8" else None,
-                "input_path": str(input_path), "input_format": None, "field": field, "id_field": id_field}
-    encode = dict(batch_size=batch_size, normalize=normalize, precision=precision)
+                "input_path": str(input_path), "input_format": None, "field": field, "id_field": id_field,
+                "truncate_dim": truncate_dim, "prompt": prompt}
+    encode = dict(batch_size=batch_size, normalize=normalize, precision=precision,
+                  truncate_dim=truncate_dim or model.embedding_dim, prompt=prompt)
     with contextlib.ExitStack() as held:  # rank 0 holds DIR's lock from before it writes there to the end
         return _run(model, model_name, input_path, out, fmt, settings, encode, overwrite, progress, log, rank, world,
                     held)
+
+
+def _cut_and_prompt(model, truncate_dim, prompt, prompt_name) -> tuple:
+    """(truncate_dim or None for the whole embedding, the prompt's text) of this run, or a CorpusError naming the
+    flag: encode's settings, decided once, so that the manifest says what was done."""
+    from minilm.model import check_truncate_dim
+
+    truncate_dim = model.truncate_dim if truncate_dim is None else truncate_dim
+    try:
+        truncate_dim = None if truncate_dim is None else check_truncate_dim(truncate_dim, model.embedding_dim)
+    except ValueError as error:
+        raise CorpusError(f"--truncate-dim {truncate_dim}: {error}") from None
+    try:
+        return truncate_dim, model.resolve_prompt(prompt, prompt_name, "document")
+    except ValueError as error:
+        raise CorpusError(f"--prompt-name {prompt_name}: {error}" if prompt_name else str(error)) from None
 
 
 def _run(model, model_name, input_path, out, fmt, settings, encode, overwrite, progress, log, rank, world,
@@ -438,7 +460,7 @@ def _lay_out(model, model_name, input_path, out, reader, settings, encode, log) 
     calibration = None
     if settings["storage"] == "int8":
         calibration = calibrate_int8(model.encode(sample, **encode))
-    dim = model.embedding_dim
+    dim = settings["truncate_dim"] or model.embedding_dim
     columns = (dim + 7) // 8 if settings["storage"] == "binary" else dim
     embeddings = np.lib.format.open_memmap(out / ("embeddings.npy" + PARTIAL), mode="w+",
                                            dtype=STORAGES[settings["storage"]], shape=(count, columns))
@@ -611,7 +633,14 @@ class Corpus:
         return self._same_bytes[1]
 
     def search(self, query_embeddings, top_k: int = 10, rescore=None):
+        """minilm.search over this corpus: query_embeddings [num_queries, dim] or one query [dim], of the
+        corpus's size (manifest dim: the model's, or settings.truncate_dim), else a CorpusError saying so."""
         from minilm.similarity_search import search
 
+        size = np.shape(query_embeddings)[-1] if np.ndim(query_embeddings) else None
+        if size != self.manifest["dim"]:
+            cut = self.manifest["settings"]["truncate_dim"]
+            raise CorpusError(f"queries of {size} dimensions; {self.dir} holds {self.manifest['dim']}-d embeddings"
+                              + (f" (encoded with truncate_dim {cut}: encode the queries with it too)" if cut else ""))
         return search(query_embeddings, self.embeddings, top_k=top_k, calibration=self.manifest["calibration"],
                       rescore=rescore)

@@ -9,7 +9,9 @@ ids.txt's line count, done.bin's size). A mismatch is one CorpusError naming the
 link in DIR is refused, never followed: encode writes rows into embeddings.npy and done.bin in place.
 
 The stored format is the manifest's `storage` (float32, float16, int8, binary); DIRs written before it was
-named so say `dtype`, and are read the same.
+named so say `dtype`, and are read the same. `settings.truncate_dim` (null: the whole embedding) and
+`settings.prompt` (the text put before every text, "" for none) are missing from DIRs written before encode
+had them, and read as null and "".
 """
 
 import contextlib
@@ -117,6 +119,9 @@ def read_manifest(out: Path):
     for fields in (manifest, manifest.get("settings")):
         if isinstance(fields, dict) and "dtype" in fields and "storage" not in fields:
             fields["storage"] = fields.pop("dtype")  # written before the stored format was called storage
+    if isinstance(manifest.get("settings"), dict):  # written before encode could cut embeddings or add a prompt
+        manifest["settings"].setdefault("truncate_dim", None)
+        manifest["settings"].setdefault("prompt", "")
     _check(path, "state", manifest.get("state"), lambda v: v in STATES, " or ".join(STATES))
     if manifest["state"] != "preparing":  # preparing: nothing was encoded; the next run lays DIR out again
         _check_fields(path, manifest)
@@ -156,7 +161,9 @@ def _check_fields(path: Path, manifest: dict) -> None:
             ("window", _whole(1), "a whole number >= 1"),
             ("calibration_size", lambda v: v is None or _whole(1)(v), "null or a whole number >= 1"),
             ("input_path", _text, "a string"), ("input_format", lambda v: v in INPUT_FORMATS, "an input format"),
-            ("field", _text_or_none, "null or a string"), ("id_field", _text_or_none, "null or a string")):
+            ("field", _text_or_none, "null or a string"), ("id_field", _text_or_none, "null or a string"),
+            ("truncate_dim", lambda v: v is None or _whole(1)(v), "null or a whole number >= 1"),
+            ("prompt", _text, "a string (\"\" for none)")):
         _check(path, f"settings.{field}", settings.get(field), accepted, expected)
     for field, accepted, expected in (
             ("path", _text, "a string"), ("format", lambda v: v in INPUT_FORMATS, " | ".join(INPUT_FORMATS)),
@@ -166,6 +173,9 @@ def _check_fields(path: Path, manifest: dict) -> None:
     _check(path, "model", manifest.get("model"), _text, "a string")
     _check(path, "count", manifest.get("count"), _whole(1), "a whole number >= 1")
     _check(path, "dim", manifest.get("dim"), _whole(1), "a whole number >= 1")
+    if settings["truncate_dim"] is not None:
+        _check(path, "dim", manifest["dim"], lambda v: v == settings["truncate_dim"],
+               f"settings.truncate_dim ({settings['truncate_dim']})")
     _check(path, "storage", manifest.get("storage"), lambda v: v == settings["storage"],
            f"settings.storage ({settings['storage']})")
     count, dim, storage = manifest["count"], manifest["dim"], manifest["storage"]

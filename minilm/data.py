@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from minilm.errors import InputError
 from minilm.tokenizer import lone_surrogate
 
 # Column names in the wild -> the names the losses use (the seed cards' trainer names columns sentence_0, ...).
@@ -522,13 +523,69 @@ class ProportionalBatches(RoundRobinBatches):
 MULTI_DATASET = {"proportional": ProportionalBatches, "round_robin": RoundRobinBatches}
 
 
-def collate(rows: list, text_columns: list, label_column, tokenize):
-    """Rows -> (one packed batch per text column, labels tensor or None)."""
-    features = [tokenize([row[column] for row in rows]) for column in text_columns]
+def collate(rows: list, text_columns: list, label_column, tokenize, prompts=None):
+    """Rows -> (one packed batch per text column, labels tensor or None).
+
+    prompts: None, one string put before every text, or {column: string} for some columns (the others get none),
+    as sentence-transformers' trainer applies its `prompts` argument: before tokenization, so that a prompt
+    counts against max_seq_length as it does in encode."""
+    features = []
+    for column in text_columns:
+        prompt = prompts if isinstance(prompts, str) else (prompts or {}).get(column, "")
+        features.append(tokenize([prompt + row[column] for row in rows]))
     if label_column is None:
         return features, None
     dtype = torch.long if isinstance(rows[0][label_column], int) else torch.float32
     return features, torch.tensor([row[label_column] for row in rows], dtype=dtype)
+
+
+def parse_prompts(value, loss_class):
+    """train.py's --prompts -> None, one string for every text column, or {column: prompt} (collate's prompts).
+
+    value: None; a dict (a recipe's JSON value); or the flag's text: a JSON object such as
+    '{"anchor": "query: ", "positive": "passage: "}', or, when it does not start with "{", the prompt itself.
+    loss_class: the loss (losses/), whose declared text columns the dict's keys must be. A column the loss does
+    not read, a prompt that is not a string, or malformed JSON is an InputError naming it."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise InputError(f"--prompts {value!r}: not valid JSON ({error.msg} at character {error.pos}); "
+                             'expected a prompt, or an object such as {"anchor": "query: "}') from None
+    if value is None or isinstance(value, str):
+        return value or None
+    if not isinstance(value, dict):
+        raise InputError(f"--prompts: expected a prompt or an object of column -> prompt, not "
+                         f"{type(value).__name__}")
+    columns = sorted({column for layout in loss_class.text_columns for column in layout})
+    prefix = loss_class.extra_text_columns
+    for column, prompt in value.items():
+        if column not in columns and not (prefix and column.startswith(prefix)):
+            read = ", ".join(columns + ([f"{prefix}..."] if prefix else []))
+            raise InputError(f"--prompts: column {column!r} is not one the {loss_class.__name__} loss reads "
+                             f"(it reads {read}; scored pairs are read as its first two columns)")
+        if not isinstance(prompt, str):
+            raise InputError(f"--prompts: the prompt of {column!r} is {json.dumps(prompt)}; expected a string")
+    return value
+
+
+def model_prompts(prompts, text_columns: list) -> tuple:
+    """Training prompts (parse_prompts' value, not None) -> (prompts, default_prompt_name) for the trained model
+    to keep (model.prompts, model.default_prompt_name; saved in config_sentence_transformers.json), so that it
+    encodes as it was trained, by name:
+      - each column that had a prompt, under its own name ("anchor", "positive", ...);
+      - the first text column's prompt as "query" and the second's as "document" (anchor/positive,
+        sentence1/sentence2, premise/hypothesis; "" for a column without one): what encode_query and
+        encode_document use, in minilm and in sentence-transformers, and so the retrieval evaluator;
+      - when every text column had the same prompt (one string for all), "query" is also the default prompt,
+        which plain encode uses (the STS evaluators, search's and corpus's texts alike).
+    sentence-transformers' trainer keeps nothing: a model it trained with prompts encodes without them unless
+    they are given again at encode time."""
+    given = {column: prompts for column in text_columns} if isinstance(prompts, str) else dict(prompts)
+    query_column, document_column = text_columns[0], text_columns[min(1, len(text_columns) - 1)]
+    kept = {"query": given.get(query_column, ""), "document": given.get(document_column, ""), **given}
+    same = len({given.get(column, "") for column in text_columns}) == 1 and kept["query"] != ""
+    return kept, "query" if same else None
 
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from minilm import data
-from minilm.model import pair_features
+from minilm.model import check_truncate_dim, pair_features
 
 # eval.py's --task names and train.py's --eval-task names.
 TASKS = ("stsb", "stsb-binary", "sick", "nli", "pairs", "binary", "retrieval")
@@ -299,17 +299,47 @@ def beir_pairs(folder, split: str) -> list:
 
 
 class Evaluator:
-    """What every evaluator shares: how it embeds. batch_size and precision (encode's: "fp32", "bf16", "fp16" or
-    "int8") are plain attributes, set by eval.py (--batch-size, --precision) after construction."""
+    """What every evaluator shares: how it embeds, and at which sizes it scores.
+
+    `evaluator(model) -> {metric: value}` embeds the evaluation texts once (`embeddings`), then scores them
+    (`metrics`). Plain attributes, set after construction (eval.py's flags, train.py):
+      batch_size, precision  encode's ("fp32", "bf16", "fp16" or "int8")
+      truncate_dim           None (the model's truncate_dim, by default the whole embedding) or the size to
+                             embed at, as sentence-transformers' evaluators' truncate_dim; the metrics keep
+                             their names
+      truncate_dims          several sizes, e.g. (384, 256, 128, 64) for a Matryoshka model: embedded once at
+                             the model's whole size, each cut to each size and scored; metrics keyed
+                             "cosine_ndcg@10_dim64" (every metric here is a cosine: cutting is all it takes)
+    The texts are encoded with the model's prompts as sentence-transformers' evaluators encode them: pairs with
+    the default prompt (plain encode); retrieval queries with encode_query, documents with encode_document."""
 
     batch_size = 32
     precision = "fp32"
+    truncate_dim = None
+    truncate_dims = None
+    main_metric = None  # each evaluator's: its key at the whole size
 
-    def embed(self, model, texts: list) -> torch.Tensor:
-        """Embed each distinct text once -> [len(texts), dim] float32 on the CPU."""
+    @property
+    def primary_metric(self) -> str:
+        """The metric that says how good the model is; with truncate_dims, at the first of them."""
+        return f"{self.main_metric}_dim{self.truncate_dims[0]}" if self.truncate_dims else self.main_metric
+
+    def __call__(self, model) -> dict:
+        if not self.truncate_dims:
+            return self.metrics(*self.embeddings(model, self.truncate_dim))
+        for dim in self.truncate_dims:
+            check_truncate_dim(dim, model.embedding_dim)
+        whole = self.embeddings(model, model.embedding_dim)  # once, then cut to each size
+        return {f"{key}_dim{dim}": value for dim in self.truncate_dims
+                for key, value in self.metrics(*(embeddings[:, :dim] for embeddings in whole)).items()}
+
+    def embed(self, model, texts: list, truncate_dim=None, role=None, prompt=None, prompt_name=None):
+        """Embed each distinct text once -> [len(texts), dim] float32 on the CPU. role: None (model.encode),
+        "query" or "document" (model.encode_query / encode_document: their prompts)."""
+        encode = {None: model.encode, "query": model.encode_query, "document": model.encode_document}[role]
         unique = list(dict.fromkeys(texts))
-        embeddings = model.encode(unique, batch_size=self.batch_size, convert_to="tensor",
-                                  precision=self.precision).float().cpu()
+        embeddings = encode(unique, batch_size=self.batch_size, convert_to="tensor", precision=self.precision,
+                            truncate_dim=truncate_dim, prompt=prompt, prompt_name=prompt_name).float().cpu()
         position = {text: index for index, text in enumerate(unique)}
         return embeddings[[position[text] for text in texts]]
 
@@ -317,7 +347,7 @@ class Evaluator:
 class EmbeddingSimilarityEvaluator(Evaluator):
     """Pearson/Spearman of cosine similarity against gold similarity scores (STS)."""
 
-    primary_metric = "spearman_cosine"
+    main_metric = "spearman_cosine"
 
     def __init__(self, sentences1, sentences2, scores, name="", batch_size=32):
         self.sentences1, self.sentences2, self.scores = list(sentences1), list(sentences2), list(scores)
@@ -327,15 +357,18 @@ class EmbeddingSimilarityEvaluator(Evaluator):
     def from_rows(cls, rows, name=""):
         return cls([r["sentence1"] for r in rows], [r["sentence2"] for r in rows], [r["score"] for r in rows], name)
 
-    def __call__(self, model) -> dict:
-        embeddings = self.embed(model, self.sentences1 + self.sentences2)
-        return similarity_metrics(embeddings[: len(self.sentences1)], embeddings[len(self.sentences1):], self.scores)
+    def embeddings(self, model, truncate_dim) -> tuple:
+        embeddings = self.embed(model, self.sentences1 + self.sentences2, truncate_dim)
+        return embeddings[: len(self.sentences1)], embeddings[len(self.sentences1):]
+
+    def metrics(self, embeddings1, embeddings2) -> dict:
+        return similarity_metrics(embeddings1, embeddings2, self.scores)
 
 
 class BinaryClassificationEvaluator(Evaluator):
     """Is a pair similar (label 1) or not (0)? Cosine accuracy, F1, precision, recall, AP at best thresholds."""
 
-    primary_metric = "cosine_ap"
+    main_metric = "cosine_ap"
 
     def __init__(self, sentences1, sentences2, labels, name="", batch_size=32):
         bad = [label for label in labels if label not in (0, 1)]
@@ -344,27 +377,36 @@ class BinaryClassificationEvaluator(Evaluator):
         self.sentences1, self.sentences2, self.labels = list(sentences1), list(sentences2), list(labels)
         self.name, self.batch_size = name, batch_size
 
-    def __call__(self, model) -> dict:
-        embeddings = self.embed(model, self.sentences1 + self.sentences2)
-        return binary_metrics(embeddings[: len(self.sentences1)], embeddings[len(self.sentences1):], self.labels)
+    def embeddings(self, model, truncate_dim) -> tuple:
+        embeddings = self.embed(model, self.sentences1 + self.sentences2, truncate_dim)
+        return embeddings[: len(self.sentences1)], embeddings[len(self.sentences1):]
+
+    def metrics(self, embeddings1, embeddings2) -> dict:
+        return binary_metrics(embeddings1, embeddings2, self.labels)
 
 
 class InformationRetrievalEvaluator(Evaluator):
     """Each query should find its relevant documents in the corpus: MRR@10, NDCG@10, Recall@k, MAP@100."""
 
-    primary_metric = "cosine_ndcg@10"
+    main_metric = "cosine_ndcg@10"
 
     def __init__(self, queries: dict, corpus: dict, relevant_docs: dict, name="", batch_size=32,
-                 ignore_identical_ids: bool = False):
+                 ignore_identical_ids: bool = False, query_prompt=None, query_prompt_name=None, corpus_prompt=None,
+                 corpus_prompt_name=None):
         """queries: id -> text; corpus: id -> text; relevant_docs: query id -> set of corpus ids (or a dict
         corpus id -> grade: relevance is binary, as in sentence-transformers). Queries without any relevant
         document are skipped (said once, on stderr). ignore_identical_ids: a corpus entry whose id is the
         query's own id is never ranked for it (BEIR's and MTEB's convention, for corpora that contain the
         queries, e.g. duplicate questions; sentence-transformers' evaluator does not do this). A judged pair
         it skips (query "3" relevant to document "3": ids numbered separately, not a query in the corpus) can
-        never be found, so every metric falls: how many is said on stderr, naming --keep-self-matches."""
+        never be found, so every metric falls: how many is said on stderr, naming --keep-self-matches.
+        query_prompt(_name), corpus_prompt(_name): as sentence-transformers' evaluator has them (also plain
+        attributes); None: queries get the model's "query" prompt, documents its "document" (or "passage",
+        "corpus") prompt, when it has one (encode_query, encode_document)."""
         self.query_ids = [qid for qid in queries if relevant_docs.get(qid)]
         self.name, self.batch_size = name, batch_size
+        self.query_prompt, self.query_prompt_name = query_prompt, query_prompt_name
+        self.corpus_prompt, self.corpus_prompt_name = corpus_prompt, corpus_prompt_name
         skipped = len(queries) - len(self.query_ids)
         if skipped:
             print(f"{name or 'retrieval'}: {skipped} of {len(queries)} queries have no relevance judgement; "
@@ -407,24 +449,33 @@ class InformationRetrievalEvaluator(Evaluator):
         return cls(queries, corpus, relevant, name or f"{Path(folder).name}-{split}",
                    ignore_identical_ids=not keep_self_matches)
 
-    def __call__(self, model) -> dict:
-        queries = self.embed(model, self.queries)
-        corpus = self.embed(model, self.corpus)
+    def embeddings(self, model, truncate_dim) -> tuple:
+        queries = self.embed(model, self.queries, truncate_dim, "query", self.query_prompt, self.query_prompt_name)
+        corpus = self.embed(model, self.corpus, truncate_dim, "document", self.corpus_prompt,
+                            self.corpus_prompt_name)
+        return queries, corpus
+
+    def metrics(self, queries, corpus) -> dict:
         return retrieval_metrics(queries, corpus, self.relevant, skip=self.skip)
 
 
 class LabelAccuracyEvaluator(Evaluator):
     """Accuracy of a pair classifier (SoftmaxLoss's Linear over concat(u, v, |u - v|))."""
 
-    primary_metric = "accuracy"
+    main_metric = "accuracy"
 
     def __init__(self, sentences1, sentences2, labels, classifier, name="", batch_size=32):
         self.sentences1, self.sentences2, self.labels = list(sentences1), list(sentences2), list(labels)
         self.classifier, self.name, self.batch_size = classifier, name, batch_size
 
-    def __call__(self, model) -> dict:
-        embeddings = self.embed(model, self.sentences1 + self.sentences2)
-        u, v = embeddings[: len(self.sentences1)], embeddings[len(self.sentences1):]
+    def embeddings(self, model, truncate_dim) -> tuple:
+        if truncate_dim not in (None, model.embedding_dim) or self.truncate_dims:
+            raise ValueError(f"the nli evaluator scores with the SoftmaxLoss classifier, which reads whole "
+                             f"{model.embedding_dim}-d embeddings: it takes no truncate_dim")
+        embeddings = self.embed(model, self.sentences1 + self.sentences2, model.embedding_dim)
+        return embeddings[: len(self.sentences1)], embeddings[len(self.sentences1):]
+
+    def metrics(self, u, v) -> dict:
         weight = next(self.classifier.parameters())
         with torch.no_grad():
             logits = self.classifier(pair_features(u, v).to(weight.device, weight.dtype))

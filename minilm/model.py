@@ -1,11 +1,13 @@
 """SentenceEncoder: tokenizer + BERT encoder + pooling (+ Normalize), with encode, similarity and save.
 
 A sentence-transformers checkpoint directory holds exactly these pieces: `modules.json` lists a Transformer,
-a Pooling (`1_Pooling/config.json`) and optionally Normalize; `sentence_bert_config.json` gives max_seq_length.
+a Pooling (`1_Pooling/config.json`) and optionally Normalize; `sentence_bert_config.json` gives max_seq_length;
+`config_sentence_transformers.json` the prompts, the default prompt's name and a default truncate_dim.
 `save` writes the same layout back, so sentence-transformers and transformers load what minilm trained.
 """
 
 import copy
+import json
 import logging
 import numbers
 import weakref
@@ -32,6 +34,9 @@ NORMALIZE_MODULE = "sentence_transformers.models.Normalize"
 # encode's precisions -> the dtype of its weights and activations (the table lives in minilm/fast_paths.py)
 PRECISIONS = fast_paths.PRECISIONS
 CONVERT_TO = ("numpy", "tensor")
+ST_CONFIG = "config_sentence_transformers.json"
+# encode_document's prompt, as sentence-transformers looks it up: the first of these names the model has.
+DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
 
 
 def batch_to(batch: dict, device) -> dict:
@@ -45,7 +50,7 @@ class SentenceEncoder(nn.Module):
     `model.encode(texts)` is the batched, no-grad path for inference."""
 
     def __init__(self, encoder: BertEncoder, tokenizer: SentenceTokenizer, pooling_modes=("mean",),
-                 normalize=False, source_dir=None):
+                 normalize=False, source_dir=None, prompts=None, default_prompt_name=None, truncate_dim=None):
         super().__init__()
         self.encoder = encoder
         self.tokenizer = tokenizer
@@ -53,6 +58,13 @@ class SentenceEncoder(nn.Module):
         self.normalize = normalize
         self.source_dir = Path(source_dir) if source_dir else None
         self.backends = None  # no backend forced: minilm/fast_paths.py chooses per device and precision
+        # Prompts, as sentence-transformers keeps them: name -> the text put before every text encoded with it
+        # ({"query": "query: ", "document": "passage: "}); default_prompt_name: the one encode uses unasked.
+        # Checked where they are used (encode, save), since a dict can be changed in place.
+        self.prompts = {} if prompts is None else prompts
+        self.default_prompt_name = default_prompt_name
+        check_prompts(self.prompts, default_prompt_name, "SentenceEncoder")
+        self.truncate_dim = truncate_dim
         if encoder.pooler is not None:
             # Kept only to be saved again; sentence embeddings never use it, so it takes no gradient.
             encoder.pooler.requires_grad_(False)
@@ -77,6 +89,16 @@ class SentenceEncoder(nn.Module):
                              f"{self.encoder.config.max_position_embeddings} position embeddings; expected 2 to "
                              f"{self.encoder.config.max_position_embeddings}")
         self.tokenizer.max_seq_length = value  # checks the type and the lower bound
+
+    @property
+    def truncate_dim(self):
+        """encode's default truncate_dim: None (the whole embedding) or how many of its first dimensions encode
+        keeps (a Matryoshka-trained model's smaller size). Set to an int from 1 to embedding_dim, or None."""
+        return self._truncate_dim
+
+    @truncate_dim.setter
+    def truncate_dim(self, value) -> None:
+        self._truncate_dim = None if value is None else check_truncate_dim(value, self.embedding_dim)
 
     @property
     def backends(self) -> fast_paths.Backends:
@@ -139,7 +161,7 @@ class SentenceEncoder(nn.Module):
         self.__dict__.pop("_inference_copies", None)
 
     def encode(self, sentences, batch_size=32, normalize=None, convert_to="numpy", show_progress=False,
-               precision="fp32", token_budget=True):
+               precision="fp32", token_budget=True, truncate_dim=None, prompt=None, prompt_name=None):
         """Embed sentences in batches of similar length, returned in the input order.
 
         sentences: a string or a sequence of strings. normalize: None follows the model (Normalize in modules.json),
@@ -152,32 +174,78 @@ class SentenceEncoder(nn.Module):
         sentences as fit in that first batch's number of tokens: peak memory stays that of batch_size
         sentences, the matrix multiplies get more rows, and the embeddings are the same (to float rounding,
         ~1e-7). token_budget=False: exactly batch_size sentences per forward pass.
-        Returns [n, embedding_dim], or [embedding_dim] for a single string, an ordinary tensor or array (the model
-        runs under inference_mode, the result is not an inference tensor: it can be changed in place or used in
-        autograd). Text past max_seq_length is truncated.
+        truncate_dim: keep the first truncate_dim dimensions of each embedding (None: the model's truncate_dim,
+        by default the whole embedding), as sentence-transformers does: cut after the model's Normalize, so a cut
+        embedding of a normalizing model is not unit length; normalize=True makes it unit length after the cut.
+        prompt / prompt_name: text put before every sentence before tokenization (so it counts against
+        max_seq_length), given as is or by its name in model.prompts; neither: the model's default prompt, if
+        it names one; prompt="" encodes without one. Both given: prompt wins, prompt_name is ignored with a
+        warning (as in sentence-transformers).
+        Returns [n, dim], or [dim] for a single string (dim: truncate_dim or embedding_dim), an ordinary tensor
+        or array (the model runs under inference_mode, the result is not an inference tensor: it can be changed
+        in place or used in autograd). Text past max_seq_length is truncated.
         A bad argument is an InputError (a ValueError) that names it and says what is accepted.
         The backends of the Linears, attention and pooling are chosen once per call, in minilm/fast_paths.py.
         The model's mode (training or eval) is the same afterwards, also when encode fails.
         """
         _check_encode_arguments(batch_size, normalize, convert_to, show_progress, precision, token_budget)
+        dim = self.truncate_dim if truncate_dim is None else check_truncate_dim(truncate_dim, self.embedding_dim)
+        prompt = self.resolve_prompt(prompt, prompt_name)
         single = isinstance(sentences, str)
         texts = _check_texts([sentences] if single else sentences)
+        if prompt:
+            texts = [prompt + text for text in texts]
         backends = fast_paths.choose(self.device, precision, self.pooling_modes, self.backends)
         was_training = self.training
         self.eval()
         try:
-            output = self._encode(texts, batch_size, normalize, show_progress, precision, token_budget, backends)
+            output = self._encode(texts, batch_size, normalize, show_progress, precision, token_budget, backends, dim)
         finally:
             self.train(was_training)
         if single:
             output = output[0]
         return output.cpu().numpy() if convert_to == "numpy" else output
 
-    def _encode(self, texts, batch_size, normalize, show_progress, precision, token_budget, backends):
-        """encode's loop, in eval mode: [len(texts), embedding_dim] float32 on the model's device."""
+    def encode_query(self, sentences, prompt=None, prompt_name=None, **kwargs):
+        """encode for search queries: with the model's "query" prompt unless a prompt is given (as
+        sentence-transformers' encode_query); a model without one encodes as `encode` does."""
+        return self.encode(sentences, prompt=self.resolve_prompt(prompt, prompt_name, "query"), **kwargs)
+
+    def encode_document(self, sentences, prompt=None, prompt_name=None, **kwargs):
+        """encode for the documents searched: with the model's "document", else "passage", else "corpus" prompt
+        unless a prompt is given (as sentence-transformers' encode_document)."""
+        return self.encode(sentences, prompt=self.resolve_prompt(prompt, prompt_name, "document"), **kwargs)
+
+    def resolve_prompt(self, prompt=None, prompt_name=None, role=None) -> str:
+        """The text encode puts before each sentence ("" for none), as sentence-transformers resolves it: prompt
+        as given; else model.prompts[prompt_name]; else, for role "query" or "document", the model's prompt of
+        that role (see encode_query, encode_document); else the default prompt; else none. An unknown name is
+        an InputError listing the names."""
+        check_prompts(self.prompts, self.default_prompt_name, "the model's")
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise InputError(f"prompt must be a string, not {type(prompt).__name__}")
+            if prompt_name is not None:
+                log.warning("encode: both prompt and prompt_name given; prompt_name %r is ignored, prompt %r is "
+                            "used (as in sentence-transformers)", prompt_name, prompt)
+            return prompt
+        if prompt_name is None and role is not None:
+            names = {"query": ("query",), "document": DOCUMENT_PROMPT_NAMES}[role]
+            prompt_name = next((name for name in names if name in self.prompts), None)
+        name = self.default_prompt_name if prompt_name is None else prompt_name
+        if name is None:
+            return ""
+        if not isinstance(name, str) or name not in self.prompts:
+            raise InputError(f"prompt_name {name!r} is not one of the model's prompts "
+                             f"({', '.join(map(repr, self.prompts)) or 'it has none'})")
+        return self.prompts[name]
+
+    def _encode(self, texts, batch_size, normalize, show_progress, precision, token_budget, backends, dim):
+        """encode's loop, in eval mode: [len(texts), dim or embedding_dim] float32 on the model's device."""
         id_lists = self.tokenizer.encode_ids(texts)
         batches = length_sorted_batches([len(ids) for ids in id_lists], batch_size, token_budget)
-        output = torch.empty(len(texts), self.embedding_dim, dtype=torch.float32, device=self.device)
+        dim = dim or self.embedding_dim
+        output = torch.empty(len(texts), dim, dtype=torch.float32, device=self.device)
         if show_progress:
             from tqdm import tqdm
 
@@ -186,7 +254,10 @@ class SentenceEncoder(nn.Module):
         with torch.inference_mode():  # output was made outside it: an ordinary tensor, written in place
             for indices in batches:
                 batch = batch_to(pack([id_lists[i] for i in indices]), self.device)
-                output[torch.tensor(indices, device=self.device)] = self(batch, normalize, encoder, backends)
+                embeddings = self(batch, normalize, encoder, backends)[:, :dim]  # [batch, dim]
+                if normalize and dim < self.embedding_dim:
+                    embeddings = F.normalize(embeddings, dim=-1)  # asked for unit length: at the size returned
+                output[torch.tensor(indices, device=self.device)] = embeddings
         return output
 
     @staticmethod
@@ -199,6 +270,7 @@ class SentenceEncoder(nn.Module):
     # --- files -----------------------------------------------------------------------------------------------
     def save(self, model_dir) -> Path:
         """Write the sentence-transformers layout: weights, configs, tokenizer files, modules.json."""
+        check_prompts(self.prompts, self.default_prompt_name, "the model's")  # never save what load refuses
         model_dir = Path(model_dir)
         if model_dir.exists() and not model_dir.is_dir():
             raise InputError(f"save: {model_dir} is a file; give a folder (new, or one that holds a model)")
@@ -224,9 +296,11 @@ class SentenceEncoder(nn.Module):
             (model_dir / "2_Normalize").mkdir(exist_ok=True)
             modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": NORMALIZE_MODULE})
         files.write_json(model_dir / "modules.json", modules)
-        files.write_json(model_dir / "config_sentence_transformers.json",
-                         {"__version__": {"pytorch": torch.__version__}, "prompts": {}, "default_prompt_name": None,
-                          "similarity_fn_name": "cosine"})
+        settings = {"__version__": {"pytorch": torch.__version__}, "prompts": self.prompts,
+                    "default_prompt_name": self.default_prompt_name, "similarity_fn_name": "cosine"}
+        if self.truncate_dim is not None:  # as sentence-transformers writes it: only when set
+            settings["truncate_dim"] = self.truncate_dim
+        files.write_json(model_dir / ST_CONFIG, settings)
         return model_dir
 
 
@@ -276,12 +350,14 @@ def resolve_device(device) -> torch.device:
     return resolved
 
 
-def load(name_or_path, device=None, max_seq_length=None, backends=None) -> SentenceEncoder:
+def load(name_or_path, device=None, max_seq_length=None, backends=None, truncate_dim=None) -> SentenceEncoder:
     """Load a sentence-transformers BERT checkpoint: a local directory or a hub id (see minilm/hub.py).
 
     device: "cpu", "cuda", ... (None: CUDA when available). max_seq_length: overrides sentence_bert_config.json
     (at most the model's position embeddings). backends: backends forced by name, e.g. {"attention": "math"}
     (None: minilm/fast_paths.py chooses per device and precision; see SentenceEncoder.backends).
+    truncate_dim: encode's default size (see SentenceEncoder.truncate_dim); None: the file's, else the whole
+    embedding (sentence-transformers' SentenceTransformer(..., truncate_dim=) likewise overrides the file).
     The folder is input: a malformed file, or one minilm cannot follow exactly (modules.json), is an InputError
     (a ValueError) naming the file and the field.
     """
@@ -289,7 +365,7 @@ def load(name_or_path, device=None, max_seq_length=None, backends=None) -> Sente
     backends = fast_paths.forced(backends)
     model_dir = resolve_model_dir(name_or_path)
     modules = _read_modules(model_dir)
-    _check_no_default_prompt(model_dir)
+    settings = _read_st_config(model_dir / ST_CONFIG)
     encoder = load_encoder(model_dir)
     positions = encoder.config.max_position_embeddings
     pooling_modes = ("mean",)
@@ -305,7 +381,15 @@ def load(name_or_path, device=None, max_seq_length=None, backends=None) -> Sente
                          f"{tokenizer.max_seq_length}, more than the model's {positions} position embeddings "
                          f"({model_dir / 'config.json'}); expected at most {positions}")
     model = SentenceEncoder(encoder, tokenizer, pooling_modes, normalize=NORMALIZE_MODULE in modules,
-                            source_dir=model_dir)
+                            source_dir=model_dir, prompts=settings["prompts"],
+                            default_prompt_name=settings["default_prompt_name"])
+    if settings["truncate_dim"] is not None:
+        try:
+            model.truncate_dim = settings["truncate_dim"]
+        except InputError as error:
+            raise InputError(f"{model_dir / ST_CONFIG}: field 'truncate_dim': {error}") from None
+    if truncate_dim is not None:
+        model.truncate_dim = truncate_dim
     model.backends = backends
     return model.to(device).eval()
 
@@ -365,15 +449,41 @@ def _module_folder(path: Path, index: int, class_name: str, folder) -> str:
     return folder
 
 
-def _check_no_default_prompt(model_dir: Path) -> None:
-    """sentence-transformers puts a default prompt before every text it encodes; minilm encodes texts as given,
-    so a model that names one is refused rather than encoded differently."""
-    path = model_dir / "config_sentence_transformers.json"
-    if path.is_file():
-        prompt = files.read_json(path, "sentence-transformers' settings").get("default_prompt_name")
-        if prompt is not None:
-            raise InputError(f"{path}: field 'default_prompt_name' is {prompt!r}; minilm encodes texts without "
-                             "prompts (expected null)")
+def _read_st_config(path: Path) -> dict:
+    """config_sentence_transformers.json -> {"prompts": {name: text}, "default_prompt_name": None or a name,
+    "truncate_dim": None or an int (checked against the model by the caller)}; all empty without the file.
+    The file is input: a field of another type is an InputError naming it."""
+    settings = files.read_json(path, "sentence-transformers' settings") if path.is_file() else {}
+    prompts, default = settings.get("prompts", {}), settings.get("default_prompt_name")
+    check_prompts(prompts, default, str(path))
+    truncate_dim = settings.get("truncate_dim")
+    if truncate_dim is not None and not _is_int(truncate_dim):
+        raise InputError(f"{path}: field 'truncate_dim' is {truncate_dim!r}; expected null or a whole number")
+    return {"prompts": prompts, "default_prompt_name": default, "truncate_dim": truncate_dim}
+
+
+def check_prompts(prompts, default_prompt_name, where: str) -> None:
+    """Prompts as sentence-transformers keeps them: a dict of name -> text, and a default that is None or one of
+    the names. where: the file (or "the model's") for the one-line InputError."""
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        try:
+            shown = json.dumps(prompts, default=repr)
+        except TypeError:  # a key JSON cannot hold (a tuple): only a Python caller can get here
+            shown = repr(prompts)
+        raise InputError(f"{where}: field 'prompts' is {shown[:80]}; expected an object of prompt name -> text, "
+                         'e.g. {"query": "query: ", "document": "passage: "}')
+    if default_prompt_name is not None and (not isinstance(default_prompt_name, str)
+                                            or default_prompt_name not in prompts):
+        raise InputError(f"{where}: field 'default_prompt_name' is {default_prompt_name!r}; expected null or one "
+                         f"of the prompts' names ({', '.join(map(repr, prompts)) or 'there are none'})")
+
+
+def check_truncate_dim(value, embedding_dim: int) -> int:
+    """value if it is an int from 1 to embedding_dim, else an InputError saying so."""
+    if not _is_int(value) or not 1 <= value <= embedding_dim:
+        raise InputError(f"truncate_dim must be a whole number from 1 to {embedding_dim} (the model's "
+                         f"embedding_dim), not {value!r}")
+    return int(value)
 
 
 def _inference_key(encoder: BertEncoder) -> tuple:

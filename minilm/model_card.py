@@ -154,7 +154,8 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
              f"- **Maximum Sequence Length:** {model.max_seq_length} tokens\n"
              f"- **Output Dimensionality:** {model.embedding_dim} dimensions\n"
              f"- **Similarity Function:** Cosine Similarity\n"
-             f"- **Training Dataset:** {', '.join(_text(source) for source, *_ in datasets)}",
+             f"- **Training Dataset:** {', '.join(_text(source) for source, *_ in datasets)}"
+             + _prompts_line(model),
              "### Full Model Architecture", _fence("", architecture(model)),
              "## Usage", "### Direct Usage (Sentence Transformers)",
              _fence("python", "from sentence_transformers import SentenceTransformer\n\n"
@@ -204,6 +205,16 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
     path = out_dir / "README.md"
     files.write_text(path, "\n\n".join(parts) + "\n")
     return path
+
+
+def _prompts_line(model) -> str:
+    """The Model Description's line on prompts, when the model has any: they are part of how it encodes."""
+    named = [f"{_code(name)}: {_code(json.dumps(prompt))}" for name, prompt in model.prompts.items() if prompt]
+    if not named:
+        return ""
+    default = f"; default: {_code(model.default_prompt_name)}" if model.default_prompt_name else ""
+    return (f"\n- **Prompts:** {', '.join(named)}{default} (encode_query and encode_document use the query and "
+            "document prompts; encode(..., prompt_name=NAME) any of them)")
 
 
 def _front_matter(base, size, loss_name, rows, text_columns, metrics) -> str:

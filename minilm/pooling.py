@@ -98,6 +98,9 @@ def read_pooling_config(path, dim=None) -> tuple:
     unknown = [mode for mode in modes if mode not in POOLERS]
     if unknown or not modes:
         raise InputError(f"{path}: pooling mode(s) {unknown or 'none'} not understood; expected some of {MODES}")
+    if raw.get("include_prompt", True) is not True:  # sentence-transformers' Pooling(include_prompt=False)
+        raise InputError(f"{path}: field 'include_prompt' is {raw['include_prompt']!r}; minilm pools every token, "
+                         "a prompt's too (expected true, or no such field)")
     width = raw.get("word_embedding_dimension")
     if dim is not None and width is not None and width != dim:
         raise InputError(f"{path}: field 'word_embedding_dimension' is {width!r}; the encoder's hidden_size is {dim}")

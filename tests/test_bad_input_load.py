@@ -153,9 +153,9 @@ BAD_FILES = {
     "modules-pooling-symlink-out": ("modules.json", symlink_out("1_Pooling"), "a symlink out of it"),
     "modules-normalize-symlink-out": ("modules.json", symlink_out("2_Normalize"),
                                       "(Normalize) field 'path' is '2_Normalize'"),
-    "st-config-default-prompt": ("config_sentence_transformers.json", edit_json(
+    "st-config-default-prompt-unknown": ("config_sentence_transformers.json", edit_json(
         "config_sentence_transformers.json", lambda c: c.update(prompts={"query": "query: "},
-                                                                default_prompt_name="query")),
+                                                                default_prompt_name="passage")),
         "'default_prompt_name'"),
     "st-config-not-json": ("config_sentence_transformers.json", write("config_sentence_transformers.json", "{"),
                            "cannot read"),

@@ -20,6 +20,7 @@ import torch
 
 import minilm
 from minilm import corpus, corpus_folder
+from minilm.corpus_folder import CorpusError
 from minilm.__main__ import main
 from minilm.similarity_search import calibrate_int8, dequantize_int8, pack_binary, quantize_int8, unpack_binary
 
@@ -479,6 +480,10 @@ DIR_CASES = [  # (name, damage to a finished int8 DIR of 20 rows of 64 dims, fra
     ("precision", edit("precision", "fp64"), ["'precision' is \"fp64\""]),
     ("normalize", edit("normalize", "yes"), ["'normalize' is \"yes\""]),
     ("empty-texts", edit("empty_texts", 99), ["'empty_texts' is 99"]),
+    ("truncate-dim-a-word", edit("settings.truncate_dim", "64"), ["'settings.truncate_dim' is \"64\"",
+                                                                  "null or a whole number"]),
+    ("truncate-dim-not-dim", edit("settings.truncate_dim", 32), ["'dim' is 64", "settings.truncate_dim (32)"]),
+    ("prompt-a-number", edit("settings.prompt", 5), ["'settings.prompt' is 5", "a string"]),
     ("calibration-missing", edit("calibration", None), ["'calibration' is null", "an object"]),
     ("calibration-short", edit("calibration.min", lambda v: v[:-1]), ["'calibration.min'", "64 numbers"]),
     ("calibration-inverted", edit("calibration.max", lambda v: [-x for x in v]), ["'calibration.max[0]'"]),
@@ -574,12 +579,14 @@ def test_a_dir_in_use_is_refused_and_left_alone(tiny, tiny_dir, texts_file, stra
 
 def test_a_dir_written_before_storage_was_named_still_reads_and_resumes(tiny, tiny_dir, texts_file, straight,
                                                                         tmp_path, monkeypatch, capsys):
-    """Manifests written before --storage say "dtype" (at the top and in settings): search reads a finished one,
-    and a killed one resumes to the same bytes, its manifest then saying "storage"."""
+    """Manifests written before --storage say "dtype" (at the top and in settings), and have no settings.truncate_dim
+    or settings.prompt (written before encode had them): search reads a finished one, and a killed one resumes to
+    the same bytes, its manifest then saying "storage", truncate_dim null and prompt ""."""
     def as_before(out: Path):
         manifest = json.loads((out / "manifest.json").read_text())
         for fields in (manifest, manifest["settings"]):
             fields["dtype"] = fields.pop("storage")
+        assert manifest["settings"].pop("truncate_dim") is None and manifest["settings"].pop("prompt") == ""
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
     out = tmp_path / "out"
@@ -604,3 +611,47 @@ def test_dtype_is_refused_naming_storage(tmp_path, capsys):
     assert "--dtype int8: the stored format is --storage now (--storage int8)" in message and "--precision" in message
     assert "--storage float32|float16|int8|binary" in cli_error(capsys, base + ["--dtype", "fp16"])
     assert not (tmp_path / "o").exists()
+
+
+def test_truncate_dim_and_prompt_are_recorded_and_searched(tiny_dir, tmp_path, capsys):
+    """encode --truncate-dim N --prompt...: rows are the model's encode_document embeddings cut to N (unit length
+    again), the manifest says N and the prompt's text; search encodes its queries with the model's query prompt
+    (or --query-prompt) cut to N; another N on resume, a query of another size, bad flags: one line each."""
+    model = minilm.load(str(tiny_dir), device="cpu")
+    model.prompts = {"query": "find: ", "document": "doc: ", "other": "o: "}
+    model_dir = model.save(tmp_path / "prompted")
+    texts = make_texts(30, seed=5)
+    (tmp_path / "t.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    base = ["encode", str(tmp_path / "t.txt"), "--model", str(model_dir), "--no-progress", "--device", "cpu",
+            "--window", "8"]
+    main(base + ["--out", str(tmp_path / "cut"), "--truncate-dim", "16"])
+    manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert manifest["settings"]["truncate_dim"] == 16 and manifest["settings"]["prompt"] == "doc: "
+    assert manifest["dim"] == 16 and manifest["shape"] == [30, 16]
+    rows = np.load(tmp_path / "cut" / "embeddings.npy")
+    expected = model.encode_document(texts, truncate_dim=16, normalize=True)
+    assert np.abs(rows - expected).max() <= 1e-6 and np.abs(rows - model.encode(texts)[:, :16]).max() > 1e-3
+    main(base + ["--out", str(tmp_path / "named"), "--prompt-name", "other", "--storage", "binary",
+                 "--truncate-dim", "12"])
+    named = corpus.Corpus(tmp_path / "named")
+    assert named.manifest["settings"]["prompt"] == "o: " and named.manifest["shape"] == [30, 2]
+    capsys.readouterr()
+
+    main(["search", str(tmp_path / "cut"), texts[3], "--top-k", "1"])
+    query = model.encode_query(texts[3], truncate_dim=16, normalize=True)  # "find: " before it, cut, unit length
+    top = capsys.readouterr().out.strip().splitlines()[1].split()
+    assert top[1] == f"{float((rows @ query).max()):.4f}" and float(rows[3] @ query) < 0.9999
+    main(["search", str(tmp_path / "cut"), texts[3], "--top-k", "1", "--query-prompt", "doc: "])
+    assert capsys.readouterr().out.strip().splitlines()[1].split()[1:3] == ["1.0000", "4"]  # the text itself
+
+    with pytest.raises(CorpusError, match=r"queries of 16 dimensions; .*named holds 12-d embeddings \(encoded with "
+                                          r"truncate_dim 12: encode the queries with it too\)"):
+        named.search(np.ones(16, dtype=np.float32))  # 2 bytes of bits either way: only the manifest can tell
+    assert cli_error(capsys, base + ["--out", str(tmp_path / "cut"), "--truncate-dim", "8"]).count(
+        "truncate_dim 16 -> 8") == 1
+    for flags, message in ((["--truncate-dim", "65"], "--truncate-dim 65: truncate_dim must be a whole number from "
+                                                      "1 to 64"),
+                           (["--prompt-name", "passage"], "--prompt-name passage: prompt_name 'passage' is not one "
+                                                          "of the model's prompts ('query', 'document', 'other')")):
+        assert message in cli_error(capsys, base + ["--out", str(tmp_path / "never"), *flags])
+    assert not (tmp_path / "never").exists()

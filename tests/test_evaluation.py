@@ -17,9 +17,10 @@ class FixedEmbeddings:
 
     def __init__(self, vectors: dict):
         self.vectors = vectors
+        self.embedding_dim = len(next(iter(vectors.values())))
 
-    def encode(self, sentences, convert_to="numpy", convert_to_tensor=False, **kwargs):
-        stacked = np.stack([self.vectors[s] for s in sentences]).astype(np.float32)
+    def encode(self, sentences, convert_to="numpy", convert_to_tensor=False, truncate_dim=None, **kwargs):
+        stacked = np.stack([self.vectors[s][:truncate_dim] for s in sentences]).astype(np.float32)
         return torch.from_numpy(stacked) if convert_to == "tensor" or convert_to_tensor else stacked
 
     encode_query = encode_document = encode

@@ -123,3 +123,13 @@ def test_one_query_vector_or_lists_search_like_a_matrix(data):
     for query, rows in ((queries[0], corpus), (queries[:1].tolist(), corpus.tolist())):
         got_indices, got_scores = minilm.search(query, rows, top_k=3)
         assert torch.equal(got_indices, indices) and torch.allclose(got_scores, scores)
+
+
+def test_one_query_vector_of_another_size_is_refused(data):
+    """A query cut to another size (truncate_dim) than the corpus's is refused, not broadcast or misread."""
+    queries, corpus = data
+    for query, rows, message in ((queries[0, :32], corpus, r"queries \(1, 32\) and corpus \(700, 40\) must be "
+                                                           r"\[rows, dim\] with the same dim"),
+                                 (queries[0, :32], pack_binary(corpus), "has 4 uint8 columns, not 5")):
+        with pytest.raises(ValueError, match=message):
+            minilm.search(query, rows, top_k=3)
