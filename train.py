@@ -6,10 +6,9 @@
     torchrun --nproc_per_node=N train.py ...            # DDP: each process trains on its share of every batch
 
 --data: TSV/CSV (header) or JSONL files with sentence-transformers' column names (anchor, positive [, negative...]
-| sentence1, sentence2, score | premise, hypothesis, label), the STS-B folder, SICK.tsv or a BEIR folder; each loss
-declares what it reads (losses/); every row is checked before training starts. A recipe (recipes/) is a JSON file of
-flag values, checked as flags are; command-line flags win. Under torchrun, --loss-params '{"gather_across_devices":
-true}' scores each anchor against the global batch; rank 0 alone logs, evaluates, checkpoints and saves.
+| sentence1, sentence2, score | premise, hypothesis, label), the STS-B folder, SICK.tsv or a BEIR folder, each row
+checked before training against what the loss reads (losses/). A recipe (recipes/) is a JSON file of flag values,
+checked as flags are; command-line flags win. Under torchrun (docs/training.md) rank 0 alone logs, evaluates, saves.
 
 The run folder gets the model (sentence-transformers' layout), README.md (model card), log.jsonl, loss.png,
 checkpoints/ (for --resume) and minilm-run.json (the files it wrote); --overwrite replaces a previous minilm run
@@ -319,6 +318,7 @@ def log(run: Run, entry: dict) -> None:
 
 
 def evaluate(run: Run) -> dict:
+    run.model.refresh_inference_copies()  # the fused AdamW step bumps no tensor version: encode's copy goes stale
     # float(): evaluators give numpy numbers too, which a checkpoint cannot hold (it loads with weights_only=True)
     metrics = {key: float(value) for key, value in run.evaluator(run.model).items()}
     run.model.train()

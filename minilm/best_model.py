@@ -24,10 +24,8 @@ metadata must match the history, its tensors the model, or it is not used (said 
 """
 
 import math
-import sys
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 

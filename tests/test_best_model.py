@@ -4,7 +4,6 @@ resume keeping the best so far, and the curves of loss.png (minilm/best_model.py
 that the best step is known in advance; the real evaluators' metric names are checked against evaluation.py's."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -213,6 +212,35 @@ def test_a_damaged_best_file_is_said_and_the_best_from_the_resume_on_is_kept(cap
     assert f"note: {best}: cannot be read" in err and "the best from this resume on is" in err
     assert_same_model(out, resumed.snapshots / "step-5")
     assert not best.exists()
+
+
+def test_each_evaluation_during_training_scores_the_weights_of_its_step(capsys, tiny_model_dir, tmp_path,
+                                                                           monkeypatch):
+    """The real pairs evaluator, every step: each evaluation equals that of the step's model saved and loaded
+    afresh. (torch's fused AdamW changes the weights without bumping their versions, by which encode tells that
+    its inference copy is stale: without a refresh, every evaluation after the first scored the first's weights,
+    and --load-best kept the first evaluated step.)"""
+    import minilm
+
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a man plays {i}\tsomeone plays {i % 5}\t0.{i % 10}\n"
+                                                            for i in range(24)))
+    scored = []
+    evaluate = train.evaluate
+
+    def evaluate_and_check(run):
+        metrics = evaluate(run)
+        run.model.save(tmp_path / "snapshot")
+        scored.append((metrics, run.evaluator(minilm.load(str(tmp_path / "snapshot"), device="cpu"))))
+        return metrics
+    monkeypatch.setattr(train, "evaluate", evaluate_and_check)
+    code, _, err = call(capsys, "--model", tiny_model_dir, "--loss", "cosine", "--data", pairs, "--batch-size", 8,
+                        "--lr", "1e-2", "--max-steps", 3, "--eval-task", "pairs", "--eval-steps", 1, "--out",
+                        tmp_path / "run")
+    assert code == 0, err
+    assert len(scored) == 3 and len({during["pearson_cosine"] for during, _ in scored}) == 3
+    for during, afresh in scored:
+        assert during == pytest.approx(afresh, abs=1e-6)  # the same weights, encoded in another order
 
 
 # --- flags -----------------------------------------------------------------------------------------------------
