@@ -33,9 +33,10 @@ fi
 out=runs/stsb-cosine
 echo; echo "== STS-B test before fine-tuning"
 python eval.py --model sentence-transformers/all-MiniLM-L6-v2 --task stsb --data "$data/stsb"
-echo; echo "== fine-tuning on STS-B train (CosineSimilarityLoss, batch 16, 1 epoch) -> $out"
+echo; echo "== fine-tuning on STS-B train (CosineSimilarityLoss, batch 16, 1 epoch, best dev step kept) -> $out"
+# loss.png: the loss every 10 steps, the dev Spearman every 60, and the step kept (--load-best)
 python train.py --loss cosine --data "$data/stsb" --batch-size 16 --epochs 1 --lr 5e-5 --seed 42 \
-  --eval-task stsb --eval-split dev --out "$out" --overwrite "$@"
+  --eval-task stsb --eval-split dev --log-steps 10 --eval-steps 60 --load-best --out "$out" --overwrite "$@"
 echo; echo "== STS-B test after fine-tuning"
 # beside the run folder, not in it: --overwrite replaces only what a run wrote itself
 python eval.py --model "$out" --task stsb --data "$data/stsb" --json "$out.sts-test.json"

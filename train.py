@@ -5,17 +5,14 @@
     python train.py --out runs/cosine --resume          # continue exactly where a stopped run left off
     torchrun --nproc_per_node=N train.py ...            # DDP: each process trains on its share of every batch
 
---data takes TSV/CSV (header) or JSONL files with sentence-transformers' column names (anchor, positive
-[, negative...] | sentence1, sentence2, score | premise, hypothesis, label), the STS-B folder, SICK.tsv or a BEIR
-folder. Each loss declares the columns it reads and the scores or labels it accepts (losses/); every row is checked
-before training starts. A recipe is a JSON file of flag values (recipes/), checked as the flags are; flags on the
-command line win. Under torchrun, --loss-params '{"gather_across_devices": true}' lets in-batch-negative losses
-score each anchor against the whole global batch; rank 0 alone logs, evaluates, checkpoints and saves.
+--data: TSV/CSV (header) or JSONL files with sentence-transformers' column names (anchor, positive [, negative...]
+| sentence1, sentence2, score | premise, hypothesis, label), the STS-B folder, SICK.tsv or a BEIR folder, each row
+checked before training against what the loss reads (losses/). A recipe (recipes/) is a JSON file of flag values,
+checked as flags are; command-line flags win. Under torchrun (docs/training.md) rank 0 alone logs, evaluates, saves.
 
-The run folder gets the model in sentence-transformers' layout, README.md (model card), log.jsonl, loss.png,
-checkpoints/step-N (for --resume) and minilm-run.json, the list of the files the run wrote. A run writes only into
-a new or empty folder; --overwrite replaces a previous minilm run (and nothing else) once the new run has
-succeeded. Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and says how to resume.
+The run folder gets the model (sentence-transformers' layout), README.md (model card), log.jsonl, loss.png,
+checkpoints/ (for --resume) and minilm-run.json (the files it wrote); --overwrite replaces a previous minilm run
+(only) once the new run succeeds. Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint and says how to resume.
 """
 
 import argparse
@@ -34,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import minilm
-from minilm import checkpoint as checkpoints, data, evaluation, fast_paths, model_card, training_data
+from minilm import best_model, checkpoint as checkpoints, data, evaluation, fast_paths, model_card, training_data
 from minilm.distributed import any_rank, barrier, global_mean, setup_distributed, tear_down
 from minilm.errors import (InputError, Parser, UsageError, any_float, blamed_on, fraction, json_object,
                            non_negative_float, non_negative_int, positive_float, positive_int, seed)
@@ -64,16 +61,12 @@ def build_parser(explicit_only: bool = False) -> Parser:
     add("--loss-params", type=json_object, default={}, help='loss parameters as JSON, e.g. \'{"scale": 20}\'')
     add("--data", nargs="+", help="training data file(s) or benchmark location(s)")
     add("--split", default="train", help="split for benchmark data (default: train)")
-    add("--multi-dataset", choices=sorted(data.MULTI_DATASET), default="proportional",
-        help="with several --data: proportional = every batch of every dataset each epoch, interleaved at random; "
-             "round_robin = one batch of each in turn until the smallest runs out (as sentence-transformers')")
-    add("--score-scale", type=positive_float, default=1.0, help="divide every score of the data by this: 5 for "
-        "STS-style 0..5 scores (default: 1; the stsb folder and SICK.tsv give 0..1 already)")
-    add("--min-score", type=any_float, default=0.8,
-        help="for losses without labels on scored pairs: keep pairs scoring at least this (default 0.8)")
+    add("--multi-dataset", choices=sorted(data.MULTI_DATASET), default="proportional", help="several --data: every "
+        "batch of each an epoch, interleaved at random; round_robin: one of each in turn until the smallest runs out")
+    add("--score-scale", type=positive_float, default=1.0, help="divide every score by this: 5 for 0..5 STS scores")
+    add("--min-score", type=any_float, default=0.8, help="losses without labels: keep the scored pairs scoring >= this")
     add("--out", help="output folder: new or empty (or a previous minilm run with --overwrite / --resume)")
-    add("--overwrite", action="store_true",
-        help="replace a previous minilm run in --out, once this run has succeeded (other files: refused)")
+    add("--overwrite", action="store_true", help="replace a previous minilm run (only) in --out once this run succeeds")
     add("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     add("--batch-size", type=positive_int, default=32, help="rows per batch (per process under torchrun)")
     add("--epochs", type=positive_float, default=1, help="passes over the data (ignored when --max-steps is set)")
@@ -93,6 +86,9 @@ def build_parser(explicit_only: bool = False) -> Parser:
     add("--eval-data", help="data for --eval-task (default: the first --data)")
     add("--eval-split", default="dev", help="split of the --eval-data (SICK: dev is its trial split)")
     add("--eval-steps", type=non_negative_int, default=0, help="evaluate every N steps (0: only at the end)")
+    add("--metric-for-best", metavar="NAME", help="the metric that picks the best evaluation (default: the main one)")
+    add("--load-best", action="store_true", help="save the whole model of the best evaluation, not the last step's")
+    add("--early-stopping-patience", type=non_negative_int, default=0, help="stop after N evaluations not better")
     add("--log-steps", type=positive_int, default=50, help="log the mean loss every N steps")
     add("--save-steps", type=non_negative_int, default=500, help="checkpoint every N steps (0: never)")
     add("--save-total-limit", type=positive_int, default=2, help="checkpoints kept (oldest removed)")
@@ -118,8 +114,7 @@ def parse_args(argv=None) -> tuple:
     if not args.out:
         raise UsageError("--out is required: the folder the run writes into (or, with --resume, the run's folder)")
     if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite together: --resume continues the run in --out, --overwrite "
-                         "starts a new one there; choose one")
+        raise UsageError("--resume and --overwrite: one continues the run in --out, the other starts anew; choose one")
     return args, given
 
 
@@ -129,8 +124,7 @@ def check_args(args, world: int = 1) -> torch.device:
     missing = [flag for flag, value in (("--loss", args.loss), ("--data", args.data)) if not value]
     if missing:
         recipe = f"the --recipe {args.recipe}" if args.recipe else "a --recipe"
-        raise UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (here or in "
-                         f"{recipe})")
+        raise UsageError(f"{' and '.join(missing)} {'are' if missing[1:] else 'is'} required (here or in {recipe})")
     with blamed_on("", InputError):
         fast_paths.check_environment()
     loss_class, params = LOSSES[args.loss], json.dumps(args.loss_params)
@@ -140,12 +134,12 @@ def check_args(args, world: int = 1) -> torch.device:
     with blamed_on(f"--loss-params {params}", ValueError):
         check_params(args.loss_params)
     if loss_class.in_batch_negatives and args.batch_size * world < 2:
-        raise UsageError(f"--batch-size {args.batch_size}: the {args.loss} loss contrasts the rows of a batch, so a "
-                         "batch needs at least 2 rows")
+        raise UsageError(f"--batch-size {args.batch_size}: the {args.loss} loss contrasts at least 2 rows in a batch")
     with blamed_on(f"--device {args.device}", InputError):
         device = resolve_device(args.device)
     if args.precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16: float16 training needs CUDA; use bf16 or fp32 on the CPU")
+    best_model.check_flags(args)
     return device
 
 
@@ -170,6 +164,7 @@ class Run:
     precision: str  # fp32, bf16 or fp16: what the forward passes compute in (autocast)
     scaler: torch.amp.GradScaler  # scales fp16 losses; does nothing otherwise
     state: dict  # step, epoch, batch_in_epoch, history, train_seconds (and a resumed run's running loss)
+    best: best_model.BestModel  # the best evaluation so far: its model for --load-best, its count for early stopping
     settings: dict  # the flags as the run was started: checkpoints hold them, the model card shows them
     started_in: str  # the folder the path flags are relative to
     started: float = 0.0  # time.perf_counter() when training started, less the seconds trained before a resume
@@ -225,8 +220,9 @@ def set_up(args, given: dict, rank: int, world: int, held: contextlib.ExitStack)
     barrier()
     if rank == 0:  # the log holds exactly the entries up to the checkpoint: steps after it are trained again
         (folder / "log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in state["history"]))
-    return Run(args, rank, world, folder, prepared, model, loss_fn, evaluator, batches, steps_per_epoch,
-               total_steps, optimizer, scheduler, precision, scaler, state, *checkpoints.as_started(args, resumed))
+    best = best_model.BestModel(args, folder, state["history"], total_steps, rank, prepared.notes)
+    return Run(args, rank, world, folder, prepared, model, loss_fn, evaluator, batches, steps_per_epoch, total_steps,
+               optimizer, scheduler, precision, scaler, state, best, *checkpoints.as_started(args, resumed))
 
 
 # --- the loop --------------------------------------------------------------------------------------------------
@@ -272,9 +268,11 @@ def train(run: Run, stop: checkpoints.StopRequest) -> bool:
                           "seconds": round(time.perf_counter() - run.started, 2)})
                 progress.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr:.2e}")
                 running_loss, running_count = torch.zeros((), device=run.model.device), 0
-            if run.rank == 0 and run.evaluator and args.eval_steps and step % args.eval_steps == 0 \
-                    and step < run.total_steps:
-                evaluate(run)
+            if run.evaluator and args.eval_steps and step % args.eval_steps == 0 and step < run.total_steps:
+                if run.rank == 0:
+                    evaluate(run)
+                if any_rank(run.best.stopped_at == step):  # --early-stopping-patience: this step is the last
+                    run.total_steps = step
             stopping = any_rank(stop.signal is not None)
             if step < run.total_steps and (stopping or args.save_steps and step % args.save_steps == 0):
                 checkpoints.check_finite(running_loss, grad_norm, run.folder, state)
@@ -290,8 +288,7 @@ def train(run: Run, stop: checkpoints.StopRequest) -> bool:
             if step >= run.total_steps:
                 break
         else:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
+            state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
     progress.close()
     state["train_seconds"] = time.perf_counter() - run.started
     return True
@@ -321,12 +318,14 @@ def log(run: Run, entry: dict) -> None:
 
 
 def evaluate(run: Run) -> dict:
+    run.model.refresh_inference_copies()  # the fused AdamW step bumps no tensor version: encode's copy goes stale
     # float(): evaluators give numpy numbers too, which a checkpoint cannot hold (it loads with weights_only=True)
     metrics = {key: float(value) for key, value in run.evaluator(run.model).items()}
     run.model.train()
     step = run.state["step"]
     log(run, {"step": step, "epoch": round(step / run.steps_per_epoch, 4),
               **{f"eval_{key}": value for key, value in metrics.items()}})
+    run.best.update(step, metrics, run.model, run.loss_fn)
     return metrics
 
 
@@ -341,17 +340,19 @@ def write_checkpoint(run: Run) -> Path:
 
 
 def save(run: Run) -> tuple:
-    """The final evaluation, then the model, its card and the loss's own weights. -> (metrics, save_started)."""
-    metrics = evaluate(run) if run.evaluator else {}
+    """The final evaluation, then the model (--load-best: the best's), card and loss weights. -> (metrics, since)."""
+    if run.evaluator and run.best.stopped_at is None:  # early stopping has evaluated the last step already
+        evaluate(run)
     try:
         since = save_started(run.folder)
+        metrics = run.best.keep(run.model, run.loss_fn, run.state["step"])
         run.model.save(run.folder)
         if hasattr(run.loss_fn, "save"):
             run.loss_fn.save(run.folder)  # SoftmaxLoss's classifier, for eval.py --task nli
         shown = [(name, *dataset[1:]) for name, dataset in zip(run.settings["data"], run.data.datasets)]  # as given
         model_card.write(run.folder, settings=run.settings, model=run.model, loss_fn=run.loss_fn, datasets=shown,
                          history=run.state["history"], metrics=metrics, train_seconds=run.state["train_seconds"],
-                         eval_name=run.evaluator.name if run.evaluator else None)
+                         eval_name=run.evaluator.name if run.evaluator else None, best=run.best.summary())
     except OSError as error:
         raise UsageError(f"saving the model to {run.folder} failed ({error.strerror or error}); the checkpoints "
                          "stay: free space, then --resume") from None
@@ -385,8 +386,7 @@ def main(argv=None) -> int:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     except checkpoints.StoppedAtOnce:
-        print("train.py: stopped at once (a second signal); --resume continues from the newest checkpoint, if "
-              "one was written", file=sys.stderr)
+        print("train.py: stopped at once (a second signal); --resume: from the newest checkpoint", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # while loading, before the loop (a new run then keeps nothing: see set_up), or after
         print("train.py: interrupted outside the training steps (a signal there stops at once); run the command "

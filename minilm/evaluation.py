@@ -348,6 +348,7 @@ class EmbeddingSimilarityEvaluator(Evaluator):
     """Pearson/Spearman of cosine similarity against gold similarity scores (STS)."""
 
     main_metric = "spearman_cosine"
+    metric_names = ("pearson_cosine", "spearman_cosine")  # what __call__ returns
 
     def __init__(self, sentences1, sentences2, scores, name="", batch_size=32):
         self.sentences1, self.sentences2, self.scores = list(sentences1), list(sentences2), list(scores)
@@ -369,6 +370,8 @@ class BinaryClassificationEvaluator(Evaluator):
     """Is a pair similar (label 1) or not (0)? Cosine accuracy, F1, precision, recall, AP at best thresholds."""
 
     main_metric = "cosine_ap"
+    metric_names = ("cosine_accuracy", "cosine_accuracy_threshold", "cosine_f1", "cosine_f1_threshold",
+               "cosine_precision", "cosine_recall", "cosine_ap", "cosine_mcc")
 
     def __init__(self, sentences1, sentences2, labels, name="", batch_size=32):
         bad = [label for label in labels if label not in (0, 1)]
@@ -389,6 +392,7 @@ class InformationRetrievalEvaluator(Evaluator):
     """Each query should find its relevant documents in the corpus: MRR@10, NDCG@10, Recall@k, MAP@100."""
 
     main_metric = "cosine_ndcg@10"
+    metric_names = tuple(f"cosine_{name}@{k}" for name, ks in RETRIEVAL_KS.items() for k in ks)
 
     def __init__(self, queries: dict, corpus: dict, relevant_docs: dict, name="", batch_size=32,
                  ignore_identical_ids: bool = False, query_prompt=None, query_prompt_name=None, corpus_prompt=None,
@@ -463,6 +467,7 @@ class LabelAccuracyEvaluator(Evaluator):
     """Accuracy of a pair classifier (SoftmaxLoss's Linear over concat(u, v, |u - v|))."""
 
     main_metric = "accuracy"
+    metric_names = ("accuracy",)
 
     def __init__(self, sentences1, sentences2, labels, classifier, name="", batch_size=32):
         self.sentences1, self.sentences2, self.labels = list(sentences1), list(sentences2), list(labels)
@@ -481,6 +486,13 @@ class LabelAccuracyEvaluator(Evaluator):
             logits = self.classifier(pair_features(u, v).to(weight.device, weight.dtype))
         predicted = logits.argmax(dim=-1).cpu()
         return {"accuracy": float((predicted == torch.tensor(self.labels)).float().mean())}
+
+
+# The evaluator class of each task, for what is known before any data is read (train.py's --metric-for-best).
+TASK_EVALUATORS = {"stsb": EmbeddingSimilarityEvaluator, "stsb-binary": BinaryClassificationEvaluator,
+                   "sick": EmbeddingSimilarityEvaluator, "nli": LabelAccuracyEvaluator,
+                   "pairs": EmbeddingSimilarityEvaluator, "binary": BinaryClassificationEvaluator,
+                   "retrieval": InformationRetrievalEvaluator}
 
 
 def for_task(task: str, location, split: str, classifier=None, binary_threshold: float = 0.6,

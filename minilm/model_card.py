@@ -2,7 +2,8 @@
 
 What a reader of the card needs to repeat or judge the run: the architecture, the data (size, columns, token
 statistics, samples), the loss and its parameters, every hyperparameter, the training log, the evaluation
-metrics, and the framework versions. Plus loss.png, the loss curve, when matplotlib is installed.
+metrics (and which step's model was kept, and why), and the framework versions. Plus loss.png, the training
+loss and evaluation curves (minilm/curves.py), when matplotlib is installed.
 
 Every text that comes from the run (training sentences, file names, flag values) is escaped for where it lands:
 HTML and Markdown in the body, a JSON string in the YAML front matter, a fence longer than any run of backticks
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 import minilm
-from minilm import files, pooling
+from minilm import curves, files, pooling
 
 SBERT_CITATION = """@inproceedings{reimers-2019-sentence-bert,
     title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
@@ -33,7 +34,8 @@ SBERT_CITATION = """@inproceedings{reimers-2019-sentence-bert,
 # train.py's flags that are hyperparameters (the rest say where things are), with the defaults of train.py.
 HYPERPARAMETERS = ["batch_size", "epochs", "max_steps", "lr", "weight_decay", "warmup_ratio", "warmup_steps",
                    "max_grad_norm", "grad_accum", "seed", "precision", "max_seq_length", "normalize", "min_score",
-                   "eval_steps", "log_steps", "save_steps", "score_scale"]
+                   "eval_steps", "log_steps", "save_steps", "score_scale", "metric_for_best", "load_best",
+                   "early_stopping_patience"]
 
 
 def column_statistics(rows: list, column: str, tokenize_ids) -> tuple:
@@ -96,50 +98,46 @@ def architecture(model) -> str:
     return "\n".join(lines + [")"])
 
 
-def training_log_table(history: list, eval_key) -> str:
-    rows = []
-    for entry in history:
-        loss = f"{entry['loss']:.4f}" if "loss" in entry else "-"
-        metric = f"{entry[eval_key]:.4f}" if eval_key and eval_key in entry else "-"
-        rows.append([entry["epoch"], entry["step"], loss] + ([metric] if eval_key else []))
+def training_log_table(history: list, figures: dict, eval_key, kept_step) -> str:
+    """The figures of loss.png (curves.series of the history) as a table, one row a step; the kept step's row in
+    bold, as in sentence-transformers' cards."""
+    rows = {step: {"loss": f"{loss:.4f}"} for step, loss in figures["loss"]}
+    if figures["partial"]:
+        step, loss, steps = figures["partial"]
+        rows[step] = {"loss": f"{loss:.4f} (mean of the last {steps} step(s) only)"}
+    for step, value in figures["eval"]:
+        rows.setdefault(step, {})["eval"] = f"{value:.4f}"
+    epochs = {entry["step"]: entry["epoch"] for entry in history}
+    table = []
+    for step in sorted(rows):
+        cells = [epochs[step], step, rows[step].get("loss", "-")] + ([rows[step].get("eval", "-")] if eval_key else [])
+        table.append([f"**{cell}**" for cell in cells] if step == kept_step else cells)
     header = ["Epoch", "Step", "Training Loss"] + ([_text(eval_key.removeprefix("eval_"))] if eval_key else [])
-    return _table(header, rows)
+    note = "\n\n* The bold row is the step whose model was saved (--load-best)." if kept_step is not None else ""
+    return _table(header, table) + note
 
 
-def plot_loss(history: list, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    points = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
-    if not points:
-        return False
-    figure, axes = plt.subplots(figsize=(6, 3.5))
-    axes.plot(*zip(*points), marker=".")
-    axes.set_xlabel("step")
-    axes.set_ylabel("training loss")
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    with files.replaced_atomically(path) as temporary:
-        figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
-    return True
+def training_logs(out_dir: Path, history: list, best: dict, train_seconds: float) -> list:
+    """loss.png (when matplotlib is there) and the card's parts that show the same figures."""
+    figures = curves.series(history, best["metric"], best["kept_step"])
+    has_plot = curves.plot(figures, best["metric"], out_dir / "loss.png")
+    return [training_log_table(history, figures, best["metric"], best["kept_step"]),
+            f"Training took {train_seconds:.0f} s." + ("\n\n![training curves](loss.png)" if has_plot else "")]
 
 
-def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, eval_name, train_seconds) -> Path:
+def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, eval_name, train_seconds,
+          best=None) -> Path:
     """Write out_dir/README.md (and loss.png).
 
     settings: the run's settings as a plain dict (train.py's flags by name: model, batch_size, lr, ...);
-    datasets: [(source, rows, text_columns, label_column)].
+    datasets: [(source, rows, text_columns, label_column)]; metrics: the evaluation of the model saved;
+    best: minilm.best_model's summary ({"metric": the log key of the metric drawn, "kept_step", "text"}).
     """
     out_dir = Path(out_dir)
     base = settings.get("model")
     loss_name = type(loss_fn).__name__
     size = sum(len(rows) for _, rows, _, _ in datasets)
-    has_plot = plot_loss(history, out_dir / "loss.png")
+    best = best or {"metric": None, "kept_step": None, "text": ""}
     _, first_rows, first_text_columns, _ = datasets[0]
     sample = first_rows[0]
 
@@ -168,7 +166,8 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
                     "embeddings = model.encode([\"The weather is lovely today.\", \"It's so sunny outside!\"])\n"
                     "print(model.similarity(embeddings, embeddings))")]
     if metrics:
-        parts += ["## Evaluation", "### Metrics", f"#### {_text(eval_name)}",
+        # best["text"] is minilm's own sentence (numbers, and metric names from evaluation.py's lists): as it is
+        parts += ["## Evaluation", "### Metrics", f"#### {_text(eval_name)}", *([best["text"]] if best["text"] else []),
                   _table(["Metric", "Value"], [[_text(key), f"{value:.4f}"] for key, value in metrics.items()])]
 
     stats, columns = [], [c for c in first_text_columns] + ([datasets[0][3]] if datasets[0][3] else [])
@@ -187,13 +186,13 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
               + _fence("json", json.dumps(loss_fn.config(), indent=4))]
 
     non_default = {key: settings[key] for key in ("batch_size", "epochs", "max_steps", "lr", "warmup_ratio",
-                                                  "precision", "eval_steps") if settings.get(key)}
+                                                  "precision", "eval_steps", "metric_for_best", "load_best",
+                                                  "early_stopping_patience") if settings.get(key)}
     parts += ["### Training Hyperparameters", "#### Non-Default Hyperparameters",
               "\n".join(f"- `{key}`: {_text(value)}" for key, value in non_default.items()),
               "#### All Hyperparameters", "<details><summary>Click to expand</summary>\n\n"
               + "\n".join(f"- `{key}`: {_text(settings.get(key))}" for key in HYPERPARAMETERS) + "\n\n</details>",
-              "### Training Logs", training_log_table(history, _primary_eval_key(history)),
-              f"Training took {train_seconds:.0f} s." + ("\n\n![training loss](loss.png)" if has_plot else ""),
+              "### Training Logs", *training_logs(out_dir, history, best, train_seconds),
               "### Framework Versions",
               f"- Python: {platform.python_version()}\n- minilm: {minilm.__version__}\n"
               f"- PyTorch: {torch.__version__}\n- Tokenizers: {_version('tokenizers')}\n"
@@ -227,12 +226,6 @@ def _front_matter(base, size, loss_name, rows, text_columns, metrics) -> str:
     if metrics:
         front += ["metrics:"] + [f"- {_yaml_string(key)}" for key in metrics]
     return "\n".join(front + ["---"])
-
-
-def _primary_eval_key(history: list):
-    keys = [key for entry in history for key in entry if key.startswith("eval_")]
-    preferred = [k for k in keys if k.endswith(("spearman_cosine", "cosine_ap", "accuracy", "ndcg@10"))]
-    return (preferred or keys or [None])[0]
 
 
 def _version(package: str) -> str:
