@@ -281,7 +281,7 @@ def test_higher_is_better_except_for_a_loss_and_a_nan_never_improves(tmp_path, m
     """The rule, on BestModel alone (no files: rank 1): a tie keeps the earlier step; nan counts as no improvement,
     also when every evaluation so far is nan (early stopping then still ends the run)."""
     class WithALoss:
-        primary_metric, metrics = "spearman_cosine", ("spearman_cosine", "mse_loss")
+        main_metric, metric_names = "spearman_cosine", ("spearman_cosine", "mse_loss")
     monkeypatch.setitem(evaluation.TASK_EVALUATORS, "pairs", WithALoss)
     nan = float("nan")
     for metric, values, best_step in (("spearman_cosine", [nan, 0.5, 0.6, 0.6, 0.2], 3),
