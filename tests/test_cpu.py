@@ -79,9 +79,10 @@ def test_vnni_and_avx512_bf16_pick_int8_when_its_gemm_is_twice_bf16s():
 def test_vnni_without_bf16_picks_int8_when_the_probe_says_faster():
     assert cpu.choose_precision(CASCADE_LAKE, {"fp32": 100.0, "bf16": 2.0, "fp16": 2.0, "int8": 350.0}) == \
         cpu.Choice("int8", "auto -> int8: avx512_vnni, bf16 GEMM 50x slower than fp32, int8 GEMM 3.5x fp32")
-    # the instructions are there but torch's int8 GEMM does not gain: fp32, with the figures that say why
-    choice = cpu.choose_precision(CASCADE_LAKE, {"fp32": 100.0, "bf16": 2.0, "fp16": 2.0, "int8": 110.0})
-    assert choice == cpu.Choice("fp32", "auto -> fp32: bf16 GEMM 50x slower than fp32, int8 GEMM 1.1x fp32")
+    # the instructions are there but int8's GEMM gains too little to pay for its quantization and float32
+    # attention (1.5x GEMM encoded at 0.45x fp32): fp32, with the figures that say why
+    choice = cpu.choose_precision(CASCADE_LAKE, {"fp32": 100.0, "bf16": 2.0, "fp16": 2.0, "int8": 250.0})
+    assert choice == cpu.Choice("fp32", "auto -> fp32: bf16 GEMM 50x slower than fp32, int8 GEMM 2.5x fp32")
 
 
 def test_unknown_precision_is_an_input_error():
