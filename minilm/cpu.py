@@ -2,7 +2,7 @@
 
     describe_cpu()       -> CPU: vendor, model name, the instruction sets that matter, oneDNN's bf16/fp16 support
     choose_precision()   -> Choice("bf16", "auto -> bf16: amx_bf16, ..."): what precision="auto" runs
-    gemm_rates()         -> {precision: G(FL)OP/s} of one encoder layer's Linears, measured once (~0.1 s)
+    gemm_rates()         -> {precision: G(FL)OP/s} of one encoder layer's Linears, measured once (0.1-0.3 s)
     slowdown(precision)  -> how many times slower than fp32 that precision's GEMMs run here (1.0: not slower)
     slow_precision_warning(precision) -> the warning an explicit slow precision gives once, or None
 
