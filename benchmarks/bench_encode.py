@@ -253,9 +253,9 @@ def print_ceiling(useful_flops: float, reference_seconds: float, peaks: dict) ->
     """No encode can beat useful FLOPs / the fastest GEMM rate: the most any precision can gain on this CPU.
     (The attention's FLOPs run in float in every precision, so the int8 bound is looser than it can reach.)"""
     reference_rate = useful_flops / reference_seconds / 1e9
-    print(f"\nCeiling on this CPU ({cpu.describe_cpu().summary()}): sentence-transformers fp32 does {reference_rate:.0f} GFLOP/s of useful work "
-          f"({100 * reference_rate / peaks['fp32']:.0f}% of the fp32 GEMM peak). With every useful FLOP at 100% of "
-          "a GEMM peak and nothing else taking time, an encode is at most "
+    print(f"\nCeiling on this CPU ({cpu.describe_cpu().summary()}): sentence-transformers fp32 does "
+          f"{reference_rate:.0f} GFLOP/s of useful work ({100 * reference_rate / peaks['fp32']:.0f}% of the fp32 GEMM "
+          "peak). With every useful FLOP at 100% of a GEMM peak and nothing else taking time, an encode is at most "
           + ", ".join(f"{peaks[precision] / reference_rate:.1f}x it in {precision}" for precision in
                       ("fp32", "bf16", "int8")) + ".")
 

@@ -28,8 +28,8 @@ SHAPES = [
     (300, 1536, 384, True),    # an FFN output
     (33, 64, 40, False),       # no bias, sizes that are not multiples of anything
 ]
-needs_onednn_int8 = pytest.mark.skipif(not cpu.onednn_int8_available(),
-                                       reason="this torch has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise)")
+NO_ONEDNN_INT8 = "this torch has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise)"
+needs_onednn_int8 = pytest.mark.skipif(not cpu.onednn_int8_available(), reason=NO_ONEDNN_INT8)
 
 
 @pytest.mark.parametrize("path", ["onednn", "reference"])
@@ -42,7 +42,7 @@ def test_int8_linear_is_close_to_linear(rows, in_features, out_features, bias, p
     if path == "reference":
         quantized.packed = None  # what runs where this torch has no oneDNN int8 linear: torch._int_mm
     elif quantized.packed is None:
-        pytest.skip("this torch has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise)")
+        pytest.skip(NO_ONEDNN_INT8)
     got = quantized(x)
     assert got.shape == (rows, out_features) and got.dtype == torch.float32
     error = relative_error(got, linear(x).detach())
