@@ -65,10 +65,10 @@ def measure_gemm_peaks(batch_rows: int) -> dict:
     return {precision: max(rate[precision] for rate in rates) for precision in cpu.PRECISIONS}
 
 
-def timed_in_turns(paths: dict, rounds: int, warm_up: dict):
-    """paths, warm_up: {name: fn}. Each warm-up call, then `rounds` rounds calling each path once in turn.
-    Returns {name: (seconds of each round, last result)}."""
-    for fn in warm_up.values():
+def timed_in_turns(paths: dict, rounds: int, warm_up: dict = None):
+    """paths, warm_up: {name: fn}. Each warm-up call (default: each path once), then `rounds` rounds calling each
+    path once in turn. Returns {name: (seconds of each round, last result)}."""
+    for fn in (paths if warm_up is None else warm_up).values():
         fn()
     results, times = {}, {name: [] for name in paths}
     for _ in range(rounds):
