@@ -13,8 +13,16 @@ Prints texts/s (the "sentences/s" column) of each path, their ratio to sentence-
 same run, the roofline (useful FLOPs of the real tokens / time / the GEMM GFLOP/s this machine reaches in that
 precision, measured in the same run), STS-B test Spearman from each path's embeddings, the largest difference
 from the reference's, and the peak memory held by tensors during one more encode (torch.profiler's allocation
-records). Last, the ceiling this CPU sets: how many times faster than the reference an encode could be if every
-useful FLOP ran at the fastest GEMM rate measured here (any precision), with nothing else costing time.
+records). Last, the CPU (minilm.cpu: vendor, AVX2 / AVX-512 / VNNI / AVX-512 bf16 / AMX) and the ceiling it sets:
+how many times faster than the reference an encode could be if every useful FLOP ran at the fastest GEMM rate
+measured here (any precision), with nothing else costing time. The GEMM rates are one encoder layer's four Linears
+(minilm.cpu.LAYER_SHAPES) through the ops encode runs, at 1,024 rows and at the corpus's typical batch, the better.
+
+A precision whose GEMMs run more than minilm.cpu.SLOW times slower than fp32 here (bf16 and int8 on a CPU with AVX2
+only: 5-70x) is not run in the rounds: it is timed once on a slice of the texts (as many as ~15 s allow) beside
+minilm fp32 on the same slice, and printed as such, so that the benchmark finishes on every CPU. `auto` (the
+precision minilm.cpu.choose_precision picks here) is a row of its own once encode takes precision="auto"; until
+then the choice and its reason are printed.
 
 The paths take turns, one encode each per round, so that a slow spell of a shared machine hits all of them; each
 path's time is its median over the rounds, and the range of its per-round ratios to the reference is printed too.
@@ -38,37 +46,31 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import minilm  # noqa: E402
+from minilm import cpu  # noqa: E402
 from minilm.data import load_stsb  # noqa: E402
 from minilm.encoder import flops_per_token  # noqa: E402
+from minilm.errors import InputError  # noqa: E402
 from minilm.evaluation import similarity_metrics  # noqa: E402
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 REFERENCE = "sentence-transformers"
+SLICE_SECONDS = 15  # a precision that is slow here is timed on about this many seconds' worth of texts
 
 
-def measure_matmul_gflops(dtype, repeats: int = 20) -> float:
-    """What this machine's GEMM reaches at the shapes the encoder runs ([tokens, 384] x [384, 1536])."""
-    if dtype == torch.int8:
-        a, b = torch.randint(-127, 128, (4096, 384), dtype=dtype), torch.randint(-127, 128, (384, 1536), dtype=dtype)
-        multiply = torch._int_mm
-    else:
-        a, b = torch.randn(4096, 384, dtype=dtype), torch.randn(384, 1536, dtype=dtype)
-        multiply = torch.matmul
-    for _ in range(3):
-        multiply(a, b)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        multiply(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * 4096 * 384 * 1536 / statistics.median(times) / 1e9
+def measure_gemm_peaks(batch_rows: int) -> dict:
+    """{precision: G(FL)OP/s}: one encoder layer's Linears (minilm.cpu.LAYER_SHAPES) through the ops encode runs,
+    at 1,024 rows and at `batch_rows` (the corpus's typical batch), the better of the two; a precision that is
+    slow here keeps minilm.cpu's small-trial rate."""
+    rates = [cpu.measure_gemm_rates(rows, repeats=5) for rows in sorted({cpu.PROBE_ROWS, batch_rows})]
+    return {precision: max(rate[precision] for rate in rates) for precision in cpu.PRECISIONS}
 
 
-def timed_in_turns(paths: dict, rounds: int):
-    """paths: {name: fn}. One warm-up call of each, then `rounds` rounds calling each once in turn.
-    Returns {name: (seconds of each round, last result)}."""
-    results = {name: fn() for name, fn in paths.items()}
-    times = {name: [] for name in paths}
+def timed_in_turns(paths: dict, rounds: int, warm_up: dict = None):
+    """paths, warm_up: {name: fn}. Each warm-up call (default: each path once), then `rounds` rounds calling each
+    path once in turn. Returns {name: (seconds of each round, last result)}."""
+    for fn in (paths if warm_up is None else warm_up).values():
+        fn()
+    results, times = {}, {name: [] for name in paths}
     for _ in range(rounds):
         for name, fn in paths.items():
             start = time.perf_counter()
@@ -104,20 +106,20 @@ def scifact_abstracts(scifact: Path, count: int) -> list:
     return texts
 
 
-def int8_encoder(model):
-    """encode(precision="int8") if minilm has it, else the same thing by hand: a copy of the model whose encoder
-    Linears are Int8Linear except q/k/v (minilm.quantize.keep_qkv_float; the unused pooler left as it is),
+def int8_encoder(model, batch_size):
+    """fn(texts): encode(precision="int8") if minilm has it, else the same thing by hand: a copy of the model whose
+    encoder Linears are Int8Linear except q/k/v (minilm.quantize.keep_qkv_float; the unused pooler left as it is),
     encoding in float32 without the oneDNN copy."""
     from minilm.model import PRECISIONS
 
     if "int8" in PRECISIONS:
-        return lambda texts, batch_size: model.encode(texts, batch_size=batch_size, precision="int8")
+        return lambda texts: model.encode(texts, batch_size=batch_size, precision="int8")
     from minilm.quantize import keep_qkv_float, quantize_linears
 
     quantized = copy.deepcopy(model)
     quantized.packed_cpu_inference = False
     quantize_linears(quantized.encoder.layers, skip=keep_qkv_float)
-    return lambda texts, batch_size: quantized.encode(texts, batch_size=batch_size)
+    return lambda texts: quantized.encode(texts, batch_size=batch_size)
 
 
 def main() -> None:
@@ -146,35 +148,63 @@ def main() -> None:
     model = minilm.load(MODEL, device="cpu", max_seq_length=256)
     lengths = [len(ids) for ids in model.tokenizer.encode_ids(sentences)]
     useful_flops = sum(length * flops_per_token(model.encoder.config, length) for length in lengths)
-    peaks = {"fp32": measure_matmul_gflops(torch.float32), "bf16": measure_matmul_gflops(torch.bfloat16),
-             "fp16": measure_matmul_gflops(torch.float16)}
-    peaks["int8"] = measure_matmul_gflops(torch.int8)  # also for the ceiling printed at the end
+    batch_rows = sum(sorted(lengths, reverse=True)[: args.batch_size])  # encode's token budget per batch
+    peaks = measure_gemm_peaks(batch_rows)
     print(f"{args.corpus}: {len(sentences)} texts, {sum(lengths)} tokens, {useful_flops / 1e9:.1f} GFLOP of useful "
-          f"work; batch {args.batch_size}; {args.threads} threads; matmul peak measured here: "
-          + ", ".join(f"{name} {peaks[name]:.0f} G(FL)OP/s" for name in peaks if name != "fp16")
-          + f"; torch {torch.__version__}")
+          f"work; batch {args.batch_size}; {args.threads} threads; torch {torch.__version__}\nCPU: "
+          f"{cpu.describe_cpu().summary()}\nGEMM peak measured here (one encoder layer's Linears, {cpu.PROBE_ROWS} "
+          f"and {batch_rows} rows): " + ", ".join(f"{name} {peaks[name]:.0f}" for name in peaks) + " G(FL)OP/s")
+    choice = cpu.choose_precision()
+    print(f"precision='auto' here: {choice.reason}")
 
-    paths = {}  # name -> (precision, encode call)
-    for precision in args.precisions:
-        if precision == "int8":
-            encode_int8 = int8_encoder(model)
-            paths["minilm int8"] = ("int8", lambda: encode_int8(sentences, args.batch_size))
-        else:
-            paths[f"minilm {precision}"] = (precision, lambda precision=precision: model.encode(
-                sentences, batch_size=args.batch_size, precision=precision))
-        if precision == "fp32":
-            paths[f"minilm fp32, fixed batches of {args.batch_size}"] = ("fp32", lambda: model.encode(
-                sentences, batch_size=args.batch_size, token_budget=False))
+    slow = [precision for precision in args.precisions if peaks["fp32"] / peaks[precision] > cpu.SLOW]
+    paths = encode_paths(model, sentences, args, [p for p in args.precisions if p not in slow], choice)
     if not args.no_reference:
         from sentence_transformers import SentenceTransformer
 
         reference = SentenceTransformer(str(model.source_dir), device="cpu")
         reference.max_seq_length = model.max_seq_length
-        paths[REFERENCE] = ("fp32", lambda: reference.encode(sentences, batch_size=args.batch_size,
-                                                              convert_to_numpy=True))
-    measured = timed_in_turns({name: fn for name, (_, fn) in paths.items()}, args.repeats)
-    memory = {name: peak_tensor_mib(fn) for name, (_, fn) in paths.items()}  # after the timing: it slows them
+        paths[REFERENCE] = ("fp32", lambda texts: reference.encode(texts, batch_size=args.batch_size,
+                                                                   convert_to_numpy=True))
+    # Warm-up and memory on the longest texts (they hold encode's first, largest batch: the peak is the same).
+    longest = sorted(range(len(sentences)), key=lambda index: -lengths[index])[: 2 * args.batch_size]
+    warm_up = [sentences[index] for index in longest]
+    measured = timed_in_turns({name: lambda fn=fn: fn(sentences) for name, (_, fn) in paths.items()}, args.repeats,
+                              warm_up={name: lambda fn=fn: fn(warm_up) for name, (_, fn) in paths.items()})
+    memory = {name: peak_tensor_mib(lambda fn=fn: fn(warm_up)) for name, (_, fn) in paths.items()}  # slows them
 
+    print_table(paths, measured, memory, scores, useful_flops, peaks, len(sentences))
+    if slow:
+        fp32_rate = len(sentences) / statistics.median(measured["minilm fp32"][0]) if "minilm fp32" in measured \
+            else None
+        print_slow(model, sentences, args.batch_size, slow, peaks, fp32_rate)
+    if REFERENCE in measured:
+        print_ceiling(useful_flops, statistics.median(measured[REFERENCE][0]), peaks)
+
+
+def encode_paths(model, sentences, args, precisions, choice) -> dict:
+    """{name: (precision of its GEMMs, fn(texts) -> embeddings)} for minilm's rows of the table."""
+    paths = {}
+    for precision in precisions:
+        if precision == "int8":
+            paths["minilm int8"] = ("int8", int8_encoder(model, args.batch_size))
+        else:
+            paths[f"minilm {precision}"] = (precision, lambda texts, precision=precision: model.encode(
+                texts, batch_size=args.batch_size, precision=precision))
+        if precision == "fp32":
+            paths[f"minilm fp32, fixed batches of {args.batch_size}"] = ("fp32", lambda texts: model.encode(
+                texts, batch_size=args.batch_size, token_budget=False))
+    try:
+        model.encode(sentences[:1], precision="auto")
+        paths[f"minilm auto (= {choice.precision})"] = (choice.precision, lambda texts: model.encode(
+            texts, batch_size=args.batch_size, precision="auto"))
+    except InputError:
+        print("(encode has no precision='auto' yet: its row is missing; it would be the row of "
+              f"minilm {choice.precision})")
+    return paths
+
+
+def print_table(paths, measured, memory, scores, useful_flops, peaks, count) -> None:
     print("\n| path | sentences/s | x sentence-transformers fp32 (range over rounds) | % of matmul peak (same "
           "precision) | STS-B test Spearman | max abs diff vs sentence-transformers | peak tensor MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -192,20 +222,40 @@ def main() -> None:
             half = len(scores)
             metrics = similarity_metrics(torch.as_tensor(embeddings[:half]), torch.as_tensor(embeddings[half:]), scores)
             spearman = f"{metrics['spearman_cosine']:.4f}"
-        print(f"| {name} | {len(sentences) / seconds:.0f} | {ratio} | "
+        print(f"| {name} | {count / seconds:.0f} | {ratio} | "
               f"{100 * useful_flops / seconds / 1e9 / peaks[precision]:.0f}% | {spearman} | "
               f"{difference} | {memory[name]:.1f} |")
-    if REFERENCE in measured:
-        print_ceiling(useful_flops, statistics.median(measured[REFERENCE][0]), peaks)
+
+
+def print_slow(model, sentences, batch_size, slow, peaks, fp32_rate) -> None:
+    """Each precision that is slow here, timed once on a slice spread over the texts (as many as SLICE_SECONDS
+    allow at its GEMM slowdown), beside minilm fp32 on the same slice."""
+    print("\n| slow on this CPU (not in the rounds) | GEMM slowdown vs fp32 | texts timed | texts/s | x minilm fp32 "
+          "on the same texts |")
+    print("|---|---:|---:|---:|---:|")
+    for precision in slow:
+        factor = peaks["fp32"] / peaks[precision]
+        count = max(8, min(len(sentences), int(SLICE_SECONDS * (fp32_rate or 100) / factor)))
+        texts = sentences[:: max(1, len(sentences) // count)][:count]
+        encode = int8_encoder(model, batch_size) if precision == "int8" else (
+            lambda texts, precision=precision: model.encode(texts, batch_size=batch_size, precision=precision))
+        seconds = {}
+        for name, fn in (("fp32", lambda texts: model.encode(texts, batch_size=batch_size)), (precision, encode)):
+            fn(texts[:2])  # the inference copy, made outside the timing
+            start = time.perf_counter()
+            fn(texts)
+            seconds[name] = time.perf_counter() - start
+        print(f"| minilm {precision} | {factor:.0f}x | {len(texts)} | {len(texts) / seconds[precision]:.0f} | "
+              f"{seconds['fp32'] / seconds[precision]:.2f} |")
 
 
 def print_ceiling(useful_flops: float, reference_seconds: float, peaks: dict) -> None:
     """No encode can beat useful FLOPs / the fastest GEMM rate: the most any precision can gain on this CPU.
     (The attention's FLOPs run in float in every precision, so the int8 bound is looser than it can reach.)"""
     reference_rate = useful_flops / reference_seconds / 1e9
-    print(f"\nCeiling on this CPU: sentence-transformers fp32 does {reference_rate:.0f} GFLOP/s of useful work "
-          f"({100 * reference_rate / peaks['fp32']:.0f}% of the fp32 GEMM peak). With every useful FLOP at 100% of "
-          "a GEMM peak and nothing else taking time, an encode is at most "
+    print(f"\nCeiling on this CPU ({cpu.describe_cpu().summary()}): sentence-transformers fp32 does "
+          f"{reference_rate:.0f} GFLOP/s of useful work ({100 * reference_rate / peaks['fp32']:.0f}% of the fp32 GEMM "
+          "peak). With every useful FLOP at 100% of a GEMM peak and nothing else taking time, an encode is at most "
           + ", ".join(f"{peaks[precision] / reference_rate:.1f}x it in {precision}" for precision in
                       ("fp32", "bf16", "int8")) + ".")
 

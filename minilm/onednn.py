@@ -10,6 +10,14 @@ quantize.py rewrites Linears): `Layer.forward` stays the only block forward. Inf
 copies, take no gradients and go stale when the weights change, so `SentenceEncoder.encode` applies this to its
 private copy of the encoder and rebuilds that copy on any change. nn.Linear is the reference; tests hold the two
 equal. The ops are torch's own (the ones torch.compile emits for CPU inference), reached through `torch.ops`.
+
+oneDNN builds a primitive for every input shape (JIT-compiled code) and keeps a few in a cache (below). With AMX a
+bf16 primitive takes ~5 ms to build, longer than the whole product it runs for a batch of ~1,000 tokens (0.9 ms),
+and encode's batches have as many token counts as batches: on STS-B test (2,758 sentences, 31 batches, 16 token
+counts) bf16 encode spent 20% of its time building primitives. So in bf16/fp16 the rows are padded to a multiple
+of ROW_BLOCK (zero rows; their outputs are dropped): batches filled to the same token budget then share one shape,
+and the 16 token counts become 3. Not in fp32, whose primitives build in ~1.7 ms: there the copy cost more (-3%)
+than it saved (figures in benchmarks/README.md, "Speed on the CPU at hand").
 """
 
 import os
@@ -28,6 +36,13 @@ from minilm.swap import is_plain, replace_linears
 PRIMITIVE_CACHE_CAPACITY = "64"
 for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
     os.environ.setdefault(_variable, PRIMITIVE_CACHE_CAPACITY)
+ROW_BLOCK = 32  # rows of a oneDNN product are padded to a multiple of this: few shapes, few primitives to build
+
+
+def pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """x: [rows, k] -> [rows rounded up to a multiple of ROW_BLOCK, k], zero rows appended (x itself if none)."""
+    missing = -x.shape[0] % ROW_BLOCK
+    return x if missing == 0 else torch.cat([x, x.new_zeros(missing, x.shape[1])])
 
 
 # What oneDNN's bf16 and fp16 Linears need of an x86 CPU (torch's own check: _is_mkldnn_bf16_supported / _fp16_).
@@ -70,7 +85,10 @@ class OneDNNLinear(nn.Module):
             self.post_op, self.algorithm = "relu", ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.post_op, [], self.algorithm)
+        rows = x.reshape(-1, self.in_features)
+        padded = rows if self.weight.dtype == torch.float32 else pad_rows(rows)
+        out = torch.ops.mkldnn._linear_pointwise(padded, self.weight, self.bias, self.post_op, [], self.algorithm)
+        return out[: rows.shape[0]].reshape(*x.shape[:-1], self.out_features)  # the padding rows dropped
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.post_op}"

@@ -1,13 +1,15 @@
 """minilm/quantize.py: Int8Linear against nn.Linear, and the swap that puts it in place of every Linear."""
 
 import copy
+import logging
 
 import pytest
 import torch
 import torch.nn as nn
 
 from minilm.encoder import BertConfig, BertEncoder
-from minilm.quantize import Int8Linear, keep_qkv_float, quantize_linears, quantize_rows
+from minilm import cpu, quantize
+from minilm.quantize import Int8Linear, int8_linear_reference, keep_qkv_float, quantize_linears, quantize_rows
 
 # max |int8 - float| / max |float| of a Linear's output on standard-normal inputs and nn.Linear's initial
 # weights: 0.8e-2 to 1.1e-2 measured (8-bit steps of each row's and each channel's range)
@@ -20,17 +22,28 @@ def relative_error(got, expected):
     return float((got.float() - expected.float()).abs().max() / expected.float().abs().max())
 
 
-@pytest.mark.parametrize("rows, in_features, out_features, bias", [
+SHAPES = [
     (1, 384, 1152, True),      # one token: fewer rows than torch._int_mm takes, padded
     (16, 384, 384, True),      # the edge of that padding
     (300, 1536, 384, True),    # an FFN output
     (33, 64, 40, False),       # no bias, sizes that are not multiples of anything
-])
-def test_int8_linear_is_close_to_linear(rows, in_features, out_features, bias):
+]
+NO_ONEDNN_INT8 = "this torch has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise)"
+needs_onednn_int8 = pytest.mark.skipif(not cpu.onednn_int8_available(), reason=NO_ONEDNN_INT8)
+
+
+@pytest.mark.parametrize("path", ["onednn", "reference"])
+@pytest.mark.parametrize("rows, in_features, out_features, bias", SHAPES)
+def test_int8_linear_is_close_to_linear(rows, in_features, out_features, bias, path):
     torch.manual_seed(rows)
     linear = nn.Linear(in_features, out_features, bias=bias)
     x = torch.randn(rows, in_features)
-    got = Int8Linear.from_linear(linear)(x)
+    quantized = Int8Linear.from_linear(linear)
+    if path == "reference":
+        quantized.packed = None  # what runs where this torch has no oneDNN int8 linear: torch._int_mm
+    elif quantized.packed is None:
+        pytest.skip(NO_ONEDNN_INT8)
+    got = quantized(x)
     assert got.shape == (rows, out_features) and got.dtype == torch.float32
     error = relative_error(got, linear(x).detach())
     assert 1e-4 < error < RELATIVE_TOLERANCE  # above 1e-4: it really ran in int8
@@ -100,3 +113,52 @@ def test_encode_int8_precision_swaps_all_but_qkv_and_stays_close(model):
     assert {kind for name, kind in kinds.items() if not name.endswith("attention.qkv")} == {"Int8Linear"}
     cosine = torch.nn.functional.cosine_similarity(got, expected)
     assert 1e-6 < 1 - float(cosine.min()) < INT8_ENCODE_TOLERANCE
+
+
+@needs_onednn_int8
+@pytest.mark.parametrize("rows, in_features, out_features, bias", SHAPES)
+def test_onednn_int8_path_equals_the_eager_reference(rows, in_features, out_features, bias):
+    """The same integers multiplied (int32 sums are exact): only the order of the three float32 scalings differs,
+    a few float32 roundings of each output (measured: 1e-7 of the largest output)."""
+    torch.manual_seed(rows)
+    quantized = Int8Linear.from_linear(nn.Linear(in_features, out_features, bias=bias))
+    x = torch.randn(rows, in_features) * torch.rand(rows, 1) * 10  # rows of different ranges: per-token scales
+    got = quantized(x)
+    expected = int8_linear_reference(x, quantized.weight_t, quantized.weight_scale, quantized.bias)
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(got, expected, rtol=8 * eps, atol=8 * eps * float(expected.abs().max()))
+
+
+def test_compiled_quantization_equals_the_eager_one():
+    """torch.compile of quantize_rows (one compile, ~2-3 CPU-s, on a tiny shape) gives the same integers and
+    scales as the eager passes, and an Int8Linear asking for it gives the eager module's output."""
+    compiled = quantize.compiled_quantize_rows()
+    assert compiled is quantize.compiled_quantize_rows()  # one compiled function per process
+    torch.manual_seed(0)
+    x = torch.randn(37, 64) * torch.rand(37, 1)
+    x[5] = 0
+    with torch.inference_mode():  # as encode runs it
+        q, scale = compiled(x)
+    expected_q, expected_scale = quantize_rows(x)
+    assert torch.equal(q, expected_q) and torch.equal(scale, expected_scale)
+    linear = nn.Linear(64, 24)
+    eager, fused = Int8Linear.from_linear(linear), Int8Linear.from_linear(linear, compile_quantization=True)
+    assert fused.quantize is compiled and eager.quantize is quantize_rows
+    torch.testing.assert_close(fused(x), eager(x), rtol=0, atol=0)
+
+
+def test_a_failing_compile_falls_back_to_eager_and_says_so_once(monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda function, dynamic: broken)
+    monkeypatch.setattr(quantize, "_logged", set())
+    fallback = quantize._CompiledOnce(quantize_rows)
+    x = torch.randn(20, 16)
+    with caplog.at_level(logging.WARNING, logger="minilm.quantize"):
+        first, second = fallback(x), fallback(x)
+    expected = quantize_rows(x)
+    assert all(torch.equal(got, want) for got, want in zip(first + second, expected + expected))
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1 and "torch.compile failed for quantize_rows (RuntimeError: no C++ compiler)" in \
+        messages[0] and "runs eagerly" in messages[0]
