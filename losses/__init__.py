@@ -17,7 +17,7 @@ no loss), so adding a loss is one file here plus one line in LOSSES:
 A loss without a label also takes scored pairs (sentence1, sentence2[, score]): those scoring at least
 --min-score fill its first two text columns.
 
-Each loss's `forward(features, labels, terms=None)` embeds the columns once and returns
+A loss declaring `matryoshka` has `forward(features, labels, terms=None)`: it embeds the columns once and returns
 compute_loss_from_embeddings(embeddings, labels, ...) or, given MatryoshkaLoss's `terms`, the sum of those terms
 (the loss at each Matryoshka dimension) over the same embeddings. MatryoshkaLoss (losses/matryoshka.py) wraps a
 built loss, `MatryoshkaLoss(model, loss, dims, weights)`, and carries its inner loss's declarations: it is no

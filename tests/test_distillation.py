@@ -143,7 +143,8 @@ DAMAGE = {
     "another teacher": (lambda path, tiny: tiny.encoder.layers[0].ffn_in.bias.data.add_(1e-3), {},
                         "were computed by another teacher"),
     "another precision": (lambda path, tiny: None, {"precision": "bf16"}, 'have precision "fp32", not "bf16"'),
-    "a changed byte": (lambda path, tiny: _flip_last_byte(path), {}, "SHA-256 is not the one its manifest teacher.json records"),
+    "a changed byte": (lambda path, tiny: _flip_last_byte(path), {},
+                       "SHA-256 is not the one its manifest teacher.json records"),
     "a truncated file": (lambda path, tiny: path.write_bytes(path.read_bytes()[:-4]), {}, "the file is truncated"),
     "another shape": (lambda path, tiny: _rewrite(path, np.zeros((6, 32), np.float32)), {}, "of shape (6, 32)"),
     "another dtype": (lambda path, tiny: _rewrite(path, np.zeros((6, 64), np.float64)), {}, "holds a float64 array"),
@@ -218,3 +219,39 @@ def test_matryoshka_mse_cuts_the_teacher_as_the_student(tiny):
     expected = ((student - teacher) ** 2).mean() + 3.0 * ((student[:, :16] - teacher[:, :16]) ** 2).mean()
     # float32 means over 384 and 96 elements.
     assert torch.allclose(loss, expected, rtol=1e-6, atol=0)
+
+
+def test_the_distillation_texts_are_the_training_texts_and_no_held_out_one(tmp_path):
+    """recipes/distill_sentences.py: one distinct text per line (line breaks inside a text made spaces, blanks left
+    out), exactly the texts of the training sources read here on their own: SciFact's corpus as the evaluator
+    embeds it, Quora's pairs of recipe 001's training split, STS-B train, SNLI dev. The control: Quora's held-out
+    questions, STS-B dev/test and SNLI test sentences that no training source has exist, and are not written."""
+    import importlib.util
+
+    from conftest import REPO, shared_data
+    from minilm import data, evaluation
+
+    root = shared_data()
+    spec = importlib.util.spec_from_file_location("distill_sentences", REPO / "recipes" / "distill_sentences.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    texts, added = script.distinct_texts({"a": ["one", "two\nlines", " ", "one"], "b": ["one", "three"]})
+    assert texts == ["one", "two lines", "three"] and added == {"a": 2, "b": 1}
+
+    assert script.main([str(root), "--out", str(tmp_path / "texts.txt")]) == 0
+    lines = (tmp_path / "texts.txt").read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == "" and len(set(lines[:-1])) == len(lines) - 1 > 30_000
+    quora = [(r["anchor"], r["positive"]) for r in data.read_dataset(root / "quora" / "duplicates.tsv").rows]
+    quora_train, quora_held = script.split(quora, 0.1)
+    allowed = set(evaluation.read_corpus(root / "scifact" / "corpus.jsonl").values())
+    allowed |= {text for pair in quora_train for text in pair}
+    allowed |= {r[c] for r in data.load_stsb(root / "stsb", "train") for c in ("sentence1", "sentence2")}
+    snli_dev, snli_test = (data.load_snli(root / "snli" / f"snli_1.0_{split}.jsonl.gz") for split in ("dev", "test"))
+    allowed |= {r[c] for r in snli_dev for c in ("premise", "hypothesis")}
+    assert set(lines[:-1]) == {" ".join(t.splitlines()).strip() for t in allowed} - {""}
+    held_out = {text for pair in quora_held for text in pair}
+    held_out |= {r[c] for split in ("dev", "test") for r in data.load_stsb(root / "stsb", split)
+                 for c in ("sentence1", "sentence2")}
+    held_out |= {r[c] for r in snli_test for c in ("premise", "hypothesis")}
+    assert len(held_out - allowed) > 10_000
+    assert script.main([str(root), "--out", str(tmp_path / "texts.txt")]) == 2  # no --overwrite: refused
