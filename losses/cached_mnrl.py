@@ -51,7 +51,9 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         check_params({"mini_batch_size": mini_batch_size})
         self.mini_batch_size = mini_batch_size
 
-    def forward(self, features: list, labels=None) -> torch.Tensor:
+    def forward(self, features: list, labels=None, terms=None) -> torch.Tensor:
+        """terms: None, or MatryoshkaLoss's terms (the loss at each of its dimensions): step 2 then takes each
+        term's gradient on the cached embeddings, and step 3 replays the encoder once with their sum."""
         device = features[0]["input_ids"].device
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         pieces = [split_packed(batch, self.mini_batch_size) for batch in features]
@@ -65,9 +67,15 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
                     outputs.append(self.model(piece))
                 embeddings.append(torch.cat(outputs).float())
         leaves = [e.detach().requires_grad_() for e in embeddings]
+        ids = self.text_ids(features)
         with torch.enable_grad(), torch.autocast(device.type, enabled=False):  # step 2
-            loss = self.compute_loss_from_embeddings(leaves, labels, self.text_ids(features))
-            cache = torch.autograd.grad(loss, leaves)
+            loss, cache = 0.0, [torch.zeros_like(leaf) for leaf in leaves]
+            # One term's graph at a time (each holds a [B, C] score matrix), its gradient added to the cache.
+            for term in (terms(leaves, labels, ids) if terms is not None
+                         else [self.compute_loss_from_embeddings(leaves, labels, ids)]):
+                for total, grad in zip(cache, torch.autograd.grad(term, leaves)):
+                    total += grad
+                loss = loss + term.detach()
         result = loss.detach().requires_grad_()
         result.register_hook(lambda grad: self._replay(pieces, states, cache, grad, autocast))  # step 3
         return result

@@ -34,14 +34,19 @@ class CoSENTLoss(nn.Module):
     label = "score"
     score_range = None
     in_batch_negatives = False
+    matryoshka = True  # MatryoshkaLoss may wrap it: its maths reads embeddings of any width
 
     def __init__(self, model, scale: float = 20.0):
         super().__init__()
         check_params({"scale": scale})
         self.model, self.scale = model, scale
 
-    def forward(self, features: list, labels: torch.Tensor) -> torch.Tensor:
-        return self.compute_loss_from_embeddings([self.model(batch) for batch in features], labels)
+    def forward(self, features: list, labels: torch.Tensor, terms=None) -> torch.Tensor:
+        """terms: None, or MatryoshkaLoss's terms (the loss at each of its dimensions, from these embeddings)."""
+        embeddings = [self.model(batch) for batch in features]
+        if terms is not None:
+            return sum(terms(embeddings, labels))
+        return self.compute_loss_from_embeddings(embeddings, labels)
 
     def compute_loss_from_embeddings(self, embeddings: list, labels: torch.Tensor) -> torch.Tensor:
         """embeddings: [u [B, dim], v [B, dim]]; labels: [B] -> scalar."""

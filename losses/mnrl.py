@@ -148,6 +148,7 @@ class MultipleNegativesRankingLoss(nn.Module):
     label = None
     score_range = None
     in_batch_negatives = True
+    matryoshka = True  # MatryoshkaLoss may wrap it: its maths reads embeddings of any width
 
     @staticmethod
     def needs_unique_texts(params: dict) -> bool:
@@ -166,9 +167,13 @@ class MultipleNegativesRankingLoss(nn.Module):
         self.symmetric, self.gather_across_devices = symmetric, gather_across_devices
         self.mask_duplicates, self.false_negative_margin = mask_duplicates, false_negative_margin
 
-    def forward(self, features: list, labels=None) -> torch.Tensor:
-        return self.compute_loss_from_embeddings([self.model(batch) for batch in features], labels,
-                                                 self.text_ids(features))
+    def forward(self, features: list, labels=None, terms=None) -> torch.Tensor:
+        """features: one packed batch per text column. terms: None, or MatryoshkaLoss's terms (the loss at each of
+        its dimensions, computed from these embeddings: the columns are embedded once)."""
+        embeddings, ids = [self.model(batch) for batch in features], self.text_ids(features)
+        if terms is not None:
+            return sum(terms(embeddings, labels, ids))
+        return self.compute_loss_from_embeddings(embeddings, labels, ids)
 
     def text_ids(self, features: list):
         """One [B] id tensor per column (see text_ids), or None when duplicates are not masked."""

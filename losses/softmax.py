@@ -33,6 +33,7 @@ class SoftmaxLoss(nn.Module):
     label = "class"
     score_range = None
     in_batch_negatives = False
+    matryoshka = False  # its classifier reads embeddings of one width: MatryoshkaLoss cannot wrap it
 
     @staticmethod
     def num_classes(params: dict) -> int:

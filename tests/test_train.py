@@ -71,12 +71,18 @@ def test_recipes_cover_every_seed_card():
     and every recipe names a seed card that exists."""
     if not SEEDS.is_dir():
         pytest.skip(f"{SEEDS} is absent: the seed cards live in ../shared/seeds beside the repo")
-    cards = {Path(json.loads(r.read_text())["seed_card"]).name for r in RECIPES}
+    cards = {Path(json.loads(r.read_text())["seed_card"]).name for r in RECIPES
+             if "seed_card" in json.loads(r.read_text())}  # recipe 005 (distillation) follows no seed card
     assert cards == {p.name for p in SEEDS.glob("*.txt")}
     assert len(RECIPES) >= len(cards) == 5
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+# Recipe 005 names flags train.py gains when issue 21's distillation is wired in (--teacher, --layers, --loss mse).
+PENDING = pytest.mark.xfail(strict=True, reason="train.py has no --teacher, --layers, --loss mse yet (issue 21)")
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=PENDING) if r.stem.startswith("005_") else r
+                                    for r in RECIPES], ids=[r.stem for r in RECIPES])
 def test_recipe_flags_are_valid(recipe, tmp_path):
     """Every recipe parses through the same checks as the flags, and with its data passes check_args."""
     values = train.build_parser().values_from_json(str(recipe), "--recipe", ignored=train.RECIPE_NOTES)
@@ -86,7 +92,7 @@ def test_recipe_flags_are_valid(recipe, tmp_path):
     args, given = train.parse_args(["--recipe", str(recipe), "--data", str(data), "--out", str(tmp_path / "r")])
     train.check_args(args)
     assert args.loss in train.LOSSES and args.batch_size == settings["batch_size"]
-    if SEEDS.is_dir():
+    if SEEDS.is_dir() and "seed_card" in settings:
         assert (REPO / settings["seed_card"]).resolve().is_file(), settings["seed_card"]
 
 
