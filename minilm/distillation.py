@@ -46,8 +46,9 @@ def student_from_layers(model: SentenceEncoder, layers) -> SentenceEncoder:
     encoder.layers = nn.ModuleList(encoder.layers[index] for index in layers)
     encoder.config = dataclasses.replace(encoder.config, num_hidden_layers=len(layers))
     student = SentenceEncoder(encoder, copy.deepcopy(model.tokenizer), model.pooling_modes, model.normalize,
-                              source_dir=model.source_dir)
-    student.pooling_kernel, student.linear_kind = model.pooling_kernel, model.linear_kind
+                              source_dir=model.source_dir, prompts=dict(model.prompts),
+                              default_prompt_name=model.default_prompt_name, truncate_dim=model.truncate_dim)
+    student.backends = model.backends
     return student.train(model.training)
 
 

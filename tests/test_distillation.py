@@ -47,7 +47,7 @@ def test_student_encode_equals_those_layers_of_the_teacher_run_by_hand(model, st
             _, positions = token_coordinates(batch["cu_seqlens"])
             hidden = model.encoder.embeddings(batch["input_ids"], positions)
             for index in (0, 2, 4):
-                hidden = model.encoder.layers[index](hidden, batch["cu_seqlens"], batch["max_seqlen"], "math")
+                hidden = model.encoder.layers[index](hidden, batch["cu_seqlens"], batch["longest"], "math")
             expected.append(F.normalize(hidden.mean(0), dim=0))
     got = student.encode(TEXTS, convert_to="tensor")
     # float32; measured 1.2e-7 apart (oneDNN Linears and SDPA against plain ones).
