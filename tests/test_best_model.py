@@ -160,6 +160,7 @@ def test_resume_keeps_the_best_so_far(capsys, tiny_model_dir, tmp_path, monkeypa
     assert eval_steps(out) == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.usefixtures("one_thread")  # forked ranks hang when the parent's OpenMP pool ran with several threads
 def test_two_ranks_stop_early_together_and_save_the_best(capsys, tiny_model_dir, tmp_path, monkeypatch):
     """Under torchrun rank 0 alone evaluates: its early stop reaches the other rank (which would otherwise wait in
     the next step's all-reduce), and the model saved is the best step's, the classifier included."""
