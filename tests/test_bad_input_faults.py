@@ -91,6 +91,25 @@ def test_a_crafted_checkpoint_runs_nothing(capsys, run_with_checkpoints, tmp_pat
     assert not marker.exists(), "loading the checkpoint ran code"
 
 
+@pytest.mark.parametrize("weights", ["pytorch_model.bin", "model.safetensors"])
+def test_a_crafted_model_pickle_runs_nothing(tiny_model_dir, tmp_path, weights):
+    """Models load from safetensors and JSON only: a model folder whose weights are a pickle (PyTorch's
+    pytorch_model.bin, or such a pickle saved under the safetensors name) is refused in one line naming the file,
+    and nothing in it runs."""
+    import minilm
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"embeddings.word_embeddings.weight": Planted(str(marker))}, folder / weights)
+    with pytest.raises(minilm.InputError) as error:
+        minilm.load(folder, device="cpu")
+    message = str(error.value)
+    assert "\n" not in message and str(folder) in message, message
+    assert not marker.exists(), "loading the model ran code"
+
+
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(capsys, run_with_checkpoints):
     out = run_with_checkpoints
     state = out / "checkpoints" / "step-0000004" / CHECKPOINT

@@ -328,7 +328,7 @@ def test_each_promise_points_at_tests_that_exist():
     text = README.read_text(encoding="utf-8")
     section = text.split("## What minilm will never do", 1)[1].split("\n## ", 1)[0]
     promises = re.split(r"\n- ", "\n" + section.strip())[1:]
-    assert len(promises) == 3, promises
+    assert len(promises) >= 3, promises
     for promise in promises:
         pointers = re.findall(r"`(tests/test_\w+\.py)::(\w+)`", promise)
         assert pointers, f"no test holds this promise: {promise[:80]}"
