@@ -144,7 +144,7 @@ def test_distillation_trains_a_smaller_student_and_resumes_on_the_teacher_embedd
     student = minilm.load(str(tmp_path / "straight"), device="cpu")
     reference = st.SentenceTransformer(str(tmp_path / "straight"), device="cpu")
     assert len(reference[0].auto_model.encoder.layer) == 1
-    # float32, one layer of width 64 through two code paths: measured 6e-8
+    # float32, one layer of width 64 through two code paths: measured 5.2e-8
     assert np.abs(reference.encode(sentences) - student.encode(sentences)).max() < 1e-6
 
 
