@@ -5,19 +5,16 @@
     python train.py --out runs/cosine --resume          # continue exactly where a stopped run left off
     torchrun --nproc_per_node=N train.py ...            # DDP: each process trains on its share of every batch
 
---data: TSV/CSV (header) or JSONL files with sentence-transformers' column names (anchor, positive [, negative...]
-| sentence1, sentence2, score | premise, hypothesis, label), the STS-B folder, SICK.tsv or a BEIR folder, each row
-checked before training against what the loss reads (losses/). A recipe (recipes/) is a JSON file of flag values,
-checked as flags are; command-line flags win. Under torchrun (docs/training.md) rank 0 alone logs, evaluates, saves.
-
-The run folder gets the model (sentence-transformers' layout), README.md (model card), log.jsonl, loss.png,
+--data: TSV/CSV (header), JSONL or (--loss mse) text files with sentence-transformers' column names, the STS-B
+folder, SICK.tsv or a BEIR folder, each row checked before training against what the loss reads (docs/losses.md).
+A recipe (recipes/) is a JSON file of flag values, checked as flags are; command-line flags win. Under torchrun rank
+0 alone logs, evaluates, saves. The run folder gets the model, README.md (model card), log.jsonl, loss.png,
 checkpoints/ (for --resume) and minilm-run.json (the files it wrote); --overwrite replaces a previous minilm run
 (only) once the new run succeeds. Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint and says how to resume.
 """
 
 import argparse
 import contextlib
-import inspect
 import itertools
 import json
 import math
@@ -33,13 +30,12 @@ from tqdm import tqdm
 import minilm
 from minilm import best_model, checkpoint as checkpoints, data, evaluation, fast_paths, model_card, training_data
 from minilm.distributed import any_rank, barrier, global_mean, setup_distributed, tear_down
-from minilm.errors import (InputError, Parser, UsageError, any_float, blamed_on, fraction, json_object,
+from minilm.errors import (InputError, Parser, UsageError, any_float, blamed_on, comma_list, fraction, json_object,
                            non_negative_float, non_negative_int, positive_float, positive_int, seed)
 from minilm.model import PRECISIONS, resolve_device
 from minilm.optimizer import clip_gradients, parameter_groups
 from minilm.run_folder import RunFolderError, check_output, finish_run_folder, save_started
-from losses import LOSSES
-from losses.params import check_params
+from losses import LOSSES, MatryoshkaLoss, check_loss_params
 
 RECIPE_NOTES = ("description", "seed_card")  # recipe keys that document, not configure
 
@@ -65,6 +61,11 @@ def build_parser(explicit_only: bool = False) -> Parser:
         "batch of each an epoch, interleaved at random; round_robin: one of each in turn until the smallest runs out")
     add("--score-scale", type=positive_float, default=1.0, help="divide every score by this: 5 for 0..5 STS scores")
     add("--min-score", type=any_float, default=0.8, help="losses without labels: keep the scored pairs scoring >= this")
+    add("--prompts", help='prefix of each text column, as JSON (\'{"anchor": "query: "}\'), or one for all')
+    add("--matryoshka-dims", type=comma_list(positive_int), metavar="D,...", help="Matryoshka sizes: 384,128,64")
+    add("--matryoshka-weights", type=comma_list(positive_float), metavar="W,...", help="a weight per size (default 1)")
+    add("--teacher", help="distillation (--loss mse): the model whose embeddings the student learns")
+    add("--layers", type=comma_list(non_negative_int), metavar="L,...", help="a student of these layers of --model")
     add("--out", help="output folder: new or empty (or a previous minilm run with --overwrite / --resume)")
     add("--overwrite", action="store_true", help="replace a previous minilm run (only) in --out once this run succeeds")
     add("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -85,6 +86,7 @@ def build_parser(explicit_only: bool = False) -> Parser:
     add("--eval-task", choices=evaluation.TASKS, help="evaluation during and after training")
     add("--eval-data", help="data for --eval-task (default: the first --data)")
     add("--eval-split", default="dev", help="split of the --eval-data (SICK: dev is its trial split)")
+    add("--keep-self-matches", action="store_true", help="retrieval: count a judged document with the query's id")
     add("--eval-steps", type=non_negative_int, default=0, help="evaluate every N steps (0: only at the end)")
     add("--metric-for-best", metavar="NAME", help="the metric that picks the best evaluation (default: the main one)")
     add("--load-best", action="store_true", help="save the whole model of the best evaluation, not the last step's")
@@ -127,12 +129,9 @@ def check_args(args, world: int = 1) -> torch.device:
         raise UsageError(f"{' and '.join(missing)} {'are' if missing[1:] else 'is'} required (here or in {recipe})")
     with blamed_on("", InputError):
         fast_paths.check_environment()
-    loss_class, params = LOSSES[args.loss], json.dumps(args.loss_params)
-    names = [name for name in inspect.signature(loss_class).parameters if name != "model"]
-    if set(args.loss_params) - set(names):  # the loss's own arguments, by name and value, before anything is loaded
-        raise UsageError(f"--loss-params {params}: the {args.loss} loss takes {', '.join(names) or 'no parameters'}")
-    with blamed_on(f"--loss-params {params}", ValueError):
-        check_params(args.loss_params)
+    loss_class = LOSSES[args.loss]
+    with blamed_on(f"--loss-params {json.dumps(args.loss_params)}", ValueError):  # before anything is loaded
+        check_loss_params(args.loss, args.loss_params)
     if loss_class.in_batch_negatives and args.batch_size * world < 2:
         raise UsageError(f"--batch-size {args.batch_size}: the {args.loss} loss contrasts at least 2 rows in a batch")
     with blamed_on(f"--device {args.device}", InputError):
@@ -140,6 +139,7 @@ def check_args(args, world: int = 1) -> torch.device:
     if args.precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16: float16 training needs CUDA; use bf16 or fp32 on the CPU")
     best_model.check_flags(args)
+    training_data.check_flags(args, loss_class)
     return device
 
 
@@ -186,15 +186,13 @@ def set_up(args, given: dict, rank: int, world: int, held: contextlib.ExitStack)
     if resumed:
         checkpoints.check_same_data(resumed[1]["data"], prepared.fingerprints)
     checkpoints.set_seed(args.seed)
-    with blamed_on(f"--model {args.model}", Exception):  # the loader's messages name the file and field
-        model = minilm.load(args.model, device=device)
-    if args.max_seq_length:
-        with blamed_on(f"--max-seq-length {args.max_seq_length}", ValueError):
-            model.max_seq_length = args.max_seq_length
-    if args.normalize != "keep":
-        model.normalize = args.normalize == "yes"
+    model = training_data.load_model(args, prepared, device)  # --model, --layers, --max-seq-length, --prompts...
+    teacher = training_data.load_teacher(args, model, device)  # None without --teacher
     with blamed_on(f"--loss-params {json.dumps(args.loss_params)}", TypeError, ValueError):
         loss_fn = loss_class(model, **args.loss_params).to(device)
+    if args.matryoshka_dims:  # the loss at each size too, on one forward; loss_class stays the inner loss
+        with blamed_on("--matryoshka-dims", ValueError):
+            loss_fn = MatryoshkaLoss(model, loss_fn, args.matryoshka_dims, args.matryoshka_weights)
     evaluator = training_data.evaluator_for(args, prepared, getattr(loss_fn, "classifier", None))
     batches, steps_per_epoch = training_data.plan_batches(args, prepared.datasets, loss_class, world)
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
@@ -207,9 +205,8 @@ def set_up(args, given: dict, rank: int, world: int, held: contextlib.ExitStack)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0
         optimizer, lambda step: step / max(1, warmup) if step < warmup
         else max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    auto = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision = auto if args.precision == "auto" else args.precision
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "train_seconds": 0.0}
     if resumed:
@@ -218,6 +215,7 @@ def set_up(args, given: dict, rank: int, world: int, held: contextlib.ExitStack)
     elif rank == 0:  # everything is checked: only now is anything written
         checkpoints.start_run(folder, args.out, held)
     barrier()
+    training_data.add_teacher_embeddings(teacher, prepared, folder, rank, args)
     if rank == 0:  # the log holds exactly the entries up to the checkpoint: steps after it are trained again
         (folder / "log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in state["history"]))
     best = best_model.BestModel(args, folder, state["history"], total_steps, rank, prepared.notes)
@@ -298,7 +296,8 @@ def forward_backward(run: Run, dataset_index: int, batch_indices: list, accumula
     """One micro-batch: this rank's slice of the global batch, its loss and gradients. -> the loss (on the device)."""
     batch_indices = batch_indices[run.rank * run.args.batch_size:(run.rank + 1) * run.args.batch_size]
     _, rows, text_columns, label_column = run.data.datasets[dataset_index]
-    features, labels = data.collate([rows[i] for i in batch_indices], text_columns, label_column, run.model.tokenize)
+    features, labels = data.collate([rows[i] for i in batch_indices], text_columns, label_column, run.model.tokenize,
+                                    run.data.prompts)
     features = [minilm.batch_to(f, run.model.device) for f in features]
     labels = labels.to(run.model.device) if labels is not None else None
     # Between optimizer steps, DDP need not average gradients: the last micro-batch does it for all.

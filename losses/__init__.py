@@ -15,7 +15,8 @@ no loss), so adding a loss is one file here plus one line in LOSSES:
                       be scored as its own negative) because the loss does not mask duplicates itself
   matryoshka          MatryoshkaLoss may wrap it: its maths reads embeddings of any width (not SoftmaxLoss)
 A loss without a label also takes scored pairs (sentence1, sentence2[, score]): those scoring at least
---min-score fill its first two text columns.
+--min-score fill its first two text columns. A loss of one text column with the label "embedding" (mse) takes any
+texts: a .txt file (one text per line), or each distinct text of the text columns of the usual files.
 
 A loss declaring `matryoshka` has `forward(features, labels, terms=None)`: it embeds the columns once and returns
 compute_loss_from_embeddings(embeddings, labels, ...) or, given MatryoshkaLoss's `terms`, the sum of those terms
@@ -24,12 +25,15 @@ built loss, `MatryoshkaLoss(model, loss, dims, weights)`, and carries its inner 
 --loss of its own.
 """
 
+import inspect
+
 from losses.cached_mnrl import CachedMultipleNegativesRankingLoss
 from losses.cosent import CoSENTLoss
 from losses.cosine import CosineSimilarityLoss
 from losses.matryoshka import MatryoshkaLoss
 from losses.mnrl import MultipleNegativesRankingLoss
 from losses.mse import MSELoss
+from losses.params import check_params
 from losses.softmax import SoftmaxLoss
 
 LOSSES = {
@@ -38,8 +42,19 @@ LOSSES = {
     "cosine": CosineSimilarityLoss,
     "cosent": CoSENTLoss,
     "softmax": SoftmaxLoss,
-    # MSELoss ("mse") joins when train.py feeds its label kind "embedding" (the teacher's embeddings).
+    "mse": MSELoss,
 }
 
-__all__ = ["LOSSES", "MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss", "CosineSimilarityLoss",
+
+
+def check_loss_params(name: str, params: dict) -> None:
+    """--loss-params of the --loss `name`, before anything is loaded: the loss's own arguments, by name, and their
+    values (losses/params.py). A ValueError says what is wrong (and which parameters the loss takes)."""
+    names = [parameter for parameter in inspect.signature(LOSSES[name]).parameters if parameter != "model"]
+    if set(params) - set(names):
+        raise ValueError(f"the {name} loss takes {', '.join(names) or 'no parameters'}")
+    check_params(params)
+
+
+__all__ = ["LOSSES", "check_loss_params", "MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss", "CosineSimilarityLoss",
            "CoSENTLoss", "SoftmaxLoss", "MSELoss", "MatryoshkaLoss"]

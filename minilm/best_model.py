@@ -3,9 +3,11 @@
 
 The metric is --metric-for-best (a name the evaluation reports, as log.jsonl names it with or without "eval_"),
 by default the evaluation's main metric (spearman_cosine for STS, cosine_ap for binary pairs, cosine_ndcg@10 for
-retrieval, accuracy for NLI). Higher is better, except for a metric whose name ends in "loss" (lower is better), as
-in the Hugging Face trainer; an evaluation improves on the best only when strictly better (a tie keeps the earlier
-step), and a nan never does. The final evaluation, at the last step, counts like the others.
+retrieval, accuracy for NLI); with --matryoshka-dims, at the first size given (spearman_cosine_dim384 for
+--matryoshka-dims 384,128), or at the size it names (spearman_cosine_dim128). Higher is better, except for a
+metric whose name ends in "loss" (lower is better), as in the Hugging Face trainer; an evaluation improves on the
+best only when strictly better (a tie keeps the earlier step), and a nan never does. The final evaluation, at the
+last step, counts like the others.
 
 --load-best: each evaluation that improves on the best writes the model's weights and the loss's own (SoftmaxLoss's
 classifier) to RUN/checkpoints/best-step-N.safetensors (atomically; its metadata holds the step, the metric and its
@@ -38,19 +40,23 @@ PREFIX = "best-step-"  # checkpoints/best-step-0000120.safetensors (the step in 
 
 def metric_for_best(args):
     """The metric the best evaluation is chosen by (as the evaluator names it, without "eval_"), or None without
-    --eval-task. An unknown name is a UsageError listing the evaluation's metrics."""
+    --eval-task. With --matryoshka-dims the evaluation reports each metric at each size, "NAME_dimD"; a NAME
+    without a size (and the default, the main metric) is at the first of --matryoshka-dims. An unknown name or
+    size is a UsageError listing the evaluation's metrics."""
     if not args.eval_task:
         return None
-    evaluator = evaluation.TASK_EVALUATORS[args.eval_task]
-    if not args.metric_for_best:
-        return evaluator.main_metric
-    name = args.metric_for_best.removeprefix("eval_")
-    if name not in evaluator.metric_names or name.endswith("_threshold"):
-        scores = [metric for metric in evaluator.metric_names if not metric.endswith("_threshold")]
-        what = "is a threshold the evaluation chose, not a score; " if name in evaluator.metric_names else ""
+    evaluator, dims = evaluation.TASK_EVALUATORS[args.eval_task], args.matryoshka_dims or []
+    name = (args.metric_for_best or evaluator.main_metric).removeprefix("eval_")
+    head, _, size = name.rpartition("_dim")
+    base, dim = (head, int(size)) if dims and head and size.isdigit() else (name, dims[0] if dims else None)
+    scores = [metric for metric in evaluator.metric_names if not metric.endswith("_threshold")]
+    if base not in scores or (dims and dim not in dims):
+        threshold = base in evaluator.metric_names and base not in scores
+        what = "is a threshold the evaluation chose, not a score; " if threshold else ""
+        sizes = f" at each of the sizes {', '.join(map(str, dims))} (NAME_dimD)" if dims else ""
         raise UsageError(f"--metric-for-best {args.metric_for_best}: {what}the {args.eval_task} evaluation reports "
-                         f"{', '.join(scores)} (log.jsonl: eval_NAME)")
-    return name
+                         f"{', '.join(scores)}{sizes} (log.jsonl: eval_NAME)")
+    return f"{base}_dim{dim}" if dims else base
 
 
 def check_flags(args) -> None:

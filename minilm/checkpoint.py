@@ -33,14 +33,15 @@ from minilm.errors import UsageError, first_line
 from minilm.run_folder import check_output, create_run_folder, folder_lock, remove_failed_run
 
 CHECKPOINT = "state.pt"  # checkpoints/step-N/state.pt
-PATH_FLAGS = ("data", "model", "eval_data")  # read relative to the folder train.py was started in
+PATH_FLAGS = ("data", "model", "eval_data", "teacher")  # read relative to the folder train.py was started in
 # Flags that may change on --resume: they say how a run is watched and when it stops, not what a step computes.
 SAFE_ON_RESUME = ("max_steps", "epochs", "log_steps", "eval_steps", "save_steps", "save_total_limit",
                   "no_progress", "device", "early_stopping_patience")
 # Flags that checkpoints of earlier versions lack, with the value that continues them as they ran (a new flag of
 # train.py goes here, or its runs' checkpoints are refused as lacking it).
 ADDED_LATER = {"multi_dataset": "round_robin", "metric_for_best": None, "load_best": False,
-               "early_stopping_patience": 0}
+               "early_stopping_patience": 0, "prompts": None, "matryoshka_dims": None, "matryoshka_weights": None,
+               "teacher": None, "layers": None, "keep_self_matches": False}
 
 
 # --- random state ----------------------------------------------------------------------------------------------

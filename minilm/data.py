@@ -4,6 +4,7 @@ Rows are plain dicts keyed by sentence-transformers' column names:
   anchor, positive[, negative, negative_2, ...]   in-batch-negative losses (MultipleNegativesRankingLoss)
   sentence1, sentence2, score (float)              scored pairs (CosineSimilarityLoss, CoSENTLoss)
   premise, hypothesis, label (int)                 classification (SoftmaxLoss)
+  text (or sentence)                               distillation (MSELoss; a .txt file read by read_texts)
 Every reader checks its input as it reads, before any training starts; a problem is a DataError naming the
 file, the line and what is wrong. Texts must be strings; a UTF-8 byte-order mark is dropped. How lines, TSV and
 CSV are read is one rule, below, shared by every reader of minilm (training data, evaluation files, corpus input
@@ -15,6 +16,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from minilm.errors import InputError
@@ -23,7 +25,7 @@ from minilm.tokenizer import lone_surrogate
 # Column names in the wild -> the names the losses use (the seed cards' trainer names columns sentence_0, ...).
 ALIASES = {"sentence_0": "sentence1", "sentence_1": "sentence2", "sentence_2": "sentence3",
            "sentence_A": "sentence1", "sentence_B": "sentence2", "query": "anchor", "answer": "positive"}
-TEXT_COLUMNS = ("anchor", "positive", "sentence1", "sentence2", "premise", "hypothesis")
+TEXT_COLUMNS = ("anchor", "positive", "sentence1", "sentence2", "premise", "hypothesis", "text", "sentence")
 NLI_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
 
 
@@ -90,6 +92,19 @@ def numbered_lines(path, keep_endings: bool = False):
 def read_lines(path) -> list:
     """The lines of a text file, without their endings (a text per line)."""
     return [line for _, line in numbered_lines(path)]
+
+
+def read_texts(path) -> Dataset:
+    """A plain text file, one text per line (as `python -m minilm encode` reads one) -> rows {"text": line};
+    blank lines are left out. A file without a text is a DataError."""
+    rows, lines = [], []
+    for number, line in numbered_lines(path):
+        if line.strip():
+            rows.append({"text": line})
+            lines.append(number)
+    if not rows:
+        raise DataError(f"{path}: no text in it (a text file holds one text per line)")
+    return Dataset(rows, ["text"], str(path), lines)
 
 
 def tsv_fields(line: str) -> list:
@@ -535,8 +550,10 @@ def collate(rows: list, text_columns: list, label_column, tokenize, prompts=None
         features.append(tokenize([prompt + row[column] for row in rows]))
     if label_column is None:
         return features, None
-    dtype = torch.long if isinstance(rows[0][label_column], int) else torch.float32
-    return features, torch.tensor([row[label_column] for row in rows], dtype=dtype)
+    labels = [row[label_column] for row in rows]
+    if isinstance(labels[0], np.ndarray):  # a teacher's embeddings (distillation), [dim] each
+        return features, torch.from_numpy(np.stack(labels))  # [B, dim]
+    return features, torch.tensor(labels, dtype=torch.long if isinstance(labels[0], int) else torch.float32)
 
 
 def parse_prompts(value, loss_class):

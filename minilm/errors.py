@@ -56,10 +56,9 @@ class Parser(argparse.ArgumentParser):
 
     def parse_values(self, values: dict, where: str, refused=()) -> dict:
         """Flag values read from a file (a recipe, a checkpoint's flags), {dest: value} -> {dest: parsed value}:
-        each is given to its flag as on the command line, so it passes the flag's own checks. A null value is
-        left out (an on/off flag takes true or false only); a key that names no flag (or is in `refused`) is
-        refused. Errors: one UsageError line
-        f"{where} {key!r} ..."."""
+        each is given to its flag as on the command line (a list to a comma_list flag as "a,b"), so it passes
+        the flag's own checks. A null value is left out (an on/off flag takes true or false only); a key that
+        names no flag (or is in `refused`) is refused. Errors: one UsageError line f"{where} {key!r} ..."."""
         actions = {action.dest: action for action in self._actions if action.option_strings}
         known = sorted(set(actions) - {"help", *refused})
         parsed = {}
@@ -83,6 +82,10 @@ class Parser(argparse.ArgumentParser):
                 argv = [flag, _json(value)]
             elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
                 argv = [flag, str(value)]
+            elif isinstance(value, list) and getattr(action.type, "comma_separated", False):  # [384, 64]: "384,64"
+                if not value or any(isinstance(item, (bool, list, dict)) or item is None for item in value):
+                    raise UsageError(f"{where} {key!r} is {shown}, expected a list of numbers or a string \"1,2\"")
+                argv = [flag, ",".join(map(str, value))]
             else:
                 raise UsageError(f"{where} {key!r} is {shown}, expected a string or a number")
             try:
@@ -136,6 +139,18 @@ non_negative_float = _number(float, low=0, what="a number >= 0")
 fraction = _number(float, low=0, below=1, what="a number in 0..1 (1 excluded)")
 any_float = _number(float, what="a number")
 seed = _number(int, low=0, below=2 ** 32, what="a whole number in 0..4294967295 (numpy's seeds)")
+
+
+def comma_list(item):
+    """A flag type: "384,256,64" -> [384, 256, 64], each item checked by `item` (one of the types above). A recipe
+    may give the list itself (Parser.parse_values)."""
+    def parse(text):
+        try:
+            return [item(part.strip()) for part in text.split(",")]
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"{error} in the comma-separated list {text!r}") from None
+    parse.comma_separated = True
+    return parse
 
 
 def json_object(text):

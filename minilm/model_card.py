@@ -16,10 +16,11 @@ import re
 import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import minilm
-from minilm import curves, files, pooling
+from minilm import curves, evaluation, files, pooling
 
 SBERT_CITATION = """@inproceedings{reimers-2019-sentence-bert,
     title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
@@ -35,12 +36,18 @@ SBERT_CITATION = """@inproceedings{reimers-2019-sentence-bert,
 HYPERPARAMETERS = ["batch_size", "epochs", "max_steps", "lr", "weight_decay", "warmup_ratio", "warmup_steps",
                    "max_grad_norm", "grad_accum", "seed", "precision", "max_seq_length", "normalize", "min_score",
                    "eval_steps", "log_steps", "save_steps", "score_scale", "metric_for_best", "load_best",
-                   "early_stopping_patience"]
+                   "early_stopping_patience", "prompts", "matryoshka_dims", "matryoshka_weights", "teacher", "layers"]
+# Those the card lists as "Non-Default Hyperparameters" when they are set.
+NON_DEFAULT = ["batch_size", "epochs", "max_steps", "lr", "warmup_ratio", "precision", "eval_steps", "metric_for_best",
+               "load_best", "early_stopping_patience", "prompts", "matryoshka_dims", "matryoshka_weights", "teacher",
+               "layers"]
 
 
 def column_statistics(rows: list, column: str, tokenize_ids) -> tuple:
     """(type, details) of one column over the first 1000 rows: token counts for text, spread for numbers."""
     values = [row[column] for row in rows[:1000]]
+    if isinstance(values[0], np.ndarray):  # a teacher's embeddings (distillation)
+        return "embedding", f"<ul><li>size: {len(values[0])}</li><li>the teacher's, as the labels</li></ul>"
     if isinstance(values[0], str):
         counts = [len(ids) for ids in tokenize_ids(values)]
         return "string", (f"<ul><li>min: {min(counts)} tokens</li><li>mean: {sum(counts) / len(counts):.2f} tokens"
@@ -168,6 +175,7 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
     if metrics:
         # best["text"] is minilm's own sentence (numbers, and metric names from evaluation.py's lists): as it is
         parts += ["## Evaluation", "### Metrics", f"#### {_text(eval_name)}", *([best["text"]] if best["text"] else []),
+                  *_dimensions_table(settings, metrics),
                   _table(["Metric", "Value"], [[_text(key), f"{value:.4f}"] for key, value in metrics.items()])]
 
     stats, columns = [], [c for c in first_text_columns] + ([datasets[0][3]] if datasets[0][3] else [])
@@ -175,7 +183,7 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
         stats.append(column_statistics(first_rows, column, model.tokenizer.encode_ids))
     stats_table = _table([""] + [_text(c) for c in columns],
                          [["type"] + [t for t, _ in stats], ["details"] + [d for _, d in stats]])
-    samples_table = _table([_text(c) for c in columns], [[_code(row[c]) for c in columns] for row in first_rows[:3]])
+    samples_table = _table([_text(c) for c in columns], [[_sample(row[c]) for c in columns] for row in first_rows[:3]])
     parts += ["## Training Details", "### Training Dataset"]
     for source, rows, _, _ in datasets:
         parts.append(f"#### {_text(source)}\n\n* Size: {len(rows):,} training samples")
@@ -185,9 +193,7 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
               f"* Loss: <code>{loss_name}</code> with these parameters:\n"
               + _fence("json", json.dumps(loss_fn.config(), indent=4))]
 
-    non_default = {key: settings[key] for key in ("batch_size", "epochs", "max_steps", "lr", "warmup_ratio",
-                                                  "precision", "eval_steps", "metric_for_best", "load_best",
-                                                  "early_stopping_patience") if settings.get(key)}
+    non_default = {key: settings[key] for key in NON_DEFAULT if settings.get(key)}
     parts += ["### Training Hyperparameters", "#### Non-Default Hyperparameters",
               "\n".join(f"- `{key}`: {_text(value)}" for key, value in non_default.items()),
               "#### All Hyperparameters", "<details><summary>Click to expand</summary>\n\n"
@@ -204,6 +210,24 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
     path = out_dir / "README.md"
     files.write_text(path, "\n\n".join(parts) + "\n")
     return path
+
+
+def _sample(value) -> str:
+    """A sample's cell: the text, or the first numbers of a teacher's embedding."""
+    if isinstance(value, np.ndarray):
+        return _code("[" + ", ".join(f"{number:.4f}" for number in value[:3]) + f", ...] ({len(value)} numbers)")
+    return _code(value)
+
+
+def _dimensions_table(settings: dict, metrics: dict) -> list:
+    """With --matryoshka-dims: the main metric at each trained size (the model encodes at any of them with
+    truncate_dim), as a table; [] otherwise."""
+    dims, task = settings.get("matryoshka_dims"), settings.get("eval_task")
+    if not dims or task not in evaluation.TASK_EVALUATORS:
+        return []
+    main = evaluation.TASK_EVALUATORS[task].main_metric
+    rows = [[dim, f"{metrics[f'{main}_dim{dim}']:.4f}"] for dim in dims if f"{main}_dim{dim}" in metrics]
+    return [_table(["Dimensions (truncate_dim)", _text(main)], rows)] if rows else []
 
 
 def _prompts_line(model) -> str:

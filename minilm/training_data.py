@@ -1,5 +1,6 @@
 """train.py's data: every --data read and checked against the loss before training starts, the batches drawn
-from it, and the evaluator of --eval-task.
+from it, the evaluator of --eval-task; and the model the data trains (--layers, --prompts) and, for distillation,
+the teacher and its embeddings of the texts.
 
 Each loss declares the columns it reads and the scores or labels it accepts (losses/__init__.py); the loss class
 is passed in, so this module needs no loss of its own. Problems are data.DataError: one line naming the file (and
@@ -12,11 +13,38 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from minilm import data, evaluation
+import minilm
+from minilm import data, distillation, evaluation
+from minilm.distributed import barrier
+from minilm.errors import InputError, UsageError, blamed_on
 
 
-def load_training_rows(location: str, split: str, num_labels=None) -> tuple:
-    """-> (rows, the line of each row or None, the file read)."""
+def check_flags(args, loss_class) -> None:
+    """The flags that depend on the loss (train.py's; a recipe's and a resumed run's come here too), before
+    anything is read: --teacher exactly with a loss that learns a teacher's embeddings (mse), --matryoshka-dims
+    with a loss MatryoshkaLoss can wrap (its sizes are checked against the model once it is loaded),
+    --matryoshka-weights with --matryoshka-dims, --prompts' columns, --keep-self-matches with --eval-task
+    retrieval. A UsageError names the flag."""
+    if loss_class.label == "embedding" and not args.teacher:
+        raise UsageError(f"--loss {args.loss} learns a teacher's embeddings: give --teacher MODEL (and --layers to "
+                         "build the student from some of --model's layers)")
+    if args.teacher and loss_class.label != "embedding":
+        raise UsageError(f"--teacher {args.teacher}: the {args.loss} loss learns no teacher's embeddings; "
+                         "distillation is --loss mse")
+    if args.matryoshka_dims and not loss_class.matryoshka:
+        raise UsageError(f"--matryoshka-dims: the {args.loss} loss reads embeddings of one width (its classifier), "
+                         "so it cannot be trained at several sizes; choose another --loss")
+    if args.matryoshka_weights and not args.matryoshka_dims:
+        raise UsageError("--matryoshka-weights needs --matryoshka-dims: one weight per dimension")
+    if args.keep_self_matches and args.eval_task != "retrieval":
+        raise UsageError("--keep-self-matches is for --eval-task retrieval on a BEIR folder")
+    with blamed_on("", InputError):  # the message names --prompts
+        data.parse_prompts(args.prompts, loss_class)
+
+
+def load_training_rows(location: str, split: str, num_labels=None, plain_text=False) -> tuple:
+    """-> (rows, the line of each row or None, the file read). plain_text: a .txt file is one text per line
+    (rows {"text": line}, for a loss that reads one text column), not a TSV."""
     path = Path(location)
     if path.is_dir():
         if (path / f"{split}.tsv").is_file():
@@ -29,7 +57,10 @@ def load_training_rows(location: str, split: str, num_labels=None) -> tuple:
         return data.load_snli(path), None, path
     if path.is_file() and path.name.lower().startswith("sick"):
         return data.load_sick(path, split), None, path
-    dataset = data.read_dataset(path, num_labels=num_labels)
+    if plain_text and path.suffix.lower() == ".txt":
+        dataset = data.read_texts(path)
+    else:
+        dataset = data.read_dataset(path, num_labels=num_labels)
     return dataset.rows, dataset.lines, path
 
 
@@ -46,7 +77,9 @@ def columns_for_loss(rows: list, loss_class, min_score: float, source: str):
     """Pick the columns a loss reads, from its declarations (losses/__init__.py). -> (rows, text
     columns, label column or None). A loss without labels takes scored pairs scoring at least min_score."""
     columns = set(rows[0]) if rows else set()
-    label_column = {"score": "score", "class": "label", None: None}[loss_class.label]
+    # "embedding": the teacher's embedding of the row's text, added by add_teacher_embeddings, never from the file
+    label_column = {"score": "score", "class": "label", "embedding": "embedding", None: None}[loss_class.label]
+    from_file = label_column if loss_class.label in ("score", "class") else None
     if loss_class.label is None and "label" in columns and "score" not in columns:
         # NLI (entailment/neutral/contradiction) or binary (0/1) rows: a loss without labels would take every row,
         # contradictions and non-duplicates too, as a pair to pull together. (Rows that also have a score, such as
@@ -58,7 +91,7 @@ def columns_for_loss(rows: list, loss_class, min_score: float, source: str):
                              "entailment, or label 1) and drop the label column, or train --loss softmax")
     prefix = loss_class.extra_text_columns
     for layout in loss_class.text_columns:
-        if set(layout) <= columns and (label_column is None or label_column in columns):
+        if set(layout) <= columns and (from_file is None or from_file in columns):
             extra = sorted(c for c in columns if prefix and c.startswith(prefix) and c not in layout)
             return rows, [*layout, *extra], label_column
     if loss_class.label is None:
@@ -75,7 +108,12 @@ def columns_for_loss(rows: list, loss_class, min_score: float, source: str):
                     raise data.DataError(f"{source}: no pair scores at least --min-score {min_score} (scores run "
                                          f"{min(scores):g}..{max(scores):g}); lower --min-score")
                 return [{first: r[a], second: r[b]} for r in kept], [first, second], None
-    wanted = " or ".join(", ".join(layout + ((label_column,) if label_column else ()))
+    if loss_class.label == "embedding":  # distillation learns from any texts: each distinct text of the file once
+        texts = dict.fromkeys(row[column] for row in rows for column in row if data.is_text_column(column))
+        if texts:
+            first = loss_class.text_columns[0][0]
+            return [{first: text} for text in texts], [first], label_column
+    wanted = " or ".join(", ".join(layout + ((from_file,) if from_file else ()))
                          for layout in loss_class.text_columns)
     raise data.DataError(f"{source}: columns {sorted(columns)} do not fit the {loss_class.__name__} loss, which "
                          f"reads {wanted}")
@@ -98,14 +136,16 @@ class TrainingData:
     datasets: list  # (location as given, rows, text columns, label column or None) for each --data
     fingerprints: list  # fingerprint() of each file read
     notes: list  # what the checks noticed but allow, one line each
+    prompts: object = None  # --prompts: None, one prompt for every text column, or {column: prompt}
 
 
 def prepare_data(args, loss_class) -> TrainingData:
     """Read and check every --data for the loss (args: train.py's flags)."""
     num_labels = loss_class.num_classes(args.loss_params) if loss_class.label == "class" else None
-    prepared = TrainingData([], [], [])
+    prepared = TrainingData([], [], [], data.parse_prompts(args.prompts, loss_class))  # checked by check_flags
+    plain_text = all(len(layout) == 1 for layout in loss_class.text_columns)
     for location in args.data:
-        rows, lines, file = load_training_rows(location, args.split, num_labels)
+        rows, lines, file = load_training_rows(location, args.split, num_labels, plain_text)
         if not rows:
             raise data.DataError(f"{location}: no training rows in split {args.split!r}")
         if args.score_scale != 1:
@@ -113,7 +153,7 @@ def prepare_data(args, loss_class) -> TrainingData:
                 if "score" in row:
                     row["score"] /= args.score_scale
         selected, text_columns, label_column = columns_for_loss(rows, loss_class, args.min_score, location)
-        if len(selected) < len(rows):
+        if len(selected) < len(rows) and loss_class.label is None:
             prepared.notes.append(f"{location}: {len(selected)} of {len(rows)} pairs score at least --min-score "
                                   f"{args.min_score}; the {loss_class.__name__} loss learns from those only")
         check_labels(selected, lines, loss_class, args.loss, file)
@@ -132,15 +172,18 @@ def prepare_data(args, loss_class) -> TrainingData:
 
 
 def evaluator_for(args, prepared: TrainingData, classifier=None):
-    """The evaluator of --eval-task on --eval-data (default: the first --data), or None; when it scores the training
-    file itself, a note says so (into prepared.notes). A problem with the data is a DataError."""
+    """The evaluator of --eval-task on --eval-data (default: the first --data), or None; with --matryoshka-dims
+    it scores every trained size. When it scores the training file itself, a note says so (into prepared.notes).
+    A problem with the data is a DataError."""
     if not args.eval_task:
         return None
     location = Path(args.eval_data or args.data[0])
     try:
-        evaluator = evaluation.for_task(args.eval_task, location, args.eval_split, classifier)
+        evaluator = evaluation.for_task(args.eval_task, location, args.eval_split, classifier,
+                                        keep_self_matches=args.keep_self_matches)
     except (OSError, ValueError) as error:
         raise data.DataError(f"--eval-task {args.eval_task}: {error}") from None
+    evaluator.truncate_dims = args.matryoshka_dims  # every trained size: metrics "<name>_dim<d>"
     split_of_it = location.is_dir() or (args.eval_task in ("sick", "nli") and not data.is_snli(location))
     if not args.eval_data and not split_of_it:
         prepared.notes.append(f"--eval-task {args.eval_task} without --eval-data scores the training file "
@@ -186,3 +229,58 @@ def plan_batches(args, datasets, loss_class, world: int) -> tuple:
         raise data.DataError(f"--grad-accum {args.grad_accum}: an epoch has only {len(batches)} batch(es) of "
                              f"{args.batch_size}; lower --grad-accum or --batch-size")
     return batches, len(batches) // args.grad_accum
+
+
+# --- the model, and for distillation the teacher --------------------------------------------------------------
+
+def load_model(args, prepared: TrainingData, device):
+    """The model the run trains: --model (a student of its --layers only, with --layers), with --max-seq-length,
+    --normalize, and the --prompts it keeps (so that it encodes, and is evaluated, as it was trained: see
+    data.model_prompts). A problem is a UsageError naming the flag."""
+    with blamed_on(f"--model {args.model}", Exception):  # the loader's messages name the file and field
+        model = minilm.load(args.model, device=device)
+    if args.layers:
+        with blamed_on("--layers", InputError):
+            model = distillation.student_from_layers(model, args.layers)
+    if args.max_seq_length:
+        with blamed_on(f"--max-seq-length {args.max_seq_length}", ValueError):
+            model.max_seq_length = args.max_seq_length
+    if args.normalize != "keep":
+        model.normalize = args.normalize == "yes"
+    if prepared.prompts:
+        model.prompts, model.default_prompt_name = data.model_prompts(prepared.prompts, prepared.datasets[0][2])
+    return model
+
+
+def load_teacher(args, model, device):
+    """--teacher on the training device, reading as many tokens as the student `model`, checked to embed at the
+    student's size; None without --teacher. A problem is a UsageError naming --teacher."""
+    if not args.teacher:
+        return None
+    with blamed_on(f"--teacher {args.teacher}", Exception):  # the loader's messages name the file and field
+        teacher = minilm.load(args.teacher, device=device)
+        teacher.max_seq_length = model.max_seq_length
+        distillation.check_teacher(teacher, model)
+    return teacher
+
+
+def add_teacher_embeddings(teacher, prepared: TrainingData, folder: Path, rank: int, args) -> None:
+    """Each row's label "embedding": the teacher's embedding of its text, [dim] float32, computed once with
+    encode's fast path and kept beside the checkpoints (RUN/checkpoints/teacher-embeddings-N.npy and .json, one
+    per --data; distillation.teacher_embeddings), so a resumed run reads them back, and they go with the run's
+    other files. Rank 0 computes; under torchrun the other ranks wait, then read. Nothing without a teacher."""
+    if teacher is None:
+        return
+    if rank > 0:
+        barrier()
+    (folder / "checkpoints").mkdir(exist_ok=True)
+    for index, (_, rows, text_columns, _) in enumerate(prepared.datasets):
+        path = folder / "checkpoints" / f"teacher-embeddings-{index}.npy"
+        with blamed_on(f"--teacher {args.teacher}", InputError):  # a file there that is not these embeddings
+            embeddings = distillation.teacher_embeddings(teacher, [row[text_columns[0]] for row in rows], path,
+                                                         teacher_name=args.teacher,
+                                                         show_progress=rank == 0 and not args.no_progress)
+        for row, embedding in zip(rows, embeddings):
+            row["embedding"] = embedding
+    if rank == 0:
+        barrier()

@@ -219,11 +219,14 @@ def test_losses_are_a_top_level_package_the_core_never_imports_and_declare_their
     for name in ('"mnrl"', '"cosine"', '"softmax"', "isinstance(loss_fn", "import SoftmaxLoss"):
         assert name not in code, name
     for name, loss in LOSSES.items():
-        assert loss.label in (None, "score", "class"), name
-        assert loss.text_columns and all(len(layout) >= 2 for layout in loss.text_columns), name
-        assert isinstance(loss.in_batch_negatives, bool), name
+        assert loss.label in (None, "score", "class", "embedding"), name
+        # a teacher's embedding labels one text (distillation); the other losses compare texts
+        fewest = 1 if loss.label == "embedding" else 2
+        assert loss.text_columns and all(len(layout) >= fewest for layout in loss.text_columns), name
+        assert isinstance(loss.in_batch_negatives, bool) and isinstance(loss.matryoshka, bool), name
         if loss.label == "class":
             assert loss.num_classes({}) >= 2
         rows = [{"sentence1": "a", "sentence2": "b", "score": 0.9, "label": 1}]
         _, columns, label = columns_for_loss(rows, loss, 0.5, "x.tsv")
-        assert label == {"score": "score", "class": "label", None: None}[loss.label]
+        assert label == {"score": "score", "class": "label", "embedding": "embedding", None: None}[loss.label]
+        assert set(columns) <= {column for layout in loss.text_columns for column in layout}, name

@@ -77,12 +77,7 @@ def test_recipes_cover_every_seed_card():
     assert len(RECIPES) >= len(cards) == 5
 
 
-# Recipe 005 names flags train.py gains when issue 21's distillation is wired in (--teacher, --layers, --loss mse).
-PENDING = pytest.mark.xfail(strict=True, reason="train.py has no --teacher, --layers, --loss mse yet (issue 21)")
-
-
-@pytest.mark.parametrize("recipe", [pytest.param(r, marks=PENDING) if r.stem.startswith("005_") else r
-                                    for r in RECIPES], ids=[r.stem for r in RECIPES])
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_flags_are_valid(recipe, tmp_path):
     """Every recipe parses through the same checks as the flags, and with its data passes check_args."""
     values = train.build_parser().values_from_json(str(recipe), "--recipe", ignored=train.RECIPE_NOTES)
