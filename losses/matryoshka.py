@@ -26,7 +26,8 @@ def check_dims(dims, weights, embedding_dim: int) -> tuple:
     """-> (dims, weights) as tuples; weights None: 1 each. Raises ValueError (one line) for a dimension that is not
     a whole number from 1 to embedding_dim, one given twice, no dimension, or weights that are not one positive
     number per dimension. Any order is accepted: the loss is a sum, and weights pair with dims in the given order."""
-    expected = f"expected whole numbers from 1 to {embedding_dim}, each once, e.g. [{embedding_dim}, 128, 64]"
+    example = [embedding_dim, embedding_dim // 2, embedding_dim // 4]  # the halvings people train
+    expected = f"expected whole numbers from 1 to {embedding_dim}, each once, e.g. {example}"
     if isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__"):
         raise ValueError(f"matryoshka dims {dims!r}: {expected}")
     dims = tuple(dims)
