@@ -189,9 +189,11 @@ def slow_precision_warning(precision: str, cpu: CPU = None, rates: dict = None):
 _warned = set()
 
 
-def warn_if_slow(precision: str) -> None:
-    """Log slow_precision_warning(precision) once per process, where there is one (the CPU's: call it for work
-    on the CPU only). train.py calls it for --precision, encode for its precision."""
+def warn_if_slow(precision: str, device="cpu") -> None:
+    """Log slow_precision_warning(precision) once per process, where there is one and `device` is the CPU (this
+    CPU's speed says nothing of a GPU's). encode calls it for its precision, train.py for --precision."""
+    if torch.device(device).type != "cpu":
+        return
     message = slow_precision_warning(precision)
     if message is not None and message not in _warned:
         _warned.add(message)

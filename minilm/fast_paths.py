@@ -124,8 +124,7 @@ def resolve_precision(device, precision: str) -> str:
         return choice.precision
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise InputError(f"precision must be one of {(*PRECISIONS, AUTO)}, not {precision!r}")
-    if device.type == "cpu":
-        cpu.warn_if_slow(precision)
+    cpu.warn_if_slow(precision, device)
     return precision
 
 

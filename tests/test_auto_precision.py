@@ -57,6 +57,8 @@ def test_an_explicit_slow_precision_warns_once_on_the_cpu_only(fresh_choice, mon
         assert fast_paths.resolve_precision("cpu", "fp32") == "fp32"
         assert [fast_paths.resolve_precision("cpu", "bf16") for _ in range(2)] == ["bf16", "bf16"]
         assert fast_paths.resolve_precision("cuda", "bf16") == "bf16"  # the CPU's speed says nothing of a GPU's
+        cpu.warn_if_slow("bf16", torch.device("cuda"))  # train.py's one line, for a run on a GPU
+        cpu.warn_if_slow("bf16", "cpu")  # and on the CPU: said already
     assert messages(caplog) == [warning]
     with pytest.raises(InputError, match=r"precision must be one of \('fp32', 'bf16', 'fp16', 'int8', 'auto'\)"):
         fast_paths.resolve_precision("cpu", "int4")
