@@ -144,23 +144,35 @@ def compiled_quantize_rows():
 
 class _CompiledOnce:
     """A function compiled with torch.compile on its first call (dynamic shapes: one compile for every number of
-    tokens); the eager function where compiling fails (no C++ compiler, an unsupported platform), logged once."""
+    tokens); the eager function where compiling fails (no C++ compiler, an unsupported platform) or where the
+    compiled code's first result is not the eager function's, bit for bit, logged once. The second guards
+    against wrong code: torch 2.13's inductor, generating AVX2 code for one thread, computes quantize_rows's
+    scales wrong (seen with ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=1)."""
 
     def __init__(self, function):
-        self.function, self.compiled = function, None
+        self.function, self.compiled, self.checked = function, None, False
 
     def __call__(self, *args):
         if self.compiled is None:
             self.compiled = torch.compile(self.function, dynamic=True)
         try:
-            return self.compiled(*args)
+            result = self.compiled(*args)
         except Exception as error:  # noqa: BLE001  (inductor raises many kinds; the eager function is the same maths)
             if self.compiled is self.function:
                 raise
-            _log_once(f"torch.compile failed for {self.function.__name__} ({type(error).__name__}: "
-                      f"{str(error)[:200]}): it runs eagerly")
-            self.compiled = self.function
-            return self.function(*args)
+            return self._eager(f"torch.compile failed for {self.function.__name__} ({type(error).__name__}: "
+                               f"{str(error)[:200]}): it runs eagerly", args)
+        if not self.checked:
+            self.checked = True
+            if not all(map(torch.equal, result, self.function(*args))):
+                return self._eager(f"torch.compile's {self.function.__name__} differs from the eager function on "
+                                   "this CPU (a code generation bug): it runs eagerly", args)
+        return result
+
+    def _eager(self, message: str, args):
+        _log_once(message)
+        self.compiled = self.function
+        return self.function(*args)
 
 
 _logged = set()

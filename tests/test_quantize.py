@@ -204,3 +204,23 @@ def test_a_failing_compile_falls_back_to_eager_and_says_so_once(monkeypatch, cap
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 1 and "torch.compile failed for quantize_rows (RuntimeError: no C++ compiler)" in \
         messages[0] and "runs eagerly" in messages[0]
+
+
+def test_compiled_code_that_differs_from_eager_is_dropped_and_said_once(monkeypatch, caplog):
+    """Wrong generated code (torch 2.13's inductor, AVX2, one thread: quantize_rows's scales) is found on the
+    first call, which returns the eager result, as every call after it does."""
+    def wrong(x):
+        q, scale = quantize_rows(x)
+        return q, scale * 2
+
+    monkeypatch.setattr(torch, "compile", lambda function, dynamic: wrong)
+    monkeypatch.setattr(quantize, "_logged", set())
+    checked = quantize._CompiledOnce(quantize_rows)
+    x = torch.randn(20, 16)
+    with caplog.at_level(logging.WARNING, logger="minilm.quantize"):
+        first, second = checked(x), checked(x)
+    expected = quantize_rows(x)
+    assert all(torch.equal(got, want) for got, want in zip(first + second, expected + expected))
+    assert [record.getMessage() for record in caplog.records] == [
+        "torch.compile's quantize_rows differs from the eager function on this CPU (a code generation bug): it "
+        "runs eagerly"]
