@@ -304,11 +304,12 @@ def encode_corpus(model, input_path, out, model_name: str, fmt: str = "auto", fi
     """Encode INPUT into DIR (see the module docstring); under torchrun each process does its share.
 
     storage: how embeddings.npy holds the rows (float32, float16, int8, binary); precision: how encode computes
-    them (see SentenceEncoder.encode; "auto" is decided here and the manifest records what runs). truncate_dim: keep each embedding's first truncate_dim dimensions (None:
-    the model's truncate_dim, by default all); normalized embeddings are unit length after the cut. prompt or
-    prompt_name: put before every text (None for both: the model's document prompt, as encode_document). The
-    manifest records both (settings.truncate_dim, settings.prompt: the text). Returns the manifest. Raises
-    CorpusError with one line for bad input or a DIR that does not match."""
+    them (see SentenceEncoder.encode; "auto" is decided here and the manifest records what runs). truncate_dim:
+    keep each embedding's first truncate_dim dimensions (None: the model's truncate_dim, by default all);
+    normalized embeddings are unit length after the cut. prompt or prompt_name: put before every text (None for
+    both: the model's document prompt, as encode_document). The manifest records both (settings.truncate_dim,
+    settings.prompt: the text). Returns the manifest. Raises CorpusError with one line for bad input or a DIR
+    that does not match."""
     check_options(storage, batch_size, window, calibration_size)
     try:  # "auto" -> the precision that runs: a manifest says what was done, and a resume must do the same
         precision = fast_paths.resolve_precision(model.device, precision)

@@ -14,8 +14,8 @@ rewrites Linears from outside the model.
 
 On a CPU without VNNI or AMX the int8 matrix multiply adds pairs of products in 16 bits and saturates with
 full-range weights (minilm/cpu.py, int8_sums_saturate): there the weights are kept within +-64
-(WEIGHT_QMAX_SATURATING), exact again at twice the weight step, logged once. int8 is also many times slower than fp32 on such a CPU
-(encode warns with the factor); precision="auto" never picks it there.
+(WEIGHT_QMAX_SATURATING), exact again at twice the weight step, logged once. int8 is also many times slower than
+fp32 on such a CPU (encode warns with the factor); precision="auto" never picks it there.
 
 Which Linears to quantize: the attention's q/k/v projection is the sensitive one (its rounding reaches every
 softmax), so `keep_qkv_float` is the policy encode(precision="int8") uses; the STS-B figures of each choice and
