@@ -4,6 +4,7 @@
     python eval.py --model runs/cosine --task sick --data ../shared/data/sick/SICK.tsv --json metrics.json
     python eval.py --model sentence-transformers/all-MiniLM-L6-v2 --task retrieval --data ../shared/data/scifact
     python eval.py --model runs/mnrl --task stsb --data ../shared/data/stsb --precision bf16   # the bf16 fast path
+    python eval.py --model runs/mnrl --task stsb --data ../shared/data/stsb --precision auto   # the fastest here
     python eval.py --model runs/matryoshka --task retrieval --data ../shared/data/scifact --truncate-dim 384,128,64
 
 Tasks:
@@ -93,10 +94,11 @@ def build_parser() -> Parser:
     parser.add_argument("--split", default=None, help="split of stsb/sick/nli or of a BEIR folder's qrels "
                         "(default: test); a single file (pairs, binary, an SNLI file...) is its own split")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="texts per encode batch (default: 32)")
-    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+    parser.add_argument("--precision", default="fp32", choices=[*PRECISIONS, fast_paths.AUTO],
                         help="encode's precision: fp32 (default, the reference), bf16 or fp16 weights and "
                         "activations, or int8 Linears (all but the attention's q/k/v); to check what a faster "
-                        "precision costs in quality")
+                        "precision costs in quality. auto: the fastest here within measured quality bands (the "
+                        "output and --json name the precision it ran)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     parser.add_argument("--truncate-dim", type=dimensions, default=None, metavar="N[,M...]",
                         help="score the embeddings cut to their first N dimensions (a Matryoshka model's smaller "
@@ -159,6 +161,7 @@ def evaluate(argv=None) -> int:
                                         keep_self_matches=args.keep_self_matches)
     except (OSError, ValueError, KeyError) as error:
         raise UsageError(f"--task {args.task} --data {args.data}: {_first_line(error)}") from None
+    asked, args.precision = args.precision, fast_paths.resolve_precision(model.device, args.precision)
     configure(evaluator, args, model)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -167,7 +170,7 @@ def evaluate(argv=None) -> int:
 
     split = args.split if has_splits else None
     print(f"{args.task}{f' ({split})' if split else ''} on {args.data} with {args.model}, precision "
-          f"{args.precision}, {seconds:.1f} s")
+          f"{args.precision}{f' ({asked})' if asked != args.precision else ''}, {seconds:.1f} s")
     for key, value in metrics.items():
         print(f"  {key:32s} {value:.4f}")
     if args.json:

@@ -13,6 +13,7 @@ from pathlib import Path
 from minilm.corpus import MIN_CALIBRATION
 from minilm.corpus_folder import STORAGES
 from minilm.errors import InputError
+from minilm.fast_paths import AUTO
 from minilm.model import PRECISIONS
 
 EXAMPLES = ["A man is eating food.", "Someone is having a meal.", "A man is riding a horse.",
@@ -73,7 +74,8 @@ def encode(args) -> None:
             dist.destroy_process_group()
     prompt = manifest["settings"]["prompt"]
     _rank0_print(f"{args.out}: {manifest['count']} texts -> embeddings.npy {manifest['shape']} {manifest['storage']}, "
-                 "ids.txt, offsets.npy, manifest.json" + (f" (prompt {prompt!r} before each text)" if prompt else ""))
+                 f"ids.txt, offsets.npy, manifest.json; encoded in {manifest['precision']}"
+                 + (f" (prompt {prompt!r} before each text)" if prompt else ""))
 
 
 def search(args) -> None:
@@ -182,8 +184,9 @@ def _add_encode(commands) -> None:
                         f"at least {MIN_CALIBRATION}, since ranges from fewer clip the values of the other texts (on "
                         "STS-B, 47%% of values from 1 text, 2%% from 100, 0.1%% from 1000); an INPUT with fewer "
                         "texts is calibrated on all of them (default: %(default)s)")
-    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
-                   help="encode's precision: fp32, bf16/fp16 weights and activations, or int8 Linears "
+    p.add_argument("--precision", default="fp32", choices=[*PRECISIONS, AUTO],
+                   help="encode's precision: fp32, bf16/fp16 weights and activations, int8 Linears, or auto: the "
+                        "fastest here within measured quality bands, recorded in the manifest as what ran "
                         "(default: fp32)")
     p.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction,
                    help="unit-length embeddings (default: as the model, Normalize in modules.json)")

@@ -39,8 +39,10 @@ import numpy as np
 import torch
 
 from minilm import corpus_folder as folder
+from minilm import fast_paths
 from minilm.corpus_folder import FORMAT, PARTIAL, STORAGES, CorpusError
 from minilm.data import DataError, delimited_records, parse_json_line, strip_line_ending
+from minilm.errors import InputError
 from minilm.files import LOCK
 from minilm.similarity_search import calibrate_int8, pack_binary, quantize_int8
 from minilm.tokenizer import lone_surrogate
@@ -302,12 +304,17 @@ def encode_corpus(model, input_path, out, model_name: str, fmt: str = "auto", fi
     """Encode INPUT into DIR (see the module docstring); under torchrun each process does its share.
 
     storage: how embeddings.npy holds the rows (float32, float16, int8, binary); precision: how encode computes
-    them (see SentenceEncoder.encode). truncate_dim: keep each embedding's first truncate_dim dimensions (None:
-    the model's truncate_dim, by default all); normalized embeddings are unit length after the cut. prompt or
-    prompt_name: put before every text (None for both: the model's document prompt, as encode_document). The
-    manifest records both (settings.truncate_dim, settings.prompt: the text). Returns the manifest. Raises
-    CorpusError with one line for bad input or a DIR that does not match."""
+    them (see SentenceEncoder.encode; "auto" is decided here and the manifest records what runs). truncate_dim:
+    keep each embedding's first truncate_dim dimensions (None: the model's truncate_dim, by default all);
+    normalized embeddings are unit length after the cut. prompt or prompt_name: put before every text (None for
+    both: the model's document prompt, as encode_document). The manifest records both (settings.truncate_dim,
+    settings.prompt: the text). Returns the manifest. Raises CorpusError with one line for bad input or a DIR
+    that does not match."""
     check_options(storage, batch_size, window, calibration_size)
+    try:  # "auto" -> the precision that runs: a manifest says what was done, and a resume must do the same
+        precision = fast_paths.resolve_precision(model.device, precision)
+    except InputError as error:
+        raise CorpusError(f"--precision {precision}: {error}") from None
     truncate_dim, prompt = _cut_and_prompt(model, truncate_dim, prompt, prompt_name)
     rank, world = _distributed()
     out, input_path = Path(out), Path(input_path).resolve()
@@ -360,6 +367,7 @@ def _run(model, model_name, input_path, out, fmt, settings, encode, overwrite, p
         return manifest
     if rank != 0 and manifest["settings"]["model_fingerprint"] != settings["model_fingerprint"]:
         raise CorpusError(f"rank {rank}: its --model is not the one rank 0 loaded (fingerprints differ)")
+    encode = {**encode, "precision": manifest["precision"]}  # rank 0's: an "auto" probed per process may differ
     _encode_windows(model, manifest, out, rank, world, encode, progress and rank == 0)
     if world > 1:
         import torch.distributed as dist

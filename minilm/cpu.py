@@ -5,6 +5,8 @@
     gemm_rates()         -> {precision: G(FL)OP/s} of one encoder layer's Linears, measured once (0.1-0.3 s)
     slowdown(precision)  -> how many times slower than fp32 that precision's GEMMs run here (1.0: not slower)
     slow_precision_warning(precision) -> the warning an explicit slow precision gives once, or None
+    warn_if_slow(precision)  -> log that warning once (encode for its precision, train.py for --precision)
+    int8_sums_saturate()     -> True where int8 products are summed in 16 bits (no VNNI/AMX): see below
 
 The instruction sets decide where they can: without AVX-512 bf16 / AMX, torch's bf16 matrix multiply falls back
 to code ~70x slower than fp32 (an AMD EPYC with AVX2 only: bf16 84 and int8 21 sentences/s against fp32 487), and
@@ -14,9 +16,19 @@ costs more than its GEMM saves over bf16: benchmarks/README.md, "Speed on the CP
 (AVX-512 bf16 and VNNI without AMX: AMD Zen 4/5, Intel Cooper Lake; VNNI without bf16), a short probe times the
 GEMMs the encoder really runs - one BERT layer's four Linears, [1024 tokens, 384] x [384, 1152 / 384 / 1536] and
 [1024, 1536] x [1536, 384] - through the ops encode uses: oneDNN with prepacked weights for fp32/bf16/fp16
-(minilm/onednn.py) and oneDNN's int8 linear, else torch._int_mm (minilm/quantize.py). A precision that is slow
-here is timed on one small product only, so the probe stays short on every CPU. The same probe gives the measured
-factor of the warning an explicit slow precision gives, and bench_encode.py's ceiling.
+(minilm/onednn.py) and, for int8, oneDNN's int8 linear on AMX, else torch._int_mm (minilm/quantize.py). A
+precision that is slow here is timed on one small product only, so the probe stays short on every CPU. The same
+probe gives the measured factor of the warning an explicit slow precision gives, and bench_encode.py's ceiling.
+
+oneDNN can be held to an older instruction set ($ONEDNN_MAX_CPU_ISA=AVX2, =AVX512_CORE, ...: how a machine with
+AVX-512 VNNI or AMX shows what a CPU without them does); describe_cpu() then reports only the instruction sets
+oneDNN may use, since every fast matrix multiply of encode runs in oneDNN.
+
+Without VNNI or AMX, int8 matrix multiplies (oneDNN's and torch._int_mm) add each pair of products in 16 bits
+with saturation (vpmaddubsw, the activations shifted by +128 to unsigned): with full-range int8 weights the sums
+overflow and the results are wrong (an Int8Linear's error 0.15 instead of 0.009). int8_sums_saturate() finds it
+by multiplying the largest values once; minilm/quantize.py then keeps int8 weights within +-64, where
+255 * 64 * 2 = 32,640 fits in 16 bits.
 
 Which precisions `auto` may pick: those whose quality was measured within the bands of issue 22 (STS-B test
 Spearman within 0.002 of fp32, SciFact NDCG@10 within 0.003; benchmarks/README.md): bf16 (+0.0002 / +0.0007) and
@@ -27,6 +39,8 @@ This module imports nothing of minilm but its errors, so that every other module
 """
 
 import functools
+import logging
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -44,6 +58,19 @@ NATIVE = {"bf16": ("amx_bf16", "avx512_bf16"), "fp16": ("amx_fp16", "avx512_fp16
           "int8": ("amx_int8", "avx512_vnni", "avx_vnni")}
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8",
          "amx_fp16")
+# $ONEDNN_MAX_CPU_ISA (or $DNNL_MAX_CPU_ISA) -> the FLAGS oneDNN may use under it, from oneDNN's dnnl_cpu_isa_t
+# (each level includes the ones below it; AVX-512 does not include AVX-VNNI, AVX10.1 does). Unset, DEFAULT or ALL:
+# all of them.
+_AVX2, _AVX512 = ("avx2",), ("avx2", "avx512f")
+_AVX10 = (*_AVX512, "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni")
+ONEDNN_ISA_FLAGS = {
+    "SSE41": (), "AVX": (), "AVX2": _AVX2, "AVX2_VNNI": (*_AVX2, "avx_vnni"), "AVX2_VNNI_2": (*_AVX2, "avx_vnni"),
+    "AVX512_CORE": _AVX512, "AVX512_CORE_VNNI": (*_AVX512, "avx512_vnni"),
+    "AVX512_CORE_BF16": (*_AVX512, "avx512_vnni", "avx512_bf16"), "AVX10_1_512": _AVX10, "AVX512_CORE_FP16": _AVX10,
+    "AVX10_1_512_AMX": (*_AVX10, "amx_bf16", "amx_int8"), "AVX512_CORE_AMX": (*_AVX10, "amx_bf16", "amx_int8"),
+    "AVX10_1_512_AMX_FP16": (*_AVX10, "amx_bf16", "amx_int8", "amx_fp16"),
+    "AVX512_CORE_AMX_FP16": (*_AVX10, "amx_bf16", "amx_int8", "amx_fp16"),
+}
 
 # One encoder layer's Linears for all-MiniLM-L6-v2 (hidden 384, intermediate 1536): (in, out) of q/k/v fused,
 # the attention output, the FFN's two. Rows: the tokens of an encode batch (encode's first batch is the 32 longest
@@ -63,6 +90,8 @@ FASTER = {"bf16": 1.3, "int8": 3.0}
 # with bf16; Intel AMX: int8 GEMM 1.3-1.8x bf16, int8 encode ~0.5x bf16.
 INT8_OVER_BF16 = 2.0
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class CPU:
@@ -72,6 +101,7 @@ class CPU:
     torch_capability: str  # torch's vectorized kernels: "AVX512", "AVX2", "DEFAULT", ...
     onednn_bf16: bool  # oneDNN runs bf16 here (torch.ops.mkldnn._is_mkldnn_bf16_supported)
     onednn_fp16: bool
+    onednn_cap: str = ""  # $ONEDNN_MAX_CPU_ISA where it holds oneDNN below this CPU ("" where it does not)
 
     def native(self, precision: str) -> list:
         """The instruction sets this CPU has that make `precision` fast (empty: none; fp32 needs none)."""
@@ -90,7 +120,9 @@ class CPU:
         amx = "/".join(kind for kind in ("bf16", "int8", "fp16") if f"amx_{kind}" in self.flags)
         sets += [f"AMX {amx}"] if amx else ["no AMX"]
         vendor = f" ({self.vendor})" if self.vendor else ""
-        return f"{self.model or 'unknown CPU'}{vendor}: {', '.join(sets)}; torch kernels {self.torch_capability}"
+        cap = f" (oneDNN held to {self.onednn_cap} by $ONEDNN_MAX_CPU_ISA)" if self.onednn_cap else ""
+        return (f"{self.model or 'unknown CPU'}{vendor}: {', '.join(sets)}{cap}; torch kernels "
+                f"{self.torch_capability}")
 
 
 @dataclass(frozen=True)
@@ -101,15 +133,21 @@ class Choice:
 
 @functools.lru_cache(maxsize=None)
 def describe_cpu() -> CPU:
-    """This CPU, from /proc/cpuinfo where there is one (Linux), else from the platform and torch's capability."""
+    """This CPU, from /proc/cpuinfo where there is one (Linux), else from the platform and torch's capability;
+    its flags are those oneDNN may use (see $ONEDNN_MAX_CPU_ISA in the module docstring)."""
     fields = _cpuinfo(Path("/proc/cpuinfo"))
     flags = set(fields.get("flags", "").split()) & set(FLAGS)
     capability = torch.backends.cpu.get_cpu_capability()
     if not fields.get("flags"):  # no /proc/cpuinfo: what torch's own dispatch found is all we know
         flags |= {"AVX2": {"avx2"}, "AVX512": {"avx2", "avx512f"}}.get(capability, set())
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    held = cap in ONEDNN_ISA_FLAGS and not flags <= set(ONEDNN_ISA_FLAGS[cap])
+    if held:
+        flags &= set(ONEDNN_ISA_FLAGS[cap])
     return CPU(vendor=fields.get("vendor_id", ""), model=fields.get("model name", platform.processor()),
                flags=frozenset(flags), torch_capability=capability,
-               onednn_bf16=_onednn_supports("bf16"), onednn_fp16=_onednn_supports("fp16"))
+               onednn_bf16=_onednn_supports("bf16"), onednn_fp16=_onednn_supports("fp16"),
+               onednn_cap=cap if held else "")
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,6 +184,20 @@ def slow_precision_warning(precision: str, cpu: CPU = None, rates: dict = None):
         return None
     return (f"precision {precision} runs {_times(factor)} slower than fp32 on this CPU (no "
             f"{'/'.join(NATIVE[precision])}): use fp32 or auto")
+
+
+_warned = set()
+
+
+def warn_if_slow(precision: str, device="cpu") -> None:
+    """Log slow_precision_warning(precision) once per process, where there is one and `device` is the CPU (this
+    CPU's speed says nothing of a GPU's). encode calls it for its precision, train.py for --precision."""
+    if torch.device(device).type != "cpu":
+        return
+    message = slow_precision_warning(precision)
+    if message is not None and message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def choose_precision(cpu: CPU = None, rates: dict = None) -> Choice:
@@ -222,6 +274,28 @@ def onednn_int8_available() -> bool:
         return False
 
 
+def onednn_int8_runs_here() -> bool:
+    """Int8Linear runs oneDNN's int8 linear here: the op is in this torch and the CPU has AMX (amx_int8).
+    Without AMX, oneDNN's fast int8 kernels take unsigned activations only: its linear given Int8Linear's signed
+    ones falls back to oneDNN's reference kernel (measured with $ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI: 0.1 GOP/s,
+    ~3,000x slower than fp32), where torch._int_mm runs at 440-880 GOP/s. So there, Int8Linear runs torch._int_mm."""
+    return onednn_int8_available() and "amx_int8" in describe_cpu().flags
+
+
+@functools.lru_cache(maxsize=None)
+def int8_sums_saturate() -> bool:
+    """True where this CPU's int8 matrix multiplies (oneDNN's int8 linear, torch._int_mm) add pairs of products
+    in 16 bits with saturation (no VNNI / AMX; see the module docstring): one product of the largest int8 values,
+    64 x 127 x 127, comes out wrong there. Measured once per process (microseconds)."""
+    x = torch.full((17, 64), 127, dtype=torch.int8)  # 17 rows: torch._int_mm wants more than 16
+    weight = torch.full((8, 64), 127, dtype=torch.int8)
+    exact = 64 * 127 * 127  # 1,032,256: exact in float32 too
+    products = [functools.partial(torch._int_mm, x, weight.t().contiguous())]
+    if onednn_int8_runs_here():
+        products.append(_int8_product(x, weight))
+    return any(not bool((product() == exact).all()) for product in products)
+
+
 def _layer(precision: str, rows: int, shapes):
     """(run, flops): a function running the products `shapes` on [rows, in] inputs the way encode runs
     `precision`, and the FLOPs (2 per multiply-add) of one run."""
@@ -246,7 +320,7 @@ def _layer(precision: str, rows: int, shapes):
 
 
 def _int8_product(x, weight):
-    if onednn_int8_available():
+    if onednn_int8_runs_here():
         packed = torch.ops.onednn.qlinear_prepack(weight, None)
         scale, zero = torch.ones(weight.shape[0]), torch.zeros(weight.shape[0], dtype=torch.int64)
         return functools.partial(torch.ops.onednn.qlinear_pointwise, x, 1.0, 0, packed, scale, zero, None, 1.0, 0,

@@ -122,10 +122,15 @@ class SelfAttention(nn.Module):
 
     def forward(self, hidden, cu_seqlens, longest, backend):
         total = hidden.shape[0]
-        q, k, v = self.qkv(hidden).view(total, 3, self.heads, self.head_dim).unbind(1)  # 3 x [total, heads, dim]
+        qkv = self.qkv(hidden)  # [total, 3 * hidden]
+        if qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" and not torch.is_grad_enabled():
+            # bf16 inference on the CPU: torch's CPU attention kernels run bf16 slower than float32 at this head
+            # size, and one cast of the qkv output costs less than that (encode +4-6%: benchmarks/README.md)
+            qkv = qkv.float()
+        q, k, v = qkv.view(total, 3, self.heads, self.head_dim).unbind(1)  # 3 x [total, heads, dim]
         dropout_p = self.dropout_p if self.training else 0.0
         context = attention(q, k, v, cu_seqlens, longest, backend=backend, dropout_p=dropout_p)
-        return self.out(context.reshape(total, self.heads * self.head_dim))  # [total, hidden]
+        return self.out(context.reshape(total, self.heads * self.head_dim).to(hidden.dtype))  # [total, hidden]
 
 
 class Layer(nn.Module):

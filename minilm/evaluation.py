@@ -303,7 +303,8 @@ class Evaluator:
 
     `evaluator(model) -> {metric: value}` embeds the evaluation texts once (`embeddings`), then scores them
     (`metrics`). Plain attributes, set after construction (eval.py's flags, train.py):
-      batch_size, precision  encode's ("fp32", "bf16", "fp16" or "int8")
+      batch_size, precision  encode's ("fp32", the default, "bf16", "fp16", "int8", or "auto": the fastest here
+                             within measured quality bands, minilm/fast_paths.py resolve_precision)
       truncate_dim           None (the model's truncate_dim, by default the whole embedding) or the size to
                              embed at, as sentence-transformers' evaluators' truncate_dim; the metrics keep
                              their names

@@ -1,7 +1,11 @@
 """Which backend runs each piece of the model: one table, one call (`choose`), one place that reads MINILM_*.
 
-encode computes in a precision (`PRECISIONS`: fp32, bf16, fp16, int8). Three pieces of the model have backends,
-swappable without a second forward:
+encode computes in a precision (`PRECISIONS`: fp32, bf16, fp16, int8), or is asked for "auto":
+`resolve_precision(device, precision)` turns that into the precision that runs - on the CPU minilm/cpu.py's choice
+(the fastest within the quality bands, from the instruction sets and a short probe), on CUDA bf16 where the GPU
+has it, else fp32 - decided once per process and logged once with the reason. An explicit precision whose matrix
+multiplies run slower than fp32 on this CPU is warned about once, with the factor. Three pieces of the model have
+backends, swappable without a second forward:
 
     piece      backends                          default
     linear     plain, onednn, int8               precision int8: int8; else onednn on a CPU whose oneDNN runs
@@ -28,6 +32,7 @@ is a forced name that cannot run here; a default that cannot run falls back to t
   one pass; other pooling modes run plain, logged once).
 """
 
+import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -35,13 +40,14 @@ from dataclasses import dataclass
 
 import torch
 
-from minilm import kernels, onednn
+from minilm import cpu, kernels, onednn
 from minilm.errors import InputError
 from minilm.quantize import keep_qkv_float, quantize_linears
 
 # precision -> the dtype of encode's weights and activations (None: float32). int8 keeps float32 there and runs
 # its Linears in int8 (the "int8" linear backend).
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
+AUTO = "auto"  # asks resolve_precision for the fastest precision here
 # piece -> its backends, the reference first
 BACKENDS = {"linear": ("plain", "onednn", "int8"), "attention": ("math", "sdpa", "sdpa_padded", "triton"),
             "pooling": ("plain", "triton")}
@@ -105,6 +111,33 @@ def choose(device, precision="fp32", modes=("mean",), forced_names=None, trainin
     device = torch.device(device)
     return Backends(linear=_linear(device, precision, name["linear"], training),
                     attention=_attention(device, name["attention"]), pooling=_pooling(device, modes, name["pooling"]))
+
+
+def resolve_precision(device, precision: str) -> str:
+    """The precision that runs when `precision` is asked for on `device`: "auto" -> auto_precision (its reason
+    logged once); one of PRECISIONS -> itself, with cpu.warn_if_slow's warning once on a CPU where it runs slower
+    than fp32. Anything else is an InputError."""
+    device = torch.device(device)
+    if precision == AUTO:
+        choice = auto_precision(device.type)
+        log_once(choice.reason)
+        return choice.precision
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {(*PRECISIONS, AUTO)}, not {precision!r}")
+    cpu.warn_if_slow(precision, device)
+    return precision
+
+
+@functools.cache
+def auto_precision(device_type: str) -> cpu.Choice:
+    """What "auto" computes in on a device of this type, decided once per process. The CPU: cpu.choose_precision.
+    CUDA: bf16 where the GPU has it (Ampere and later), else fp32 (fp16 has no quality figures and is never
+    picked)."""
+    if device_type != "cuda":
+        return cpu.choose_precision()
+    if torch.cuda.is_bf16_supported():
+        return cpu.Choice("bf16", "auto -> bf16: this CUDA GPU runs bf16")
+    return cpu.Choice("fp32", "auto -> fp32: this CUDA GPU has no bf16 (fp16 is never picked: no quality figures)")
 
 
 def check_environment() -> None:

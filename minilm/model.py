@@ -31,7 +31,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 TRANSFORMER_MODULE = "sentence_transformers.models.Transformer"
 POOLING_MODULE = "sentence_transformers.models.Pooling"
 NORMALIZE_MODULE = "sentence_transformers.models.Normalize"
-# encode's precisions -> the dtype of its weights and activations (the table lives in minilm/fast_paths.py)
+# encode's precisions -> the dtype of its weights and activations (the table lives in minilm/fast_paths.py);
+# encode also takes "auto" (fast_paths.resolve_precision: the fastest of them here)
 PRECISIONS = fast_paths.PRECISIONS
 CONVERT_TO = ("numpy", "tensor")
 ST_CONFIG = "config_sentence_transformers.json"
@@ -138,8 +139,9 @@ class SentenceEncoder(nn.Module):
         The copy is a deepcopy of the live encoder, so every edit a user made carries into it: replaced
         submodules, instance-level forward overrides, hooks; class-level patches reach it as they reach the
         encoder. One copy is kept per (dtype, linear), so switching precision costs nothing; it is rebuilt when
-        a parameter or buffer changed (replaced, or changed in place: an optimizer step bumps a tensor's
-        version) or the module structure changed (see `_inference_key`)."""
+        a parameter or buffer changed (replaced, or changed in place where torch counts it: in-place ops bump a
+        tensor's version) or the module structure changed (see `_inference_key`), and at every encode of a
+        model in training mode (see `refresh_inference_copies`)."""
         if dtype is None and linear == "plain":
             return self.encoder
         key = _inference_key(self.encoder)
@@ -155,9 +157,15 @@ class SentenceEncoder(nn.Module):
         return copies[(dtype, linear)][1]
 
     def refresh_inference_copies(self) -> None:
-        """Drop encode's inference copies; the next encode makes them again from the live weights. Needed only
-        after a change torch does not count: writing through `.data` (or into shared memory from numpy). Changes
-        in place under no_grad, load_state_dict, optimizer steps and replaced modules are seen without it."""
+        """Drop encode's inference copies; the next encode makes them again from the live weights.
+
+        encode calls it itself when the model is in training mode (a training loop evaluating): the copies are
+        made again at every such call (a deepcopy, a cast and a prepack: ~0.05 s, little beside an evaluation),
+        because an optimizer can change the weights without torch counting it - torch.optim.AdamW(fused=True)
+        (torch 2.13) updates them in place without bumping their versions. Call it yourself after such a change
+        to a model in eval mode: fused optimizer steps, then model.eval(), then encode; or writes through `.data`
+        or into shared memory from numpy. Changes torch counts are seen without it: in-place ops under no_grad,
+        load_state_dict, the other optimizers' steps, replaced modules."""
         self.__dict__.pop("_inference_copies", None)
 
     def encode(self, sentences, batch_size=32, normalize=None, convert_to="numpy", show_progress=False,
@@ -166,9 +174,13 @@ class SentenceEncoder(nn.Module):
 
         sentences: a string or a sequence of strings. normalize: None follows the model (Normalize in modules.json),
         True/False forces it. convert_to: "numpy" (float32 ndarray) or "tensor" (float32 on the model's device).
-        precision: "fp32", or "bf16"/"fp16" to run the encoder on a copy with weights in that type (bf16 pays on
-        CPUs with AVX-512 bf16 or AMX), or "int8" for int8 weights and activations in the Linears (all but the
-        attention's q/k/v projection; minilm/quantize.py). Pooling and the returned embeddings stay float32.
+        precision: "fp32" (the default: exact parity), or "bf16"/"fp16" to run the encoder on a copy with weights
+        in that type (bf16 pays on CPUs with AVX-512 bf16 or AMX), or "int8" for int8 weights and activations in
+        the Linears (all but the attention's q/k/v projection; minilm/quantize.py), or "auto": the fastest of
+        fp32, bf16 and int8 on this CPU within measured quality bands (on CUDA: bf16 where the GPU has it),
+        decided once per process and logged once with the reason (minilm/cpu.py). An explicit precision that
+        runs slower than fp32 on this CPU warns once, with the factor. Pooling and the returned embeddings stay
+        float32.
         batch_size and token_budget: sentences are encoded longest first, and the first batch holds the
         batch_size longest. With token_budget (the default), each later batch takes as many of the shorter
         sentences as fit in that first batch's number of tokens: peak memory stays that of batch_size
@@ -186,9 +198,11 @@ class SentenceEncoder(nn.Module):
         in place or used in autograd). Text past max_seq_length is truncated.
         A bad argument is an InputError (a ValueError) that names it and says what is accepted.
         The backends of the Linears, attention and pooling are chosen once per call, in minilm/fast_paths.py.
-        The model's mode (training or eval) is the same afterwards, also when encode fails.
+        The model's mode (training or eval) is the same afterwards, also when encode fails. In training mode,
+        encode makes its inference copies again from the live weights (see refresh_inference_copies).
         """
         _check_encode_arguments(batch_size, normalize, convert_to, show_progress, precision, token_budget)
+        precision = fast_paths.resolve_precision(self.device, precision)
         dim = self.truncate_dim if truncate_dim is None else check_truncate_dim(truncate_dim, self.embedding_dim)
         prompt = self.resolve_prompt(prompt, prompt_name)
         single = isinstance(sentences, str)
@@ -197,6 +211,8 @@ class SentenceEncoder(nn.Module):
             texts = [prompt + text for text in texts]
         backends = fast_paths.choose(self.device, precision, self.pooling_modes, self.backends)
         was_training = self.training
+        if was_training:  # a training loop evaluating: its optimizer may have changed weights uncounted
+            self.refresh_inference_copies()
         self.eval()
         try:
             output = self._encode(texts, batch_size, normalize, show_progress, precision, token_budget, backends, dim)
@@ -522,8 +538,8 @@ def _check_encode_arguments(batch_size, normalize, convert_to, show_progress, pr
         raise InputError(f"normalize must be None (follow the model), True or False, not {normalize!r}")
     if not isinstance(convert_to, str) or convert_to not in CONVERT_TO:
         raise InputError(f"convert_to must be one of {CONVERT_TO}, not {convert_to!r}")
-    if not isinstance(precision, str) or precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {tuple(PRECISIONS)}, not {precision!r}")
+    if not isinstance(precision, str) or precision not in (*PRECISIONS, fast_paths.AUTO):
+        raise InputError(f"precision must be one of {(*PRECISIONS, fast_paths.AUTO)}, not {precision!r}")
     for name, value in (("token_budget", token_budget), ("show_progress", show_progress)):
         if not isinstance(value, bool):
             raise InputError(f"{name} must be True or False, not {value!r}")

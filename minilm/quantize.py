@@ -2,7 +2,7 @@
 
 `Int8Linear.from_linear(linear)` keeps the weight as int8 with one scale per output channel (symmetric, absmax /
 127); at each call it quantizes the activations to int8 with one scale per token (row), multiplies in int32
-(oneDNN's int8 linear: VNNI or AMX where the CPU has them) and rescales to float:
+(oneDNN's int8 linear on AMX, torch._int_mm elsewhere: VNNI where the CPU has it) and rescales to float:
 
     y[t, o] = (sum_i qx[t, i] * qw[o, i]) * sx[t] * sw[o] + b[o]        qx = round(x / sx), sx = max|x[t]| / 127
 
@@ -11,6 +11,11 @@ Per-token scales follow each row's range, so one long or unusual sentence does n
 reference; tests/test_quantize.py holds them close. `quantize_linears(module)` swaps every nn.Linear of a
 module (an inference copy: the weights are copies and take no gradients), the way gpt-fast's quantization
 rewrites Linears from outside the model.
+
+On a CPU without VNNI or AMX the int8 matrix multiply adds pairs of products in 16 bits and saturates with
+full-range weights (minilm/cpu.py, int8_sums_saturate): there the weights are kept within +-64
+(WEIGHT_QMAX_SATURATING), exact again at twice the weight step, logged once. int8 is also many times slower than
+fp32 on such a CPU (encode warns with the factor); precision="auto" never picks it there.
 
 Which Linears to quantize: the attention's q/k/v projection is the sensitive one (its rounding reaches every
 softmax), so `keep_qkv_float` is the policy encode(precision="int8") uses; the STS-B figures of each choice and
@@ -27,19 +32,22 @@ from minilm import cpu
 from minilm.swap import replace_linears
 
 QMAX = 127  # symmetric int8: -127..127, so that -x quantizes to -q
+# The weights' range where int8 products are summed in 16 bits (see the docstring): activations enter those
+# kernels shifted to unsigned (0..255), and 255 * 64 * 2 = 32,640 fits in an int16 where 255 * 127 * 2 does not.
+WEIGHT_QMAX_SATURATING = 64
 
 log = logging.getLogger(__name__)
 
 
-def quantize_rows(x: torch.Tensor):
-    """x: [rows, k] float -> (int8 [rows, k], float32 scales [rows, 1]), one symmetric scale per row.
+def quantize_rows(x: torch.Tensor, qmax: int = QMAX):
+    """x: [rows, k] float -> (int8 [rows, k] within +-qmax, float32 scales [rows, 1]), one symmetric scale per row.
 
     Few passes over x (these elementwise passes, not the int8 GEMM, are the cost of int8 here): the row maxima of x
     and of -x (two reductions that write nothing: 4x faster than an inf-norm, whose kernel is not vectorized), one
-    multiply, rounding in place, the conversion. No clamp is needed: |x| <= max|x| maps into [-127, 127] by
+    multiply, rounding in place, the conversion. No clamp is needed: |x| <= max|x| maps into [-qmax, qmax] by
     construction."""
     largest = torch.maximum(x.amax(1, keepdim=True), x.amin(1, keepdim=True).neg_())  # max |x[t]|, [rows, 1]
-    scale = largest.float().clamp_min_(1e-8).div_(QMAX)
+    scale = largest.float().clamp_min_(1e-8).div_(qmax)
     return (x * scale.reciprocal()).round_().to(torch.int8), scale  # round_: to nearest even, as torch.round
 
 
@@ -83,7 +91,8 @@ class Int8Linear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, compile_quantization=False) -> "Int8Linear":
-        weight, scale = quantize_rows(linear.weight.detach().float())  # rows of the weight = output channels
+        qmax = weight_qmax(linear.weight.device)
+        weight, scale = quantize_rows(linear.weight.detach().float(), qmax)  # rows of the weight = output channels
         return cls(weight, scale.squeeze(1), linear.bias, compile_quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,9 +114,20 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def weight_qmax(device) -> int:
+    """The largest |int8 weight| on `device`: QMAX, or WEIGHT_QMAX_SATURATING on a CPU whose int8 products are
+    summed in 16 bits (said once: int8 is coarser there)."""
+    if torch.device(device).type != "cpu" or not cpu.int8_sums_saturate():
+        return QMAX
+    _log_once(f"int8 on this CPU: weights are quantized to +-{WEIGHT_QMAX_SATURATING}, not +-{QMAX}: without "
+              f"{'/'.join(cpu.NATIVE['int8'])} its int8 matrix multiply adds pairs of products in 16 bits, which "
+              "full-range weights overflow (wrong embeddings); the coarser weights cost some accuracy")
+    return WEIGHT_QMAX_SATURATING
+
+
 def _prepack(weight_int8: torch.Tensor):
-    """The weight in oneDNN's blocked int8 layout, or None where this torch cannot run oneDNN's int8 linear."""
-    if not cpu.onednn_int8_available() or weight_int8.device.type != "cpu":
+    """The weight in oneDNN's blocked int8 layout, or None where Int8Linear runs torch._int_mm instead."""
+    if not cpu.onednn_int8_runs_here() or weight_int8.device.type != "cpu":
         return None
     try:
         return torch.ops.onednn.qlinear_prepack(weight_int8, None)
@@ -124,23 +144,35 @@ def compiled_quantize_rows():
 
 class _CompiledOnce:
     """A function compiled with torch.compile on its first call (dynamic shapes: one compile for every number of
-    tokens); the eager function where compiling fails (no C++ compiler, an unsupported platform), logged once."""
+    tokens); the eager function where compiling fails (no C++ compiler, an unsupported platform) or where the
+    compiled code's first result is not the eager function's, bit for bit, logged once. The second guards
+    against wrong code: torch 2.13's inductor, generating AVX2 code for one thread, computes quantize_rows's
+    scales wrong (seen with ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=1)."""
 
     def __init__(self, function):
-        self.function, self.compiled = function, None
+        self.function, self.compiled, self.checked = function, None, False
 
     def __call__(self, *args):
         if self.compiled is None:
             self.compiled = torch.compile(self.function, dynamic=True)
         try:
-            return self.compiled(*args)
+            result = self.compiled(*args)
         except Exception as error:  # noqa: BLE001  (inductor raises many kinds; the eager function is the same maths)
             if self.compiled is self.function:
                 raise
-            _log_once(f"torch.compile failed for {self.function.__name__} ({type(error).__name__}: "
-                      f"{str(error)[:200]}): it runs eagerly")
-            self.compiled = self.function
-            return self.function(*args)
+            return self._eager(f"torch.compile failed for {self.function.__name__} ({type(error).__name__}: "
+                               f"{str(error)[:200]}): it runs eagerly", args)
+        if not self.checked:
+            self.checked = True
+            if not all(map(torch.equal, result, self.function(*args))):
+                return self._eager(f"torch.compile's {self.function.__name__} differs from the eager function on "
+                                   "this CPU (a code generation bug): it runs eagerly", args)
+        return result
+
+    def _eager(self, message: str, args):
+        _log_once(message)
+        self.compiled = self.function
+        return self.function(*args)
 
 
 _logged = set()

@@ -478,6 +478,7 @@ DIR_CASES = [  # (name, damage to a finished int8 DIR of 20 rows of 64 dims, fra
     ("input-sha256", edit("input.sha256", "abc"), ["'input.sha256'"]),
     ("model", edit("model", 5), ["'model' is 5"]),
     ("precision", edit("precision", "fp64"), ["'precision' is \"fp64\""]),
+    ("precision-auto", edit("settings.precision", "auto"), ["'settings.precision' is \"auto\"", "fp32 | bf16"]),
     ("normalize", edit("normalize", "yes"), ["'normalize' is \"yes\""]),
     ("empty-texts", edit("empty_texts", 99), ["'empty_texts' is 99"]),
     ("truncate-dim-a-word", edit("settings.truncate_dim", "64"), ["'settings.truncate_dim' is \"64\"",
@@ -655,3 +656,25 @@ def test_truncate_dim_and_prompt_are_recorded_and_searched(tiny_dir, tmp_path, c
                                                           "of the model's prompts ('query', 'document', 'other')")):
         assert message in cli_error(capsys, base + ["--out", str(tmp_path / "never"), *flags])
     assert not (tmp_path / "never").exists()
+
+
+def test_precision_auto_records_the_precision_that_ran(tiny_dir, tmp_path, capsys):
+    """encode --precision auto: decided once, before anything is written; the manifest records what ran (a DIR
+    whose manifest says "auto" is refused: see DIR_CASES), the rows are that precision's, and a resume with auto
+    finds the same settings."""
+    from minilm import fast_paths
+
+    model = minilm.load(str(tiny_dir), device="cpu")
+    texts = make_texts(20, seed=7)
+    (tmp_path / "t.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    argv = ["encode", str(tmp_path / "t.txt"), "--model", str(tiny_dir), "--no-progress", "--device", "cpu",
+            "--window", "8", "--out", str(tmp_path / "auto"), "--precision", "auto"]
+    main(argv)
+    chosen = fast_paths.auto_precision("cpu").precision
+    manifest = json.loads((tmp_path / "auto" / "manifest.json").read_text())
+    assert manifest["precision"] == manifest["settings"]["precision"] == chosen
+    assert f"encoded in {chosen}" in capsys.readouterr().out
+    windows = [model.encode(texts[start:start + 8], precision=chosen) for start in range(0, len(texts), 8)]
+    np.testing.assert_array_equal(np.load(tmp_path / "auto" / "embeddings.npy"), np.concatenate(windows))
+    main(argv)  # finished, same settings: nothing to do (another precision would be refused)
+    assert "is finished" in capsys.readouterr().out

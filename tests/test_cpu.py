@@ -103,6 +103,33 @@ def test_cpuinfo_is_read_from_the_first_processor(tmp_path):
     assert AVX2.summary().endswith(": AVX2, no AMX; torch kernels AVX2")
 
 
+def test_onednn_held_to_an_older_instruction_set_is_described_as_that_cpu(monkeypatch):
+    """$ONEDNN_MAX_CPU_ISA holds every fast matrix multiply of encode (oneDNN's) below the CPU: describe_cpu reports
+    the instruction sets oneDNN may use, so auto and the warnings follow the CPU it emulates."""
+    try:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+        cpu.describe_cpu.cache_clear()
+        raw = cpu.describe_cpu()
+        for cap, allowed in (("AVX2", {"avx2"}), ("avx512_core_vnni", {"avx2", "avx512f", "avx512_vnni"}),
+                             ("ALL", set(cpu.FLAGS))):
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+            cpu.describe_cpu.cache_clear()
+            held = cpu.describe_cpu()
+            assert held.flags == raw.flags & allowed
+            assert held.onednn_cap == (cap.upper() if raw.flags - allowed else "")
+    finally:
+        cpu.describe_cpu.cache_clear()  # described again from the environment the suite runs in
+    capped = cpu.CPU("AuthenticAMD", "AMD EPYC (fake)", frozenset({"avx2"}), "AVX2", False, False, "AVX2")
+    assert capped.summary().endswith(": AVX2, no AMX (oneDNN held to AVX2 by $ONEDNN_MAX_CPU_ISA); torch kernels AVX2")
+
+
+def test_int8_sums_saturate_where_the_cpu_has_neither_vnni_nor_amx():
+    if "avx2" not in cpu.describe_cpu().flags:
+        pytest.skip("not an x86 CPU with AVX2: which int8 kernels run here is not known to this test")
+    assert cpu.int8_sums_saturate() == (not cpu.describe_cpu().native("int8"))
+
+
 def test_this_cpu_is_described_once():
     assert cpu.describe_cpu() is cpu.describe_cpu()
     assert cpu.describe_cpu().flags <= set(cpu.FLAGS)

@@ -422,3 +422,59 @@ def test_refresh_inference_copies_picks_up_a_change_torch_does_not_count(model_d
     after = model.encode("a sentence to follow")
     model.backends = {"linear": "plain"}  # the live weights themselves
     assert np.abs(after - before).max() > 1e-3 and np.abs(model.encode("a sentence to follow") - after).max() < 1e-5
+
+
+def test_encode_in_training_mode_sees_fused_optimizer_steps(tiny_model_dir, one_thread):
+    """torch.optim.AdamW(fused=True) (torch 2.13) changes the weights in place without bumping their versions, so
+    the key of encode's inference copy cannot see its steps; encode of a model in training mode (a training loop
+    evaluating) makes the copy again every time, and so embeds with the weights the optimizer left."""
+    from minilm import onednn
+
+    if not onednn.available("cpu", torch.float32):
+        pytest.skip("oneDNN is not in this torch: fp32 encode runs the live weights, there is no copy to go stale")
+    model = minilm.load(tiny_model_dir, device="cpu").train()
+    texts = ["a sentence to follow", "and another one, a little longer"]
+    before = model.encode(texts)
+    assert model._inference_copies  # fp32 on the CPU ran a copy (oneDNN Linears): the one that could go stale
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    batch = model.tokenize(texts)
+    for _ in range(2):
+        model(batch, normalize=False).pow(2).sum().backward()  # unnormalized: a loss with a gradient
+        optimizer.step()
+        optimizer.zero_grad()
+    after = model.encode(texts)
+    assert model.training  # encode gave the model back in the mode it found it in
+    model.backends = {"linear": "plain"}  # fp32, plain Linears: the live weights themselves, no copy
+    assert np.abs(after - before).max() > 1e-3
+    assert np.abs(model.encode(texts) - after).max() < 1e-5
+
+
+def test_bf16_attention_runs_in_float32_on_the_cpu_without_autograd(monkeypatch):
+    """A bf16 encode on the CPU computes attention on float32 q, k, v (one cast of the qkv output: faster there,
+    benchmarks/README.md) and hands the out projection bf16 again; with autograd (training under autocast) it
+    stays bf16. Either way the layer stays within bf16 rounding of the float32 reference: 0.5-0.65 of bf16's eps
+    relative to the largest output measured, bounded at 2."""
+    import copy
+
+    from minilm import encoder as encoder_module
+    from minilm.encoder import SelfAttention
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=128)
+    reference = SelfAttention(config).eval()
+    fast = copy.deepcopy(reference).to(torch.bfloat16)
+    hidden, cu_seqlens = torch.randn(23, 64), torch.tensor([0, 5, 23], dtype=torch.int32)
+    seen, real = [], encoder_module.attention
+    monkeypatch.setattr(encoder_module, "attention", lambda q, *args, **kwargs: seen.append(q.dtype) or real(
+        q, *args, **kwargs))
+    with torch.no_grad():
+        expected = reference(hidden, cu_seqlens, 18, "math")
+        inference = fast(hidden.bfloat16(), cu_seqlens, 18, "sdpa")
+    with torch.enable_grad():
+        trained = fast(hidden.bfloat16(), cu_seqlens, 18, "sdpa").detach()
+    assert seen == [torch.float32, torch.float32, torch.bfloat16]
+    assert inference.dtype == trained.dtype == torch.bfloat16
+    bound = 2 * torch.finfo(torch.bfloat16).eps * float(expected.abs().max())
+    for got in (inference, trained):
+        assert float((got.float() - expected).abs().max()) < bound
