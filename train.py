@@ -207,6 +207,7 @@ def set_up(args, given: dict, rank: int, world: int, held: contextlib.ExitStack)
         else max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
     auto = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     precision = auto if args.precision == "auto" else args.precision
+    cpu.warn_if_slow(precision, device)  # bf16 autocast on a CPU without bf16 instructions: tens of times slower
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "train_seconds": 0.0}
     if resumed:
