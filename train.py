@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import minilm
-from minilm import best_model, checkpoint as checkpoints, data, evaluation, fast_paths, model_card, training_data
+from minilm import best_model, checkpoint as checkpoints, cpu, data, evaluation, fast_paths, model_card, training_data
 from minilm.distributed import any_rank, barrier, global_mean, setup_distributed, tear_down
 from minilm.errors import (InputError, Parser, UsageError, any_float, blamed_on, comma_list, fraction, json_object,
                            non_negative_float, non_negative_int, positive_float, positive_int, seed)
