@@ -21,8 +21,7 @@ measured here (any precision), with nothing else costing time. The GEMM rates ar
 A precision whose GEMMs run more than minilm.cpu.SLOW times slower than fp32 here (bf16 and int8 on a CPU with AVX2
 only: 5-70x) is not run in the rounds: it is timed once on a slice of the texts (as many as ~15 s allow) beside
 minilm fp32 on the same slice, and printed as such, so that the benchmark finishes on every CPU. `auto` (the
-precision minilm.cpu.choose_precision picks here) is a row of its own once encode takes precision="auto"; until
-then the choice and its reason are printed.
+precision minilm.cpu.choose_precision picks here, with its reason printed) is a row of its own.
 
 The paths take turns, one encode each per round, so that a slow spell of a shared machine hits all of them; each
 path's time is its median over the rounds, and the range of its per-round ratios to the reference is printed too.
@@ -49,7 +48,6 @@ import minilm  # noqa: E402
 from minilm import cpu  # noqa: E402
 from minilm.data import load_stsb  # noqa: E402
 from minilm.encoder import flops_per_token  # noqa: E402
-from minilm.errors import InputError  # noqa: E402
 from minilm.evaluation import similarity_metrics  # noqa: E402
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -194,13 +192,8 @@ def encode_paths(model, sentences, args, precisions, choice) -> dict:
         if precision == "fp32":
             paths[f"minilm fp32, fixed batches of {args.batch_size}"] = ("fp32", lambda texts: model.encode(
                 texts, batch_size=args.batch_size, token_budget=False))
-    try:
-        model.encode(sentences[:1], precision="auto")
-        paths[f"minilm auto (= {choice.precision})"] = (choice.precision, lambda texts: model.encode(
-            texts, batch_size=args.batch_size, precision="auto"))
-    except InputError:
-        print("(encode has no precision='auto' yet: its row is missing; it would be the row of "
-              f"minilm {choice.precision})")
+    paths[f"minilm auto (= {choice.precision})"] = (choice.precision, lambda texts: model.encode(
+        texts, batch_size=args.batch_size, precision="auto"))
     return paths
 
 
