@@ -1,12 +1,16 @@
 """The reference for the retrieval recipes: sentence-transformers' trainer on the same rows, recipe and seed.
 
     python benchmarks/reference_retrieval_train.py --recipe recipes/001_quora_mnrl.json --max-steps 100 --out runs/st
+    python benchmarks/reference_retrieval_train.py --recipe recipes/000_scifact_mnrl.json --epochs 1 \\
+        --matryoshka-dims 384,256,128,64 --out runs/st-matryoshka    # MatryoshkaLoss(MNRL), as train.py's flag
 
 Rows come from minilm's own readers (minilm/training_data.py's load_training_rows and columns_for_loss), so both
 trainers see the same pairs. The recipe's loss (MNRL or SoftmaxLoss), batch size, lr, epochs (or --epochs/--max-steps),
 max_seq_length and Normalize choice are applied; AdamW, linear decay, no warm-up, max_grad_norm 1 and the
-seed cards' plain batch sampler, as in the seed cards. A SoftmaxLoss classifier is saved the way minilm saves
-it, so that eval.py --task nli scores it. Prints one JSON line (steps, training seconds, wall seconds).
+seed cards' plain batch sampler, as in the seed cards. --matryoshka-dims wraps the loss in sentence-transformers'
+MatryoshkaLoss, every size weighted 1, as train.py's flag of that name does (score the saved model with eval.py
+--truncate-dim). A SoftmaxLoss classifier is saved the way minilm saves it, so that eval.py --task nli scores it.
+Prints one JSON line (steps, training seconds, wall seconds).
 """
 
 import argparse
@@ -42,6 +46,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float)
     parser.add_argument("--max-steps", type=int, default=0)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--matryoshka-dims", help="wrap the loss in MatryoshkaLoss at these sizes: 384,256,128,64")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     recipe = json.loads(Path(args.recipe).read_text())
@@ -68,6 +73,8 @@ def main() -> None:
                                   num_labels=recipe["loss_params"].get("num_labels", 3))
     else:
         sys.exit(f"reference_retrieval_train.py: loss {recipe['loss']!r} is not one of these recipes' (mnrl, softmax)")
+    if args.matryoshka_dims:  # every size weighted 1 and trained at every step, as train.py's --matryoshka-dims
+        loss = losses.MatryoshkaLoss(model, loss, [int(dim) for dim in args.matryoshka_dims.split(",")])
     training_args = SentenceTransformerTrainingArguments(
         output_dir=args.out, per_device_train_batch_size=recipe["batch_size"],
         num_train_epochs=args.epochs or recipe.get("epochs", 1), max_steps=args.max_steps or -1,
