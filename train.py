@@ -87,6 +87,7 @@ def build_parser(explicit_only: bool = False) -> Parser:
     add("--eval-data", help="data for --eval-task (default: the first --data)")
     add("--eval-split", default="dev", help="split of the --eval-data (SICK: dev is its trial split)")
     add("--keep-self-matches", action="store_true", help="retrieval: count a judged document with the query's id")
+    add("--eval-precision", choices=[*PRECISIONS, "auto"], default="fp32", help="as eval.py's --precision")
     add("--eval-steps", type=non_negative_int, default=0, help="evaluate every N steps (0: only at the end)")
     add("--metric-for-best", metavar="NAME", help="the metric that picks the best evaluation (default: the main one)")
     add("--load-best", action="store_true", help="save the whole model of the best evaluation, not the last step's")
@@ -121,8 +122,7 @@ def parse_args(argv=None) -> tuple:
 
 
 def check_args(args, world: int = 1) -> torch.device:
-    """Checks across flags (each flag's own values were checked by its type); a recipe's values and a resumed
-    run's flags come here too. -> the device to train on."""
+    """Checks across flags (each flag's values are checked by its type), a recipe's and a resumed run's -> device"""
     missing = [flag for flag, value in (("--loss", args.loss), ("--data", args.data)) if not value]
     if missing:
         recipe = f"the --recipe {args.recipe}" if args.recipe else "a --recipe"
@@ -193,7 +193,7 @@ def set_up(args, given: dict, rank: int, world: int, held: contextlib.ExitStack)
     if args.matryoshka_dims:  # the loss at each size too, on one forward; loss_class stays the inner loss
         with blamed_on("--matryoshka-dims", ValueError):
             loss_fn = MatryoshkaLoss(model, loss_fn, args.matryoshka_dims, args.matryoshka_weights)
-    evaluator = training_data.evaluator_for(args, prepared, getattr(loss_fn, "classifier", None))
+    evaluator = training_data.evaluator_for(args, prepared, getattr(loss_fn, "classifier", None), device)
     batches, steps_per_epoch = training_data.plan_batches(args, prepared.datasets, loss_class, world)
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)  # rounded up, as the HF trainer does
@@ -205,8 +205,8 @@ def set_up(args, given: dict, rank: int, world: int, held: contextlib.ExitStack)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0
         optimizer, lambda step: step / max(1, warmup) if step < warmup
         else max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
-    auto = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    precision = auto if args.precision == "auto" else args.precision
+    precision = {"auto": "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"}.get(
+        args.precision, args.precision)
     cpu.warn_if_slow(precision, device)  # bf16 autocast on a CPU without bf16 instructions: tens of times slower
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "train_seconds": 0.0}

@@ -41,7 +41,8 @@ SAFE_ON_RESUME = ("max_steps", "epochs", "log_steps", "eval_steps", "save_steps"
 # train.py goes here, or its runs' checkpoints are refused as lacking it).
 ADDED_LATER = {"multi_dataset": "round_robin", "metric_for_best": None, "load_best": False,
                "early_stopping_patience": 0, "prompts": None, "matryoshka_dims": None, "matryoshka_weights": None,
-               "teacher": None, "layers": None, "keep_self_matches": False}
+               "teacher": None, "layers": None, "keep_self_matches": False,
+               "eval_precision": "fp32"}
 
 
 # --- random state ----------------------------------------------------------------------------------------------

@@ -36,11 +36,12 @@ SBERT_CITATION = """@inproceedings{reimers-2019-sentence-bert,
 HYPERPARAMETERS = ["batch_size", "epochs", "max_steps", "lr", "weight_decay", "warmup_ratio", "warmup_steps",
                    "max_grad_norm", "grad_accum", "seed", "precision", "max_seq_length", "normalize", "min_score",
                    "eval_steps", "log_steps", "save_steps", "score_scale", "metric_for_best", "load_best",
-                   "early_stopping_patience", "prompts", "matryoshka_dims", "matryoshka_weights", "teacher", "layers"]
+                   "early_stopping_patience", "prompts", "matryoshka_dims", "matryoshka_weights", "teacher", "layers",
+                   "eval_precision"]
 # Those the card lists as "Non-Default Hyperparameters" when they are set.
 NON_DEFAULT = ["batch_size", "epochs", "max_steps", "lr", "warmup_ratio", "precision", "eval_steps", "metric_for_best",
                "load_best", "early_stopping_patience", "prompts", "matryoshka_dims", "matryoshka_weights", "teacher",
-               "layers"]
+               "layers", "eval_precision"]
 
 
 def column_statistics(rows: list, column: str, tokenize_ids) -> tuple:

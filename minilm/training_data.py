@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import minilm
-from minilm import data, distillation, evaluation
+from minilm import data, distillation, evaluation, fast_paths
 from minilm.distributed import barrier
 from minilm.errors import InputError, UsageError, blamed_on
 
@@ -171,10 +171,11 @@ def prepare_data(args, loss_class) -> TrainingData:
     return prepared
 
 
-def evaluator_for(args, prepared: TrainingData, classifier=None):
+def evaluator_for(args, prepared: TrainingData, classifier=None, device="cpu"):
     """The evaluator of --eval-task on --eval-data (default: the first --data), or None; with --matryoshka-dims
-    it scores every trained size. When it scores the training file itself, a note says so (into prepared.notes).
-    A problem with the data is a DataError."""
+    it scores every trained size. It encodes in --eval-precision (auto: resolved here, once, for `device`, the
+    choice logged). When it scores the training file itself, a note says so (into prepared.notes). A problem
+    with the data is a DataError."""
     if not args.eval_task:
         return None
     location = Path(args.eval_data or args.data[0])
@@ -184,6 +185,7 @@ def evaluator_for(args, prepared: TrainingData, classifier=None):
     except (OSError, ValueError) as error:
         raise data.DataError(f"--eval-task {args.eval_task}: {error}") from None
     evaluator.truncate_dims = args.matryoshka_dims  # every trained size: metrics "<name>_dim<d>"
+    evaluator.precision = fast_paths.resolve_precision(device, args.eval_precision)  # warns if slower than fp32
     split_of_it = location.is_dir() or (args.eval_task in ("sick", "nli") and not data.is_snli(location))
     if not args.eval_data and not split_of_it:
         prepared.notes.append(f"--eval-task {args.eval_task} without --eval-data scores the training file "

@@ -32,7 +32,7 @@ class Scripted:
         self.values, self.stop_at, self.snapshots, self.calls = values, stop_at or {}, folder / "snapshots", []
         self.stop, self.step = None, None
         evaluate, enter = train.evaluate, checkpoint.StopRequest.__enter__
-        monkeypatch.setattr(training_data, "evaluator_for", lambda args, prepared, classifier=None: self)
+        monkeypatch.setattr(training_data, "evaluator_for", lambda *given: self)
         monkeypatch.setattr(train, "evaluate", lambda run: self.evaluate(run, evaluate))
         monkeypatch.setattr(checkpoint.StopRequest, "__enter__",
                             lambda stop: setattr(self, "stop", stop) or enter(stop))
@@ -242,6 +242,32 @@ def test_each_evaluation_during_training_scores_the_weights_of_its_step(capsys, 
     assert len(scored) == 3 and len({during["pearson_cosine"] for during, _ in scored}) == 3
     for during, afresh in scored:
         assert during == pytest.approx(afresh, abs=1e-6)  # the same weights, encoded in another order
+
+
+@pytest.mark.parametrize("precision", ["int8", "auto"])
+def test_the_evaluation_encodes_in_eval_precision(capsys, tiny_model_dir, tmp_path, precision):
+    """--eval-precision: the final evaluation is eval.py's at that precision on the saved model (auto: what
+    fast_paths.resolve_precision picks on this CPU), and int8's differs from fp32's: the precision reached encode."""
+    import minilm
+    from minilm import fast_paths
+
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a man plays {i}\tsomeone plays {i % 5}\t0.{i % 10}\n"
+                                                            for i in range(24)))
+    code, _, err = call(capsys, "--model", tiny_model_dir, "--loss", "cosine", "--data", pairs, "--batch-size", 8,
+                        "--max-steps", 2, "--eval-task", "pairs", "--eval-precision", precision, "--out",
+                        tmp_path / "run")
+    assert code == 0, err
+    logged = [entry for entry in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
+              if "eval_pearson_cosine" in entry][-1]
+    evaluator = evaluation.for_task("pairs", pairs, "test")
+    saved = minilm.load(str(tmp_path / "run"), device="cpu")
+    evaluator.precision = fast_paths.resolve_precision("cpu", precision)
+    assert logged["eval_pearson_cosine"] == pytest.approx(evaluator(saved)["pearson_cosine"], abs=1e-6)
+    if precision == "int8":
+        evaluator.precision = "fp32"
+        assert logged["eval_pearson_cosine"] != pytest.approx(evaluator(saved)["pearson_cosine"], abs=1e-6)
+    assert f"eval_precision: {precision}" in (tmp_path / "run" / "README.md").read_text().replace("`", "")
 
 
 # --- flags -----------------------------------------------------------------------------------------------------

@@ -6,11 +6,16 @@ WORLD_SIZE, MASTER_ADDR, MASTER_PORT): the same train.main as under torchrun, wi
 start-ups (~12 CPU-s on the 2-core machine) per run.
 """
 
+import faulthandler
 import json
 import os
 import re
 import shutil
 import signal
+import sys
+import time
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,7 +55,12 @@ def forked_ranks(arguments, out, die_after_checkpoint=None) -> list:
         port = probe.getsockname()[1]
     argv = ["--no-progress", *map(str, arguments), "--out", str(out)]
 
+    statuses = [Path(str(out) + f".rank-{rank}-status") for rank in range(2)]
+    for written in statuses:  # from an earlier call on the same folder
+        written.unlink(missing_ok=True)
+
     def rank_main(rank):
+        faulthandler.dump_traceback_later(120, exit=True, file=sys.__stderr__)  # a hung rank says where, and exits
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         if die_after_checkpoint is not None and rank == 0:
@@ -62,20 +72,32 @@ def forked_ranks(arguments, out, die_after_checkpoint=None) -> list:
                     os.kill(os.getpid(), signal.SIGKILL)
                 return final
             minilm.checkpoint.save_checkpoint = save_then_die
-        os._exit(train.main(argv))
+        code = train.main(argv)
+        statuses[rank].write_text(str(code))  # train.main's status, written before the exit: under load a forked
+        os._exit(code)  # rank was seen to hang at exit, train.main returned (faulthandler's stack: line os._exit)
+
+    def status(process, rank):
+        """train.main's return value, or the process's exit code (-9: killed) -> None while it runs."""
+        if statuses[rank].is_file():
+            return int(statuses[rank].read_text())
+        return process.exitcode
 
     context = multiprocessing.get_context("fork")
     ranks = [context.Process(target=rank_main, args=(rank,)) for rank in range(2)]
     for process in ranks:
         process.start()
-    ranks[0].join(timeout=300)
-    if ranks[0].exitcode == -signal.SIGKILL:
-        ranks[1].kill()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and any(status(p, r) is None for r, p in enumerate(ranks)):
+        if ranks[0].exitcode == -signal.SIGKILL:  # as torchrun does when a worker dies
+            ranks[1].kill()
+        time.sleep(0.05)
+    codes = [status(process, rank) for rank, process in enumerate(ranks)]
     for process in ranks:
-        process.join(timeout=300)
-        if process.exitcode is None:
+        process.join(timeout=5)
+        if process.exitcode is None:  # returned from train.main and stuck in its exit, or hung: killed
             process.kill()
-    return [process.exitcode for process in ranks]
+            process.join()
+    return codes
 
 
 @pytest.mark.parametrize("loss", ["mnrl", "cached-mnrl"])

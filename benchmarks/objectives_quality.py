@@ -1,0 +1,162 @@
+"""Issue 21's quality measures on real data: Matryoshka, prompts and distillation, minilm against sentence-transformers.
+
+    python benchmarks/objectives_quality.py --experiments matryoshka prompts --seeds 42 1 2 --out runs/objectives
+    python benchmarks/objectives_quality.py --experiments distill --seeds 42 --distill-texts 12000 \\
+        --distill-steps 300 --out runs/objectives
+
+Experiments (each run trains once per seed; finished runs are kept in OUT/results.json, so the same command after
+an interruption runs only what is missing):
+  matryoshka  recipe 000 (SciFact train, MNRL) for --epochs (default 1): train.py plain, train.py with
+              --matryoshka-dims 384,256,128,64, and sentence-transformers' MatryoshkaLoss(MNRL) on the same rows
+              (benchmarks/reference_retrieval_train.py).
+  prompts     recipe 000 with --prompts '{"anchor": "query: ", "positive": "passage: "}' beside the plain run
+              (the model keeps them as its "query" and "document" prompts, and the evaluator uses them).
+  distill     recipe 005 (3 of the 6 layers, MSE toward the teacher's embeddings): train.py against
+              sentence-transformers' MSELoss on the same student, texts and seed (benchmarks/reference_distill_train.py),
+              for --distill-steps steps on --distill-texts texts of recipes/distill_sentences.py's file (0: all of
+              them, the recipe's epochs).
+Every trained model is scored by the same evaluator, eval.py (equal to sentence-transformers' to 1e-6): SciFact test
+NDCG@10 at each Matryoshka size (--truncate-dim, one encode), and for distillation also STS-B test Spearman.
+train.py's own evaluation is left out (the recipe is copied without it). --eval-precision (default fp32) is
+eval.py's --precision; the table says which ran. Prints one markdown table per experiment: the mean and range over
+the seeds, and each side's training seconds.
+"""
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.train_quality import run  # noqa: E402  (a command, timed; exits naming it if it fails)
+
+SHARED = REPO.parent / "shared" / "data"
+DIMS = "384,256,128,64"
+PROMPTS = '{"anchor": "query: ", "positive": "passage: "}'
+SCIFACT = ["--task", "retrieval", "--data", str(SHARED / "scifact"), "--split", "test", "--truncate-dim", DIMS]
+STSB = ["--task", "stsb", "--data", str(SHARED / "stsb"), "--split", "test"]
+# experiment -> {run name: (trainer, extra flags)}; "plain" is shared by matryoshka and prompts.
+EXPERIMENTS = {
+    "matryoshka": {"minilm-plain": ("minilm", []), "minilm-matryoshka": ("minilm", ["--matryoshka-dims", DIMS]),
+                   "st-matryoshka": ("st", ["--matryoshka-dims", DIMS])},
+    "prompts": {"minilm-plain": ("minilm", []), "minilm-prompts": ("minilm", ["--prompts", PROMPTS])},
+    "distill": {"minilm-distill": ("minilm", []), "st-distill": ("st", [])},
+}
+
+
+def without_evaluation(recipe: str, out: Path) -> Path:
+    """A copy of the recipe without its eval_* keys (every model is scored by eval.py afterwards), with its data
+    paths made absolute."""
+    settings = json.loads((REPO / recipe).read_text())
+    settings = {key: value for key, value in settings.items() if not key.startswith("eval_")}
+    settings["data"] = [str((REPO / location).resolve()) for location in settings["data"]]
+    copy = out / Path(recipe).name.replace(".json", "-no-eval.json")
+    copy.write_text(json.dumps(settings, indent=2) + "\n")
+    return copy
+
+
+def distill_texts(count: int, out: Path) -> Path:
+    """recipes/distill_sentences.py's texts (made once), or `count` of them drawn with a fixed seed."""
+    every = REPO / "runs" / "data" / "distill_sentences.txt"
+    if not every.is_file():
+        run([sys.executable, "recipes/distill_sentences.py", str(SHARED), "--out", str(every)])
+    if not count:
+        return every
+    texts = every.read_text().splitlines()
+    chosen = out / f"distill-texts-{count}.txt"
+    chosen.write_text("\n".join(random.Random(0).sample(texts, count)) + "\n")
+    return chosen
+
+
+def train(name: str, trainer: str, flags: list, experiment: str, seed: int, args, out: Path) -> dict:
+    """Train one run -> {"seconds": wall seconds of the training process, "train_seconds": its training loop's}."""
+    folder = out / f"{name}-{seed}"
+    if experiment == "distill":
+        recipe = without_evaluation("recipes/005_distill_3_layers.json", out)
+        schedule = ["--max-steps", str(args.distill_steps)] if args.distill_steps else []
+        data = ["--data", str(distill_texts(args.distill_texts, out))]
+        reference = "benchmarks/reference_distill_train.py"
+    else:
+        recipe = without_evaluation("recipes/000_scifact_mnrl.json", out)
+        schedule, data = ["--epochs", str(args.epochs)], []
+        reference = "benchmarks/reference_retrieval_train.py"
+    common = ["--recipe", str(recipe), *data, *schedule, "--seed", str(seed), "--out", str(folder), *flags]
+    if trainer == "st":
+        seconds, printed = run([sys.executable, reference, *common], last_json=True)
+        return {"seconds": seconds, "train_seconds": printed["train_seconds"]}
+    seconds = run([sys.executable, "train.py", *common, "--overwrite", "--no-progress", "--save-steps", "0"])
+    steps = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    return {"seconds": seconds, "train_seconds": steps[-1]["seconds"]}
+
+
+def score(folder: Path, experiment: str, precision: str) -> dict:
+    """eval.py's metrics of a saved model: SciFact test at every size, and for distillation STS-B test."""
+    metrics = {}
+    for task in [SCIFACT] + ([STSB] if experiment == "distill" else []):
+        kept = folder.with_name(f"{folder.name}-{task[1]}.json")  # beside the model (eval.py writes none into it)
+        run([sys.executable, "eval.py", "--model", str(folder), *task, "--precision", precision, "--json", str(kept)])
+        written = json.loads(kept.read_text())
+        metrics.update(written["metrics"])
+        metrics["precision"] = written.get("precision", precision)
+    return metrics
+
+
+def table(experiment: str, results: dict, seeds: list) -> None:
+    names = list(EXPERIMENTS[experiment])
+    columns = ["cosine_ndcg@10_dim" + dim for dim in DIMS.split(",")] if experiment != "distill" else [
+        "cosine_ndcg@10_dim384", "spearman_cosine"]
+    print(f"\n{experiment} (eval precision: {sorted({r['precision'] for n in names for r in results.get(n, {}).values()})})")
+    print("| run | seeds | " + " | ".join(columns) + " | training s |")
+    print("|---|---|" + "---|" * len(columns) + "---|")
+    for name in names:
+        runs = [results[name][str(seed)] for seed in seeds if str(seed) in results.get(name, {})]
+        if not runs:
+            continue
+
+        def summary(key):
+            values = [r[key] for r in runs if key in r]
+            if not values:
+                return "-"
+            return f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f})"
+
+        print(f"| {name} | {len(runs)} | " + " | ".join(summary(c) for c in columns)
+              + f" | {statistics.mean(r['train_seconds'] for r in runs):.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
+    parser.add_argument("--epochs", type=float, default=1.0, help="matryoshka and prompts: epochs of recipe 000")
+    parser.add_argument("--distill-texts", type=int, default=0, help="texts drawn for distill (0: all)")
+    parser.add_argument("--distill-steps", type=int, default=0, help="steps of distill (0: the recipe's epochs)")
+    parser.add_argument("--eval-precision", default="fp32", choices=["fp32", "bf16", "auto"])
+    parser.add_argument("--out", default=str(REPO / "runs" / "objectives"))
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    kept = out / "results.json"
+    results = json.loads(kept.read_text()) if kept.is_file() else {}
+    for seed in args.seeds:  # seed by seed, so that an early stop still leaves comparable rows
+        for experiment in args.experiments:
+            for name, (trainer, flags) in EXPERIMENTS[experiment].items():
+                if str(seed) in results.get(name, {}):
+                    continue
+                timing = train(name, trainer, flags, experiment, seed, args, out)
+                measured = {**score(out / f"{name}-{seed}", experiment, args.eval_precision), **timing}
+                results.setdefault(name, {})[str(seed)] = measured
+                kept.write_text(json.dumps(results, indent=2) + "\n")
+                print(f"{name} seed {seed}: {json.dumps(measured)}", flush=True)
+    settings = f"--epochs {args.epochs}" + (f"; distill: {args.distill_texts or 'all'} texts, "
+                                            f"{args.distill_steps or 'the recipe'} steps")
+    print(f"\n{settings}; seeds {args.seeds}")
+    for experiment in args.experiments:
+        table(experiment, results, args.seeds)
+
+
+if __name__ == "__main__":
+    main()
