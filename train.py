@@ -87,7 +87,7 @@ def build_parser(explicit_only: bool = False) -> Parser:
     add("--eval-data", help="data for --eval-task (default: the first --data)")
     add("--eval-split", default="dev", help="split of the --eval-data (SICK: dev is its trial split)")
     add("--keep-self-matches", action="store_true", help="retrieval: count a judged document with the query's id")
-    add("--eval-precision", choices=[*PRECISIONS, "auto"], default="fp32", help="as eval.py's --precision")
+    add("--eval-precision", choices=[*PRECISIONS, "auto"], default="fp32", help="evaluation precision, as eval.py's")
     add("--eval-steps", type=non_negative_int, default=0, help="evaluate every N steps (0: only at the end)")
     add("--metric-for-best", metavar="NAME", help="the metric that picks the best evaluation (default: the main one)")
     add("--load-best", action="store_true", help="save the whole model of the best evaluation, not the last step's")
