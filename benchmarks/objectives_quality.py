@@ -12,7 +12,8 @@ an interruption runs only what is missing):
   prompts     recipe 000 with --prompts '{"anchor": "query: ", "positive": "passage: "}' beside the plain run
               (the model keeps them as its "query" and "document" prompts, and the evaluator uses them).
   distill     recipe 005 (3 of the 6 layers, MSE toward the teacher's embeddings): train.py against
-              sentence-transformers' MSELoss on the same student, texts and seed (benchmarks/reference_distill_train.py),
+              sentence-transformers' MSELoss on the same student, texts and seed
+              (benchmarks/reference_distill_train.py),
               for --distill-steps steps on --distill-texts texts of recipes/distill_sentences.py's file (0: all of
               them, the recipe's epochs).
 Every trained model is scored by the same evaluator, eval.py (equal to sentence-transformers' to 1e-6): SciFact test
@@ -68,6 +69,8 @@ def distill_texts(count: int, out: Path) -> Path:
         return every
     texts = every.read_text().splitlines()
     chosen = out / f"distill-texts-{count}.txt"
+    if chosen.is_file():  # drawn by an earlier run: every run of every seed reads the same texts
+        return chosen
     chosen.write_text("\n".join(random.Random(0).sample(texts, count)) + "\n")
     return chosen
 
@@ -109,7 +112,8 @@ def table(experiment: str, results: dict, seeds: list) -> None:
     names = list(EXPERIMENTS[experiment])
     columns = ["cosine_ndcg@10_dim" + dim for dim in DIMS.split(",")] if experiment != "distill" else [
         "cosine_ndcg@10_dim384", "spearman_cosine"]
-    print(f"\n{experiment} (eval precision: {sorted({r['precision'] for n in names for r in results.get(n, {}).values()})})")
+    precisions = sorted({r["precision"] for name in names for r in results.get(name, {}).values()})
+    print(f"\n{experiment} (eval precision: {', '.join(precisions)})")
     print("| run | seeds | " + " | ".join(columns) + " | training s |")
     print("|---|---|" + "---|" * len(columns) + "---|")
     for name in names:
@@ -152,7 +156,8 @@ def main() -> None:
                 kept.write_text(json.dumps(results, indent=2) + "\n")
                 print(f"{name} seed {seed}: {json.dumps(measured)}", flush=True)
     settings = f"--epochs {args.epochs}" + (f"; distill: {args.distill_texts or 'all'} texts, "
-                                            f"{args.distill_steps or 'the recipe'} steps")
+                                            f"{args.distill_steps or 'the recipe'} steps"
+                                            if "distill" in args.experiments else "")
     print(f"\n{settings}; seeds {args.seeds}")
     for experiment in args.experiments:
         table(experiment, results, args.seeds)

@@ -14,7 +14,6 @@ import shutil
 import signal
 import sys
 import time
-
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +72,12 @@ def forked_ranks(arguments, out, die_after_checkpoint=None) -> list:
                 return final
             minilm.checkpoint.save_checkpoint = save_then_die
         code = train.main(argv)
-        statuses[rank].write_text(str(code))  # train.main's status, written before the exit: under load a forked
-        os._exit(code)  # rank was seen to hang at exit, train.main returned (faulthandler's stack: line os._exit)
+        # train.main's status, written (whole: renamed into place) before the exit, at which a forked rank was
+        # seen to hang under load after train.main had returned
+        partial = Path(f"{statuses[rank]}.partial")
+        partial.write_text(str(code))
+        os.replace(partial, statuses[rank])
+        os._exit(code)
 
     def status(process, rank):
         """train.main's return value, or the process's exit code (-9: killed) -> None while it runs."""
