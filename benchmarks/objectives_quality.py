@@ -4,8 +4,9 @@
     python benchmarks/objectives_quality.py --experiments distill --seeds 42 --distill-texts 12000 \\
         --distill-steps 300 --out runs/objectives
 
-Experiments (each run trains once per seed; finished runs are kept in OUT/results.json, so the same command after
-an interruption runs only what is missing):
+Experiments (each run trains once per seed; finished runs and their scores are kept in OUT/results.json, so the
+same command after an interruption runs only what is missing, and the same command with another --eval-precision
+scores the kept models again without training them):
   matryoshka  recipe 000 (SciFact train, MNRL) for --epochs (default 1): train.py plain, train.py with
               --matryoshka-dims 384,256,128,64, and sentence-transformers' MatryoshkaLoss(MNRL) on the same rows
               (benchmarks/reference_retrieval_train.py).
@@ -100,35 +101,59 @@ def score(folder: Path, experiment: str, precision: str) -> dict:
     """eval.py's metrics of a saved model: SciFact test at every size, and for distillation STS-B test."""
     metrics = {}
     for task in [SCIFACT] + ([STSB] if experiment == "distill" else []):
-        kept = folder.with_name(f"{folder.name}-{task[1]}.json")  # beside the model (eval.py writes none into it)
-        run([sys.executable, "eval.py", "--model", str(folder), *task, "--precision", precision, "--json", str(kept)])
+        # beside the model (eval.py writes none into it), one file per precision
+        kept = folder.with_name(f"{folder.name}-{task[1]}-{precision}.json")
+        if not (kept.is_file() and kept.stat().st_mtime > (folder / "model.safetensors").stat().st_mtime):
+            run([sys.executable, "eval.py", "--model", str(folder), *task, "--precision", precision,
+                 "--json", str(kept)])  # else: scored after the model was saved, by an interrupted run
         written = json.loads(kept.read_text())
         metrics.update(written["metrics"])
         metrics["precision"] = written.get("precision", precision)
     return metrics
 
 
-def table(experiment: str, results: dict, seeds: list) -> None:
+def scores_by_precision(results: dict) -> dict:
+    """results.json as this script keeps it: {name: {seed: {"seconds", "train_seconds", "scores": {precision:
+    metrics}}}}. Files written before scores were kept per precision held one set of metrics beside the timings,
+    with the precision eval.py ran in them: moved under that precision."""
+    for runs in results.values():
+        for seed, entry in runs.items():
+            if "scores" not in entry:
+                timing = {key: entry.pop(key) for key in ("seconds", "train_seconds")}
+                runs[seed] = {**timing, "scores": {entry["precision"]: entry}}
+    return results
+
+
+def table(experiment: str, results: dict, seeds: list, precision: str) -> None:
     names = list(EXPERIMENTS[experiment])
     columns = ["cosine_ndcg@10_dim" + dim for dim in DIMS.split(",")] if experiment != "distill" else [
         "cosine_ndcg@10_dim384", "spearman_cosine"]
-    precisions = sorted({r["precision"] for name in names for r in results.get(name, {}).values()})
-    print(f"\n{experiment} (eval precision: {', '.join(precisions)})")
+    print(f"\n{experiment} (eval precision: {precision})")
     print("| run | seeds | " + " | ".join(columns) + " | training s |")
     print("|---|---|" + "---|" * len(columns) + "---|")
     for name in names:
-        runs = [results[name][str(seed)] for seed in seeds if str(seed) in results.get(name, {})]
+        runs = [results[name][str(seed)] for seed in seeds
+                if precision in results.get(name, {}).get(str(seed), {}).get("scores", {})]
         if not runs:
             continue
 
         def summary(key):
-            values = [r[key] for r in runs if key in r]
+            values = [r["scores"][precision][key] for r in runs if key in r["scores"][precision]]
             if not values:
                 return "-"
             return f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f})"
 
         print(f"| {name} | {len(runs)} | " + " | ".join(summary(c) for c in columns)
               + f" | {statistics.mean(r['train_seconds'] for r in runs):.0f} |")
+
+
+def resolved(precision: str) -> str:
+    """The precision eval.py runs for --precision `precision` on this machine ("auto" is decided by the CPU)."""
+    if precision != "auto":
+        return precision
+    from minilm import cpu
+
+    return cpu.choose_precision().precision
 
 
 def main() -> None:
@@ -144,23 +169,26 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     kept = out / "results.json"
-    results = json.loads(kept.read_text()) if kept.is_file() else {}
+    results = scores_by_precision(json.loads(kept.read_text()) if kept.is_file() else {})
+    precision = resolved(args.eval_precision)
     for seed in args.seeds:  # seed by seed, so that an early stop still leaves comparable rows
         for experiment in args.experiments:
             for name, (trainer, flags) in EXPERIMENTS[experiment].items():
-                if str(seed) in results.get(name, {}):
+                entry = results.setdefault(name, {}).get(str(seed))
+                if entry is None:
+                    entry = {**train(name, trainer, flags, experiment, seed, args, out), "scores": {}}
+                elif precision in entry["scores"]:
                     continue
-                timing = train(name, trainer, flags, experiment, seed, args, out)
-                measured = {**score(out / f"{name}-{seed}", experiment, args.eval_precision), **timing}
-                results.setdefault(name, {})[str(seed)] = measured
+                entry["scores"][precision] = score(out / f"{name}-{seed}", experiment, precision)
+                results[name][str(seed)] = entry
                 kept.write_text(json.dumps(results, indent=2) + "\n")
-                print(f"{name} seed {seed}: {json.dumps(measured)}", flush=True)
+                print(f"{name} seed {seed} ({precision}): {json.dumps(entry)}", flush=True)
     settings = f"--epochs {args.epochs}" + (f"; distill: {args.distill_texts or 'all'} texts, "
                                             f"{args.distill_steps or 'the recipe'} steps"
                                             if "distill" in args.experiments else "")
     print(f"\n{settings}; seeds {args.seeds}")
     for experiment in args.experiments:
-        table(experiment, results, args.seeds)
+        table(experiment, results, args.seeds, precision)
 
 
 if __name__ == "__main__":

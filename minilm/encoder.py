@@ -22,6 +22,9 @@ from minilm.attention import attention
 from minilm.errors import InputError, MissingFileError
 from minilm.packing import token_coordinates
 
+# bf16 encode on the CPU runs attention in float32 for batches whose longest sentence is shorter than this.
+SHORT_BATCH = 64
+
 # hidden_act -> the activation module (a module, so that it can be swapped like any other piece)
 ACTIVATIONS = {
     "gelu": lambda: nn.GELU(),  # exact, erf-based: what BERT checkpoints were trained with
@@ -123,9 +126,11 @@ class SelfAttention(nn.Module):
     def forward(self, hidden, cu_seqlens, longest, backend):
         total = hidden.shape[0]
         qkv = self.qkv(hidden)  # [total, 3 * hidden]
-        if qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" and not torch.is_grad_enabled():
-            # bf16 inference on the CPU: torch's CPU attention kernels run bf16 slower than float32 at this head
-            # size, and one cast of the qkv output costs less than that (encode +4-6%: benchmarks/README.md)
+        if (qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" and not torch.is_grad_enabled()
+                and longest < SHORT_BATCH):
+            # bf16 inference on the CPU, short sentences: torch's CPU attention runs bf16 no faster than float32
+            # there, so one cast of the qkv output pays (STS-B test +5%). From 64 tokens bf16 attention is faster
+            # than the cast (1.05x at 64, 1.5x at 256 tokens: benchmarks/README.md).
             qkv = qkv.float()
         q, k, v = qkv.view(total, 3, self.heads, self.head_dim).unbind(1)  # 3 x [total, heads, dim]
         dropout_p = self.dropout_p if self.training else 0.0
