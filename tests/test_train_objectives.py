@@ -264,6 +264,7 @@ ERRORS = [  # (name, flags after --model tiny --data pairs.tsv --out run, what t
     ("teacher-of-another-size", ["--loss", "mse", "--teacher", "REAL_MODEL"],
      ["--teacher", "384 dimensions", "64"]),
     ("teacher-without-mse", ["--loss", "mnrl", "--teacher", "TINY_MODEL"], ["--teacher", "mse"]),
+    ("teacher-a-folder-but-no-model", ["--loss", "mse", "--teacher", "NO_MODEL"], ["--teacher", "config.json"]),
     ("mse-without-teacher", ["--loss", "mse"], ["--loss mse", "--teacher"]),
     ("prompt-of-a-column-not-read", ["--loss", "mnrl", "--prompts", '{"premise": "x: "}'],
      ["--prompts", "'premise'", "anchor"]),
@@ -278,7 +279,8 @@ ERRORS = [  # (name, flags after --model tiny --data pairs.tsv --out run, what t
 def test_bad_objective_flags_are_one_line_and_write_nothing(capsys, tiny_model_dir, tmp_path, request, flags, said):
     if "REAL_MODEL" in flags:
         flags = [str(request.getfixturevalue("model_dir")) if flag == "REAL_MODEL" else flag for flag in flags]
-    flags = [str(tiny_model_dir) if flag == "TINY_MODEL" else flag for flag in flags]
+    no_model = tiny_model_dir.parent  # a folder that holds a model, and is none: no config.json, no modules.json
+    flags = [{"TINY_MODEL": str(tiny_model_dir), "NO_MODEL": str(no_model)}.get(flag, flag) for flag in flags]
     out = tmp_path / "run"
     code, _, err = run_train(capsys, "--model", tiny_model_dir, "--data", pairs_file(tmp_path / "pairs.tsv"),
                              *flags, "--out", out)
