@@ -560,15 +560,23 @@ def parse_prompts(value, loss_class):
     """train.py's --prompts -> None, one string for every text column, or {column: prompt} (collate's prompts).
 
     value: None; a dict (a recipe's JSON value); or the flag's text: a JSON object such as
-    '{"anchor": "query: ", "positive": "passage: "}', or, when it does not start with "{", the prompt itself.
+    '{"anchor": "query: ", "positive": "passage: "}', a JSON string ('"query: "', the prompt between the quotes),
+    or else the prompt itself (such as "query: ", or "[INST] ", which is no JSON).
     loss_class: the loss (losses/), whose declared text columns the dict's keys must be. A column the loss does
-    not read, a prompt that is not a string, or malformed JSON is an InputError naming it."""
-    if isinstance(value, str) and value.lstrip().startswith("{"):
+    not read, a prompt that is not a string, malformed JSON of an object, or a JSON array (a list of prompts,
+    which has no columns) is an InputError naming it."""
+    if isinstance(value, str) and value.lstrip().startswith(("{", "[", '"')):
         try:
-            value = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError as error:
-            raise InputError(f"--prompts {value!r}: not valid JSON ({error.msg} at character {error.pos}); "
-                             'expected a prompt, or an object such as {"anchor": "query: "}') from None
+            if value.lstrip().startswith("{"):
+                raise InputError(f"--prompts {value!r}: not valid JSON ({error.msg} at character {error.pos}); "
+                                 'expected a prompt, or an object such as {"anchor": "query: "}') from None
+            parsed = value  # "[INST] ", '"quoted" text': the prompt as written
+        if isinstance(parsed, list):
+            raise InputError(f"--prompts {value!r}: a JSON array; expected one prompt for every column, or an object "
+                             'of column -> prompt such as {"anchor": "query: ", "positive": "passage: "}')
+        value = parsed
     if value is None or isinstance(value, str):
         return value or None
     if not isinstance(value, dict):
