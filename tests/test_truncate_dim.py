@@ -143,3 +143,24 @@ def test_eval_py_truncate_dim(tiny_model_dir, tmp_path, capsys):
         assert eval_script.main(base + flags) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_card_of_a_model_with_a_truncate_dim_says_the_size_encode_returns(tiny_model_dir, tmp_path, capsys,
+                                                                                one_thread):
+    """A base model saved with truncate_dim 16 is trained (and saved) with it, as sentence-transformers keeps it:
+    its card's output size is 16, what encode returns, as sentence-transformers' card says it."""
+    import train
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    settings = json.loads((base / "config_sentence_transformers.json").read_text())
+    (base / "config_sentence_transformers.json").write_text(json.dumps({**settings, "truncate_dim": 16}))
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("anchor\tpositive\n" + "".join(f"a dog {i}\tthe cat {i}\n" for i in range(8)))
+    out = tmp_path / "run"
+    assert train.main(["--no-progress", "--model", str(base), "--loss", "mnrl", "--data", str(pairs), "--batch-size",
+                       "4", "--max-steps", "1", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert minilm.load(str(out), device="cpu").encode("a dog").shape == (16,)
+    card = (out / "README.md").read_text()
+    assert "16-dimensional dense vector space" in card, card
+    assert "**Output Dimensionality:** 16 dimensions (the first of its 64: truncate_dim)" in card
