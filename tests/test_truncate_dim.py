@@ -134,6 +134,16 @@ def test_eval_py_truncate_dim(tiny_model_dir, tmp_path, capsys):
     one = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert one == {name.removesuffix("_dim16"): value for name, value in result["metrics"].items()
                    if name.endswith("_dim16")}
+    # a model saved with a truncate_dim is scored at it, and the output and --json say so
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, cut)
+    settings = json.loads((cut / "config_sentence_transformers.json").read_text())
+    (cut / "config_sentence_transformers.json").write_text(json.dumps({**settings, "truncate_dim": 16}))
+    capsys.readouterr()
+    assert eval_script.main([*base[:1], str(cut), *base[2:], "--json", str(tmp_path / "m.json")]) == 0
+    assert "truncate_dim 16 (the model's)" in capsys.readouterr().out
+    own = json.loads((tmp_path / "m.json").read_text())
+    assert own["truncate_dim"] == [16] and own["metrics"] == one
     capsys.readouterr()
     for flags, message in ((["--truncate-dim", "65"], "--truncate-dim 65: truncate_dim must be a whole number "
                                                       "from 1 to 64"),
