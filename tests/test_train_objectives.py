@@ -220,6 +220,20 @@ def test_a_recipe_gives_the_new_flags_as_json_values_and_a_checkpoint_holds_them
             parse(matryoshka_dims=value)
 
 
+def test_resume_compares_the_prompts_not_the_spacing_of_their_json(tmp_path):
+    """--resume with the run's --prompts retyped with other JSON spacing (or quoted) continues it; other prompts
+    are refused, naming both."""
+    run = {"args": {"prompts": '{"anchor": "query: "}', "loss": "mnrl"}, "cwd": str(tmp_path)}
+    for same in ('{"anchor":"query: "}', ' { "anchor" : "query: " } '):
+        args = checkpoint.resume_args(run, {"out": "run", "resume": True, "prompts": same})
+        assert args.prompts == '{"anchor": "query: "}'  # the run's own value goes on
+    for other in ('{"anchor": "passage: "}', "query: ", '{"anchor": '):
+        with pytest.raises(UsageError, match="the run being resumed used"):
+            checkpoint.resume_args(run, {"out": "run", "resume": True, "prompts": other})
+    quoted = {"args": {"prompts": "query: "}, "cwd": str(tmp_path)}
+    assert checkpoint.resume_args(quoted, {"out": "run", "resume": True, "prompts": '"query: "'}).prompts == "query: "
+
+
 def test_keep_self_matches_and_matryoshka_dims_reach_the_evaluator(tmp_path):
     """A BEIR folder whose query ids are its document ids (issue 23): --keep-self-matches counts them."""
     beir = write_beir(tmp_path / "beir", [{"_id": "1", "title": "", "text": "a cat"}],
