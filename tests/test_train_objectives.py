@@ -234,6 +234,13 @@ def test_resume_compares_the_prompts_not_the_spacing_of_their_json(tmp_path):
     assert checkpoint.resume_args(quoted, {"out": "run", "resume": True, "prompts": '"query: "'}).prompts == "query: "
 
 
+def test_help_says_what_each_new_flag_takes():
+    shown = " ".join(train.build_parser().format_help().split())
+    for words in ("--matryoshka-dims D,...", "--matryoshka-weights W,...", "--teacher MODEL", "--layers L,...",
+                  "--metric-for-best NAME", "--early-stopping-patience N", "(default: 0, never)"):
+        assert words in shown, words
+
+
 def test_keep_self_matches_and_matryoshka_dims_reach_the_evaluator(tmp_path):
     """A BEIR folder whose query ids are its document ids (issue 23): --keep-self-matches counts them."""
     beir = write_beir(tmp_path / "beir", [{"_id": "1", "title": "", "text": "a cat"}],
