@@ -25,6 +25,8 @@ def check_flags(args, loss_class) -> None:
     with a loss MatryoshkaLoss can wrap (its sizes are checked against the model once it is loaded),
     --matryoshka-weights with --matryoshka-dims, --prompts' columns, --keep-self-matches with --eval-task
     retrieval. A UsageError names the flag."""
+    if args.teacher is not None and not args.teacher.strip():  # else taken as no teacher, as if not given
+        raise UsageError("--teacher '': expected the teacher model's folder or hub id")
     if loss_class.label == "embedding" and not args.teacher:
         raise UsageError(f"--loss {args.loss} learns a teacher's embeddings: give --teacher MODEL (and --layers to "
                          "build the student from some of --model's layers)")

@@ -287,6 +287,7 @@ ERRORS = [  # (name, flags after --model tiny --data pairs.tsv --out run, what t
     ("teacher-without-mse", ["--loss", "mnrl", "--teacher", "TINY_MODEL"], ["--teacher", "mse"]),
     ("teacher-a-folder-but-no-model", ["--loss", "mse", "--teacher", "NO_MODEL"], ["--teacher", "config.json"]),
     ("mse-without-teacher", ["--loss", "mse"], ["--loss mse", "--teacher"]),
+    ("teacher-empty", ["--loss", "mnrl", "--teacher", ""], ["--teacher ''", "folder or hub id"]),
     ("prompt-of-a-column-not-read", ["--loss", "mnrl", "--prompts", '{"premise": "x: "}'],
      ["--prompts", "'premise'", "anchor"]),
     ("prompts-not-json", ["--loss", "mnrl", "--prompts", '{"anchor": '], ["--prompts", "not valid JSON"]),
