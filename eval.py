@@ -169,13 +169,16 @@ def evaluate(argv=None) -> int:
     seconds = time.perf_counter() - start
 
     split = args.split if has_splits else None
+    # the sizes scored: --truncate-dim, else the model's own truncate_dim (nli: always the whole embedding)
+    sizes = args.truncate_dim or ([model.truncate_dim] if model.truncate_dim and args.task != "nli" else None)
+    own_size = f", truncate_dim {model.truncate_dim} (the model's)" if sizes and not args.truncate_dim else ""
     print(f"{args.task}{f' ({split})' if split else ''} on {args.data} with {args.model}, precision "
-          f"{args.precision}{f' ({asked})' if asked != args.precision else ''}, {seconds:.1f} s")
+          f"{args.precision}{f' ({asked})' if asked != args.precision else ''}{own_size}, {seconds:.1f} s")
     for key, value in metrics.items():
         print(f"  {key:32s} {value:.4f}")
     if args.json:
         result = {"model": args.model, "task": args.task, "data": args.data, "split": split,
-                  "precision": args.precision, "truncate_dim": args.truncate_dim, "metrics": metrics}
+                  "precision": args.precision, "truncate_dim": sizes, "metrics": metrics}
         write_text(args.json, json.dumps(result, indent=2) + "\n")  # whole or not at all
     return 0
 

@@ -85,8 +85,9 @@ def read_corpus_texts(path, column=None) -> list:
 
 
 def encode_in_windows(model, texts: list, batch_size: int, precision: str, window: int) -> np.ndarray:
-    """[len(texts), dim] float32, encoded `window` texts at a time (tokens of one window in memory)."""
-    out = np.empty((len(texts), model.embedding_dim), dtype=np.float32)
+    """[len(texts), dim] float32, encoded `window` texts at a time (tokens of one window in memory); dim: what encode
+    returns, the model's truncate_dim when it has one (a Matryoshka model's), as sentence-transformers mines."""
+    out = np.empty((len(texts), model.truncate_dim or model.embedding_dim), dtype=np.float32)
     for start in range(0, len(texts), window):
         out[start:start + window] = model.encode(texts[start:start + window], batch_size=batch_size,
                                                  precision=precision)

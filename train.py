@@ -64,7 +64,7 @@ def build_parser(explicit_only: bool = False) -> Parser:
     add("--prompts", help='prefix of each text column, as JSON (\'{"anchor": "query: "}\'), or one for all')
     add("--matryoshka-dims", type=comma_list(positive_int), metavar="D,...", help="Matryoshka sizes: 384,128,64")
     add("--matryoshka-weights", type=comma_list(positive_float), metavar="W,...", help="a weight per size (default 1)")
-    add("--teacher", help="distillation (--loss mse): the model whose embeddings the student learns")
+    add("--teacher", metavar="MODEL", help="distillation (--loss mse): the model whose embeddings the student learns")
     add("--layers", type=comma_list(non_negative_int), metavar="L,...", help="a student of these layers of --model")
     add("--out", help="output folder: new or empty (or a previous minilm run with --overwrite / --resume)")
     add("--overwrite", action="store_true", help="replace a previous minilm run (only) in --out once this run succeeds")
@@ -91,7 +91,8 @@ def build_parser(explicit_only: bool = False) -> Parser:
     add("--eval-steps", type=non_negative_int, default=0, help="evaluate every N steps (0: only at the end)")
     add("--metric-for-best", metavar="NAME", help="the metric that picks the best evaluation (default: the main one)")
     add("--load-best", action="store_true", help="save the whole model of the best evaluation, not the last step's")
-    add("--early-stopping-patience", type=non_negative_int, default=0, help="stop after N evaluations not better")
+    add("--early-stopping-patience", type=non_negative_int, default=0, metavar="N",
+        help="stop after N evaluations in a row not better than the best (default: 0, never)")
     add("--log-steps", type=positive_int, default=50, help="log the mean loss every N steps")
     add("--save-steps", type=non_negative_int, default=500, help="checkpoint every N steps (0: never)")
     add("--save-total-limit", type=positive_int, default=2, help="checkpoints kept (oldest removed)")

@@ -46,7 +46,7 @@ def metric_for_best(args):
     if not args.eval_task:
         return None
     evaluator, dims = evaluation.TASK_EVALUATORS[args.eval_task], args.matryoshka_dims or []
-    name = (args.metric_for_best or evaluator.main_metric).removeprefix("eval_")
+    name = (evaluator.main_metric if args.metric_for_best is None else args.metric_for_best).removeprefix("eval_")
     head, _, size = name.rpartition("_dim")
     base, dim = (head, int(size)) if dims and head and size.isdigit() else (name, dims[0] if dims else None)
     scores = [metric for metric in evaluator.metric_names if not metric.endswith("_threshold")]
@@ -62,7 +62,8 @@ def metric_for_best(args):
 def check_flags(args) -> None:
     """--metric-for-best, --load-best and --early-stopping-patience against --eval-task and --eval-steps (a recipe's
     and a resumed run's flags come here too), before anything is read."""
-    given = [flag for flag, value in (("--metric-for-best", args.metric_for_best), ("--load-best", args.load_best),
+    given = [flag for flag, value in (("--metric-for-best", args.metric_for_best is not None),
+                                      ("--load-best", args.load_best),
                                       ("--early-stopping-patience", args.early_stopping_patience)) if value]
     if given and not args.eval_task:
         raise UsageError(f"{given[0]} needs --eval-task (and its --eval-data): the best step is the best evaluation")

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minilm import data
 from minilm.distributed import any_rank, barrier
-from minilm.errors import UsageError, first_line
+from minilm.errors import InputError, UsageError, first_line
 from minilm.run_folder import check_output, create_run_folder, folder_lock, remove_failed_run
 
 CHECKPOINT = "state.pt"  # checkpoints/step-N/state.pt
@@ -396,13 +397,24 @@ def resume_args(checkpoint: dict, given: dict) -> argparse.Namespace:
             continue
         if key in PATH_FLAGS:
             value = absolute_paths(value, os.getcwd())
-        if saved.get(key) != value:
+        if not same_setting(key, saved.get(key), value):
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"{flag} {value}: the run being resumed used {saved.get(key)}; --resume continues it "
                              f"unchanged, and only {', '.join('--' + k.replace('_', '-') for k in SAFE_ON_RESUME)} "
                              "may change")
     safe = {key: value for key, value in given.items() if key in SAFE_ON_RESUME}
     return argparse.Namespace(**{**saved, **safe, "resume": True, "overwrite": False, "out": given["out"]})
+
+
+def same_setting(key: str, before, now) -> bool:
+    """Whether a flag's value equals the run's: --prompts by the prompts it gives, so that its JSON written with
+    other spacing (or a recipe's object) is the same value; malformed, it differs (and check_flags names it)."""
+    if key == "prompts" and before != now:
+        try:
+            return data.prompts_value(before) == data.prompts_value(now)
+        except InputError:
+            return False
+    return before == now
 
 
 def check_same_data(saved: list, now: list) -> None:

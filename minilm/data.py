@@ -556,19 +556,34 @@ def collate(rows: list, text_columns: list, label_column, tokenize, prompts=None
     return features, torch.tensor(labels, dtype=torch.long if isinstance(labels[0], int) else torch.float32)
 
 
+def prompts_value(value):
+    """--prompts' value, its columns not yet checked: None; a dict (a recipe's JSON value) or a string as they are;
+    or the flag's text read: a JSON object such as '{"anchor": "query: ", "positive": "passage: "}', a JSON string
+    ('"query: "', the prompt between the quotes), else the prompt itself (such as "query: ", or "[INST] ", which
+    is no JSON). Malformed JSON of an object, or a JSON array (a list of prompts, which has no columns), is an
+    InputError."""
+    if isinstance(value, str) and value.lstrip().startswith(("{", "[", '"')):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as error:
+            if value.lstrip().startswith("{"):
+                raise InputError(f"--prompts {value!r}: not valid JSON ({error.msg} at character {error.pos}); "
+                                 'expected a prompt, or an object such as {"anchor": "query: "}') from None
+            return value  # "[INST] ", '"quoted" text': the prompt as written
+        if isinstance(parsed, list):
+            raise InputError(f"--prompts {value!r}: a JSON array; expected one prompt for every column, or an object "
+                             'of column -> prompt such as {"anchor": "query: ", "positive": "passage: "}')
+        return parsed
+    return value
+
+
 def parse_prompts(value, loss_class):
     """train.py's --prompts -> None, one string for every text column, or {column: prompt} (collate's prompts).
 
-    value: None; a dict (a recipe's JSON value); or the flag's text: a JSON object such as
-    '{"anchor": "query: ", "positive": "passage: "}', or, when it does not start with "{", the prompt itself.
-    loss_class: the loss (losses/), whose declared text columns the dict's keys must be. A column the loss does
-    not read, a prompt that is not a string, or malformed JSON is an InputError naming it."""
-    if isinstance(value, str) and value.lstrip().startswith("{"):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise InputError(f"--prompts {value!r}: not valid JSON ({error.msg} at character {error.pos}); "
-                             'expected a prompt, or an object such as {"anchor": "query: "}') from None
+    value: as prompts_value takes it. loss_class: the loss (losses/), whose declared text columns the dict's keys
+    must be. A column the loss does not read, a prompt that is not a string, or what prompts_value refuses is an
+    InputError naming it."""
+    value = prompts_value(value)
     if value is None or isinstance(value, str):
         return value or None
     if not isinstance(value, dict):

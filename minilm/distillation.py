@@ -115,7 +115,10 @@ def teacher_embeddings(teacher: SentenceEncoder, texts: list, path, teacher_name
         return read_teacher_embeddings(path, expected)
     if manifest_path.exists():
         read_manifest(manifest_path)  # a manifest without its array: ours (written first) if it reads as ours
-    embeddings = teacher.encode(texts, batch_size=batch_size, precision=precision, show_progress=show_progress)
+    # The whole embedding, which the student learns with its whole embedding, also from a teacher saved with a
+    # truncate_dim (a Matryoshka model): that is only encode's default size.
+    embeddings = teacher.encode(texts, batch_size=batch_size, precision=precision, show_progress=show_progress,
+                                truncate_dim=teacher.embedding_dim)
     embeddings = np.ascontiguousarray(embeddings, dtype=DTYPE).reshape(len(texts), teacher.embedding_dim)
     with files.replaced_atomically(path) as temporary:
         with open(temporary, "wb") as file:

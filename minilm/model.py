@@ -407,6 +407,8 @@ def load(name_or_path, device=None, max_seq_length=None, backends=None, truncate
     if truncate_dim is not None:
         model.truncate_dim = truncate_dim
     model.backends = backends
+    if not (model_dir / "modules.json").is_file():  # said once it loaded: a folder that is no model gets one error
+        log.warning("%s has no modules.json: using mean pooling without normalization", model_dir)
     return model.to(device).eval()
 
 
@@ -421,8 +423,7 @@ def _read_modules(model_dir: Path) -> dict:
     Normalize, in that order (Normalize before Pooling computes other embeddings), each folder a plain name inside
     the model folder. Anything else is an InputError naming the module and the field."""
     path = model_dir / "modules.json"
-    if not path.is_file():
-        log.warning("%s has no modules.json: using mean pooling without normalization", model_dir)
+    if not path.is_file():  # (load warns, once the rest has loaded)
         return {TRANSFORMER_MODULE: ""}
     entries = files.read_json(path, "the model's modules", kind=list)
     by_type = {}

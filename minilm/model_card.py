@@ -148,17 +148,20 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
     best = best or {"metric": None, "kept_step": None, "text": ""}
     _, first_rows, first_text_columns, _ = datasets[0]
     sample = first_rows[0]
+    # what encode returns, as sentence-transformers' card says it: the model's truncate_dim when it has one
+    output_dim = model.truncate_dim or model.embedding_dim
+    cut = f" (the first of its {model.embedding_dim}: truncate_dim)" if model.truncate_dim else ""
 
     parts = [_front_matter(base, size, loss_name, first_rows, first_text_columns, metrics),
              f"# SentenceTransformer based on {_text(base)}",
              f"This is a [sentence-transformers](https://www.SBERT.net)-compatible model fine-tuned with "
              f"minilm from {_text(base)}. It maps sentences & paragraphs to a "
-             f"{model.embedding_dim}-dimensional dense vector space and can be used for semantic textual similarity, "
+             f"{output_dim}-dimensional dense vector space and can be used for semantic textual similarity, "
              f"semantic search, paraphrase mining, text classification, clustering, and more.",
              "## Model Details", "### Model Description",
              f"- **Model Type:** Sentence Transformer\n- **Base model:** {_text(base)}\n"
              f"- **Maximum Sequence Length:** {model.max_seq_length} tokens\n"
-             f"- **Output Dimensionality:** {model.embedding_dim} dimensions\n"
+             f"- **Output Dimensionality:** {output_dim} dimensions{cut}\n"
              f"- **Similarity Function:** Cosine Similarity\n"
              f"- **Training Dataset:** {', '.join(_text(source) for source, *_ in datasets)}"
              + _prompts_line(model),

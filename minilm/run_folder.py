@@ -165,7 +165,8 @@ def check_output(args) -> Path:
         raise RunFolderError(f"--out {args.out}: is the current folder or one above it; a run needs a folder of its "
                              "own, e.g. --out runs/NAME")
     inputs = [("--data", location) for location in args.data or []] + [("--model", args.model)]
-    inputs += [("--eval-data", args.eval_data)] if args.eval_data else []
+    inputs += [(flag, location) for flag, location in (("--eval-data", args.eval_data), ("--teacher", args.teacher))
+               if location]
     for flag, location in inputs:
         path = Path(location)
         if path.exists() and (path.resolve() == resolved or resolved in path.resolve().parents):

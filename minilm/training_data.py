@@ -25,6 +25,8 @@ def check_flags(args, loss_class) -> None:
     with a loss MatryoshkaLoss can wrap (its sizes are checked against the model once it is loaded),
     --matryoshka-weights with --matryoshka-dims, --prompts' columns, --keep-self-matches with --eval-task
     retrieval. A UsageError names the flag."""
+    if args.teacher is not None and not args.teacher.strip():  # else taken as no teacher, as if not given
+        raise UsageError("--teacher '': expected the teacher model's folder or hub id")
     if loss_class.label == "embedding" and not args.teacher:
         raise UsageError(f"--loss {args.loss} learns a teacher's embeddings: give --teacher MODEL (and --layers to "
                          "build the student from some of --model's layers)")
@@ -168,7 +170,21 @@ def prepare_data(args, loss_class) -> TrainingData:
                                   "train as the empty text")
         prepared.datasets.append((location, selected, text_columns, label_column))
         prepared.fingerprints.append(fingerprint(Path(file)))
+    check_prompt_columns(prepared.prompts, prepared.datasets)
     return prepared
+
+
+def check_prompt_columns(prompts, datasets: list) -> None:
+    """--prompts' columns (a dict; checked against the loss by data.parse_prompts) against the text columns the
+    loss reads from the data: a prompt of a column no --data has (negative, in pairs without hard negatives) would
+    never be used, which is a DataError."""
+    if not isinstance(prompts, dict):
+        return
+    unused = [column for column in prompts if not any(column in columns for _, _, columns, _ in datasets)]
+    if unused:
+        read = "; ".join(f"{location}: {', '.join(columns)}" for location, _, columns, _ in datasets)
+        raise data.DataError(f"--prompts: column {unused[0]!r} is in no --data (the text columns the loss reads "
+                             f"there: {read}), so its prompt would never be used")
 
 
 def evaluator_for(args, prepared: TrainingData, classifier=None, device="cpu"):

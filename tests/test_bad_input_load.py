@@ -208,6 +208,21 @@ def test_bad_model_file_names_file_and_field(tiny_dir, tmp_path, case):
         assert isinstance(error.value, MissingFileError) and isinstance(error.value, FileNotFoundError)
 
 
+
+def test_a_folder_that_is_no_model_is_its_error_alone(tiny_dir, tmp_path, caplog):
+    """A folder without config.json (a run's output, a data folder) passed as a model (train.py --teacher, --model):
+    the one error, not first a warning that modules.json is missing, which is said only for a folder that loads
+    (a plain transformers checkpoint)."""
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(minilm.InputError, match="config.json"):
+        minilm.load(str(tmp_path), device="cpu")
+    assert not caplog.records, caplog.text
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_dir, plain)
+    (plain / "modules.json").unlink()
+    minilm.load(str(plain), device="cpu")
+    assert "has no modules.json" in caplog.text
+
 BAD_LOAD_ARGUMENTS = {
     "max-seq-length-above-positions": (dict(max_seq_length=9999), "max_seq_length=9999"),
     "max-seq-length-string": (dict(max_seq_length="64"), "max_seq_length='64'"),

@@ -263,6 +263,9 @@ CASES = [
     ("out-holds-the-data",
      lambda c: c.cosine("--out", c.tmp / "box", "--overwrite", data=c.box_with_data() / "pairs.tsv"),
      ["--out", "box", "holds --data"]),
+    ("out-is-the-teacher",  # a run trained before, distilled into a new run in its place: it would be replaced
+     lambda c: c.loss("mse", c.pairs, "--teacher", c.box_with_data(), "--out", c.tmp / "box", "--overwrite"),
+     ["--out", "box", "holds --teacher"]),
     ("out-user-folder", lambda c: c.cosine("--out", c.docs), ["--out", "docs", "not empty", "notes.txt"]),
     ("out-user-folder-overwrite", lambda c: c.cosine("--out", c.docs, "--overwrite"),
      ["--out", "docs", "--overwrite replaces only a previous minilm run", "notes.txt"]),

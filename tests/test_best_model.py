@@ -282,6 +282,8 @@ BAD_FLAGS = [
      "--metric-for-best ndcg@10: the stsb evaluation reports pearson_cosine, spearman_cosine"),
     (["--eval-task", "binary", "--metric-for-best", "cosine_f1_threshold"],
      "cosine_f1_threshold: is a threshold the evaluation chose, not a score"),
+    (["--eval-task", "stsb", "--metric-for-best", ""], "--metric-for-best : the stsb evaluation reports"),
+    (["--metric-for-best", ""], "--metric-for-best needs --eval-task"),
 ]
 
 

@@ -113,6 +113,15 @@ def test_teacher_embeddings_are_computed_once_and_read_back(tiny, tmp_path, monk
     assert np.array_equal(np.load(path, allow_pickle=False), first)  # a plain .npy
 
 
+def test_a_teacher_with_a_truncate_dim_gives_its_whole_embeddings(tiny_model_dir, tmp_path):
+    """A teacher saved with a truncate_dim (a Matryoshka model) is distilled from its whole embedding, the size
+    check_teacher compares and the student learns, not the smaller size its encode returns by default."""
+    teacher = minilm.load(str(tiny_model_dir), device="cpu", truncate_dim=16)
+    embeddings = teacher_embeddings(teacher, TEXTS, tmp_path / "teacher.npy")
+    assert embeddings.shape == (len(TEXTS), 64)
+    assert np.array_equal(embeddings, teacher.encode(TEXTS, truncate_dim=64))
+
+
 def test_an_interrupted_write_is_computed_again(tiny, tmp_path):
     """The manifest is written first: one without its array is this module's, from a run killed in between."""
     path = tmp_path / "teacher.npy"

@@ -87,6 +87,17 @@ def test_mined_negatives_equal_brute_force(tiny_model, options):
         assert len(set(negatives)) == len(negatives)
 
 
+def test_a_model_with_a_truncate_dim_mines_at_that_size(tiny_model_dir):
+    """A model saved with a truncate_dim (a Matryoshka model's) ranks by the embeddings its encode returns."""
+    import minilm
+
+    truncated = minilm.load(str(tiny_model_dir), device="cpu", truncate_dim=16)
+    pairs, sentences = small_pairs()
+    rows, _ = mine.mine(truncated, pairs, sentences, num_negatives=2, range_max=10, encode_window=7)
+    expected = brute_force(truncated, pairs, sentences, 2, 0, 10)
+    assert [[row["negative_1"], row["negative_2"]] for row in rows] == [e for e in expected if e is not None]
+
+
 def test_random_sampling_is_seeded_and_drawn_from_the_window(tiny_model):
     pairs, _ = small_pairs()
     top, _ = mine.mine(tiny_model, pairs, num_negatives=6, range_max=6)

@@ -154,6 +154,8 @@ def test_parse_prompts_checks_columns_against_the_loss():
     assert data.parse_prompts("query: ", mnrl) == "query: "
     assert data.parse_prompts({"premise": "a: "}, cosine) == {"premise": "a: "}  # a recipe's JSON value
     assert data.parse_prompts(None, mnrl) is None and data.parse_prompts("", mnrl) is None
+    # a JSON string is the prompt between its quotes; text that only starts like JSON is the prompt as written
+    assert data.parse_prompts('"query: "', mnrl) == "query: " and data.parse_prompts("[INST] ", mnrl) == "[INST] "
     for value, loss, message in (
             ('{"query": "q: "}', mnrl, "--prompts: column 'query' is not one the MultipleNegativesRankingLoss loss "
                                        "reads (it reads anchor, positive, negative...;"),
@@ -161,7 +163,9 @@ def test_parse_prompts_checks_columns_against_the_loss():
                                        "hypothesis, premise, sentence1, sentence2;"),
             ('{"anchor": 5}', mnrl, "--prompts: the prompt of 'anchor' is 5; expected a string"),
             ('{"anchor": "q: "', mnrl, "--prompts '{\"anchor\": \"q: \"': not valid JSON"),
-            (["q: "], mnrl, "--prompts: expected a prompt or an object of column -> prompt, not list")):
+            (["q: "], mnrl, "--prompts: expected a prompt or an object of column -> prompt, not list"),
+            ('["query: ", "passage: "]', mnrl, "--prompts '[\"query: \", \"passage: \"]': a JSON array; expected "
+                                               "one prompt for every column, or an object of column -> prompt")):
         with pytest.raises(InputError) as error:
             data.parse_prompts(value, loss)
         assert message in str(error.value) and "\n" not in str(error.value), str(error.value)

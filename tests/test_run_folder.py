@@ -120,7 +120,7 @@ def run_killed(argv, area: Path, kill_at: int, record: Path) -> int:
 
 def overwrite_args(out, data, model):
     return argparse.Namespace(out=str(out), overwrite=True, resume=False, data=[str(data)], model=str(model),
-                              eval_data=None)
+                              eval_data=None, teacher=None)
 
 
 def stopped_after_step_1(capsys, tiny_model_dir, tmp_path) -> tuple:

@@ -220,6 +220,27 @@ def test_a_recipe_gives_the_new_flags_as_json_values_and_a_checkpoint_holds_them
             parse(matryoshka_dims=value)
 
 
+def test_resume_compares_the_prompts_not_the_spacing_of_their_json(tmp_path):
+    """--resume with the run's --prompts retyped with other JSON spacing (or quoted) continues it; other prompts
+    are refused, naming both."""
+    run = {"args": {"prompts": '{"anchor": "query: "}', "loss": "mnrl"}, "cwd": str(tmp_path)}
+    for same in ('{"anchor":"query: "}', ' { "anchor" : "query: " } '):
+        args = checkpoint.resume_args(run, {"out": "run", "resume": True, "prompts": same})
+        assert args.prompts == '{"anchor": "query: "}'  # the run's own value goes on
+    for other in ('{"anchor": "passage: "}', "query: ", '{"anchor": '):
+        with pytest.raises(UsageError, match="the run being resumed used"):
+            checkpoint.resume_args(run, {"out": "run", "resume": True, "prompts": other})
+    quoted = {"args": {"prompts": "query: "}, "cwd": str(tmp_path)}
+    assert checkpoint.resume_args(quoted, {"out": "run", "resume": True, "prompts": '"query: "'}).prompts == "query: "
+
+
+def test_help_says_what_each_new_flag_takes():
+    shown = " ".join(train.build_parser().format_help().split())
+    for words in ("--matryoshka-dims D,...", "--matryoshka-weights W,...", "--teacher MODEL", "--layers L,...",
+                  "--metric-for-best NAME", "--early-stopping-patience N", "(default: 0, never)"):
+        assert words in shown, words
+
+
 def test_keep_self_matches_and_matryoshka_dims_reach_the_evaluator(tmp_path):
     """A BEIR folder whose query ids are its document ids (issue 23): --keep-self-matches counts them."""
     beir = write_beir(tmp_path / "beir", [{"_id": "1", "title": "", "text": "a cat"}],
@@ -264,10 +285,15 @@ ERRORS = [  # (name, flags after --model tiny --data pairs.tsv --out run, what t
     ("teacher-of-another-size", ["--loss", "mse", "--teacher", "REAL_MODEL"],
      ["--teacher", "384 dimensions", "64"]),
     ("teacher-without-mse", ["--loss", "mnrl", "--teacher", "TINY_MODEL"], ["--teacher", "mse"]),
+    ("teacher-a-folder-but-no-model", ["--loss", "mse", "--teacher", "NO_MODEL"], ["--teacher", "config.json"]),
     ("mse-without-teacher", ["--loss", "mse"], ["--loss mse", "--teacher"]),
+    ("teacher-empty", ["--loss", "mnrl", "--teacher", ""], ["--teacher ''", "folder or hub id"]),
     ("prompt-of-a-column-not-read", ["--loss", "mnrl", "--prompts", '{"premise": "x: "}'],
      ["--prompts", "'premise'", "anchor"]),
     ("prompts-not-json", ["--loss", "mnrl", "--prompts", '{"anchor": '], ["--prompts", "not valid JSON"]),
+    ("prompts-a-json-array", ["--loss", "mnrl", "--prompts", '["query: "]'], ["--prompts", "a JSON array"]),
+    ("prompt-of-a-column-the-data-lacks", ["--loss", "mnrl", "--prompts", '{"negative": "x: "}'],
+     ["--prompts", "'negative' is in no --data", "pairs.tsv: anchor, positive"]),
     ("keep-self-matches-without-retrieval", ["--loss", "mnrl", "--keep-self-matches"], ["--keep-self-matches"]),
     ("metric-at-an-untrained-size", ["--loss", "mnrl", "--matryoshka-dims", "64,32", "--eval-task", "pairs",
                                      "--metric-for-best", "spearman_cosine_dim16"], ["--metric-for-best", "64, 32"]),
@@ -278,7 +304,8 @@ ERRORS = [  # (name, flags after --model tiny --data pairs.tsv --out run, what t
 def test_bad_objective_flags_are_one_line_and_write_nothing(capsys, tiny_model_dir, tmp_path, request, flags, said):
     if "REAL_MODEL" in flags:
         flags = [str(request.getfixturevalue("model_dir")) if flag == "REAL_MODEL" else flag for flag in flags]
-    flags = [str(tiny_model_dir) if flag == "TINY_MODEL" else flag for flag in flags]
+    no_model = tiny_model_dir.parent  # a folder that holds a model, and is none: no config.json, no modules.json
+    flags = [{"TINY_MODEL": str(tiny_model_dir), "NO_MODEL": str(no_model)}.get(flag, flag) for flag in flags]
     out = tmp_path / "run"
     code, _, err = run_train(capsys, "--model", tiny_model_dir, "--data", pairs_file(tmp_path / "pairs.tsv"),
                              *flags, "--out", out)

@@ -134,6 +134,16 @@ def test_eval_py_truncate_dim(tiny_model_dir, tmp_path, capsys):
     one = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert one == {name.removesuffix("_dim16"): value for name, value in result["metrics"].items()
                    if name.endswith("_dim16")}
+    # a model saved with a truncate_dim is scored at it, and the output and --json say so
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, cut)
+    settings = json.loads((cut / "config_sentence_transformers.json").read_text())
+    (cut / "config_sentence_transformers.json").write_text(json.dumps({**settings, "truncate_dim": 16}))
+    capsys.readouterr()
+    assert eval_script.main([*base[:1], str(cut), *base[2:], "--json", str(tmp_path / "m.json")]) == 0
+    assert "truncate_dim 16 (the model's)" in capsys.readouterr().out
+    own = json.loads((tmp_path / "m.json").read_text())
+    assert own["truncate_dim"] == [16] and own["metrics"] == one
     capsys.readouterr()
     for flags, message in ((["--truncate-dim", "65"], "--truncate-dim 65: truncate_dim must be a whole number "
                                                       "from 1 to 64"),
@@ -143,3 +153,24 @@ def test_eval_py_truncate_dim(tiny_model_dir, tmp_path, capsys):
         assert eval_script.main(base + flags) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_card_of_a_model_with_a_truncate_dim_says_the_size_encode_returns(tiny_model_dir, tmp_path, capsys,
+                                                                                one_thread):
+    """A base model saved with truncate_dim 16 is trained (and saved) with it, as sentence-transformers keeps it:
+    its card's output size is 16, what encode returns, as sentence-transformers' card says it."""
+    import train
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    settings = json.loads((base / "config_sentence_transformers.json").read_text())
+    (base / "config_sentence_transformers.json").write_text(json.dumps({**settings, "truncate_dim": 16}))
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("anchor\tpositive\n" + "".join(f"a dog {i}\tthe cat {i}\n" for i in range(8)))
+    out = tmp_path / "run"
+    assert train.main(["--no-progress", "--model", str(base), "--loss", "mnrl", "--data", str(pairs), "--batch-size",
+                       "4", "--max-steps", "1", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert minilm.load(str(out), device="cpu").encode("a dog").shape == (16,)
+    card = (out / "README.md").read_text()
+    assert "16-dimensional dense vector space" in card, card
+    assert "**Output Dimensionality:** 16 dimensions (the first of its 64: truncate_dim)" in card
