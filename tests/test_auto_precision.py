@@ -99,3 +99,19 @@ def test_eval_precision_auto_records_the_precision_that_ran(tiny_model_dir, one_
     assert results["auto"]["precision"] == chosen  # what ran, never "auto"
     assert results["auto"]["metrics"] == results[chosen]["metrics"]
     assert f"precision {chosen} (auto)" in capsys.readouterr().out
+
+
+def test_every_precision_flag_that_takes_auto_says_what_auto_picks():
+    """--help of eval.py --precision, python -m minilm encode --precision and train.py --eval-precision: each flag
+    that takes auto says it is the fastest here within the quality bands (a bare choice list says nothing)."""
+    import eval as eval_script
+    import train
+    from minilm import __main__ as cli
+
+    encode_parser = next(action for action in cli.build_parser()._actions if action.dest == "command").choices["encode"]
+    flags = {"eval.py --precision": (eval_script.build_parser(), "precision"),
+             "python -m minilm encode --precision": (encode_parser, "precision"),
+             "train.py --eval-precision": (train.build_parser(), "eval_precision")}
+    for name, (parser, dest) in flags.items():
+        action = next(action for action in parser._actions if action.dest == dest)
+        assert "auto" in action.choices and "auto: the fastest" in " ".join(action.help.split()), name
