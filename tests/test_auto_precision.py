@@ -115,3 +115,27 @@ def test_every_precision_flag_that_takes_auto_says_what_auto_picks():
     for name, (parser, dest) in flags.items():
         action = next(action for action in parser._actions if action.dest == dest)
         assert "auto" in action.choices and "auto: the fastest" in " ".join(action.help.split()), name
+
+
+def test_train_precision_bf16_warns_once_on_a_cpu_without_bf16(tiny_model_dir, one_thread, fresh_choice, monkeypatch,
+                                                              tmp_path, caplog, capsys):
+    """train.py --precision bf16 on a CPU without bf16 instructions (an AMD EPYC with AVX2 only, faked: its
+    description and measured GEMM rates): one warning with the factor and the way out, before the first step;
+    --precision fp32 gives none."""
+    import train
+
+    avx2 = cpu.CPU("AuthenticAMD", "AMD EPYC (fake)", frozenset({"avx2"}), "AVX2", False, False)
+    monkeypatch.setattr(cpu, "describe_cpu", lambda: avx2)
+    monkeypatch.setattr(cpu, "gemm_rates", lambda: {"fp32": 71.0, "bf16": 1.0, "fp16": 1.2, "int8": 1.0})
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t0.5\n" for a, b in zip(TEXTS, TEXTS[1:])))
+    warning = "precision bf16 runs 71x slower than fp32 on this CPU (no amx_bf16/avx512_bf16): use fp32 or auto"
+    for precision, expected in (("bf16", [warning]), ("fp32", [])):
+        caplog.clear()
+        monkeypatch.setattr(cpu, "_warned", set())
+        with caplog.at_level(logging.WARNING):
+            assert train.main(["--no-progress", "--model", str(tiny_model_dir), "--loss", "cosine", "--data",
+                               str(pairs), "--batch-size", "2", "--max-steps", "1", "--precision", precision,
+                               "--device", "cpu", "--save-steps", "0", "--out", str(tmp_path / precision)]) == 0
+        assert messages(caplog, "minilm.cpu") == expected, precision
+        assert f"process(es), {precision}, device cpu" in capsys.readouterr().out
