@@ -311,10 +311,12 @@ def encode_corpus(model, input_path, out, model_name: str, fmt: str = "auto", fi
     settings.prompt: the text). Returns the manifest. Raises CorpusError with one line for bad input or a DIR
     that does not match."""
     check_options(storage, batch_size, window, calibration_size)
+    asked = precision
     try:  # "auto" -> the precision that runs: a manifest says what was done, and a resume must do the same
         precision = fast_paths.resolve_precision(model.device, precision)
+        fast_paths.check_environment(model.device, precision)  # $MINILM_LINEAR can run it: before DIR is touched
     except InputError as error:
-        raise CorpusError(f"--precision {precision}: {error}") from None
+        raise CorpusError(f"--precision {asked}: {error}") from None
     truncate_dim, prompt = _cut_and_prompt(model, truncate_dim, prompt, prompt_name)
     rank, world = _distributed()
     out, input_path = Path(out), Path(input_path).resolve()

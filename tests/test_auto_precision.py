@@ -139,3 +139,42 @@ def test_train_precision_bf16_warns_once_on_a_cpu_without_bf16(tiny_model_dir, o
                                "--device", "cpu", "--save-steps", "0", "--out", str(tmp_path / precision)]) == 0
         assert messages(caplog, "minilm.cpu") == expected, precision
         assert f"process(es), {precision}, device cpu" in capsys.readouterr().out
+
+
+def test_a_forced_linear_backend_that_cannot_run_the_precision_is_one_line_before_any_work(
+        tiny_model_dir, one_thread, fresh_choice, monkeypatch, tmp_path, capsys):
+    """$MINILM_LINEAR=onednn with a precision oneDNN cannot run here (bf16 on an AVX2-only CPU: faked, oneDNN
+    running fp32 only): eval.py and python -m minilm encode say so in one line before encoding (encode, before DIR
+    is made), train.py before its first step (it used to train, then fail at the evaluation with a traceback)."""
+    import eval as eval_script
+    import train
+    from minilm import onednn
+    from minilm.__main__ import main as cli
+
+    monkeypatch.setattr(onednn, "available", lambda device, dtype: dtype == torch.float32)
+    monkeypatch.setattr(cpu, "slow_precision_warning", lambda precision: None)
+    monkeypatch.setenv("MINILM_LINEAR", "onednn")
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t0.5\n" for a, b in zip(TEXTS, TEXTS[1:])))
+    (tmp_path / "t.txt").write_text("\n".join(TEXTS) + "\n")
+    problem = "$MINILM_LINEAR=onednn: linear backend 'onednn' cannot run bf16 on cpu here"
+
+    def one_line(prefix):
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(prefix) and problem in err, err
+
+    assert eval_script.main(["--model", str(tiny_model_dir), "--task", "pairs", "--data", str(pairs), "--device",
+                             "cpu", "--precision", "bf16"]) == 2
+    one_line("eval.py: error: --precision bf16: ")
+    with pytest.raises(SystemExit):
+        cli(["encode", str(tmp_path / "t.txt"), "--model", str(tiny_model_dir), "--device", "cpu", "--no-progress",
+             "--precision", "bf16", "--out", str(tmp_path / "dir")])
+    one_line("python -m minilm encode: error: --precision bf16: ")
+    assert not (tmp_path / "dir").exists()
+    steps = []
+    monkeypatch.setattr(train, "train", lambda run, stop: steps.append(run) or True)
+    assert train.main(["--no-progress", "--model", str(tiny_model_dir), "--loss", "cosine", "--data", str(pairs),
+                       "--max-steps", "1", "--eval-task", "pairs", "--eval-precision", "bf16", "--device", "cpu",
+                       "--out", str(tmp_path / "run")]) == 2
+    one_line("train.py: error: --eval-precision bf16: ")
+    assert steps == []
