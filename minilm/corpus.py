@@ -250,6 +250,9 @@ def _differences(old: dict, settings: dict, sha) -> str:
     text = ", ".join(f"{key} {_short(before)} -> {_short(after)}" for key, before, after in pairs)
     if old["settings"].get("model_fingerprint") != settings.get("model_fingerprint"):
         text += f"; DIR's model was {old.get('model')}"
+    if [key for key, *_ in pairs] == ["precision"]:
+        # --precision auto picks per machine: a DIR begun on another CPU is continued by naming what it ran
+        text += f"; --precision {old['settings']['precision']} continues it"
     return text
 
 
