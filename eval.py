@@ -162,6 +162,10 @@ def evaluate(argv=None) -> int:
     except (OSError, ValueError, KeyError) as error:
         raise UsageError(f"--task {args.task} --data {args.data}: {_first_line(error)}") from None
     asked, args.precision = args.precision, fast_paths.resolve_precision(model.device, args.precision)
+    try:  # $MINILM_LINEAR against the precision that runs: one line now, not a traceback at the first batch
+        fast_paths.check_environment(model.device, args.precision)
+    except InputError as error:
+        raise UsageError(f"--precision {asked}: {error}") from None
     configure(evaluator, args, model)
     start = time.perf_counter()
     with torch.inference_mode():

@@ -80,14 +80,17 @@ def build_parser(explicit_only: bool = False) -> Parser:
     add("--grad-accum", type=positive_int, default=1, help="batches per optimizer step")
     add("--seed", type=seed, default=42, help="seed of the shuffling, dropout and any new weights")
     add("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-        help="autocast precision; auto: bf16 on CUDA when supported, else fp32")
+        help="autocast precision of the training steps; auto: bf16 on CUDA when supported, else fp32 (the CPU "
+             "trains in fp32: --eval-precision auto is where the CPU's fastest precision is picked)")
     add("--max-seq-length", type=positive_int, help="truncate inputs to this many tokens (default: the model's)")
     add("--normalize", choices=["keep", "yes", "no"], default="keep", help="add/remove the Normalize module")
     add("--eval-task", choices=evaluation.TASKS, help="evaluation during and after training")
     add("--eval-data", help="data for --eval-task (default: the first --data)")
     add("--eval-split", default="dev", help="split of the --eval-data (SICK: dev is its trial split)")
     add("--keep-self-matches", action="store_true", help="retrieval: count a judged document with the query's id")
-    add("--eval-precision", choices=[*PRECISIONS, "auto"], default="fp32", help="evaluation precision, as eval.py's")
+    add("--eval-precision", choices=[*PRECISIONS, "auto"], default="fp32",
+        help="encode's precision in the evaluations, as eval.py --precision: fp32, bf16, fp16, int8, or auto: the "
+             "fastest on this device within measured quality bands (logged once with the reason)")
     add("--eval-steps", type=non_negative_int, default=0, help="evaluate every N steps (0: only at the end)")
     add("--metric-for-best", metavar="NAME", help="the metric that picks the best evaluation (default: the main one)")
     add("--load-best", action="store_true", help="save the whole model of the best evaluation, not the last step's")
@@ -353,7 +356,8 @@ def save(run: Run) -> tuple:
         shown = [(name, *dataset[1:]) for name, dataset in zip(run.settings["data"], run.data.datasets)]  # as given
         model_card.write(run.folder, settings=run.settings, model=run.model, loss_fn=run.loss_fn, datasets=shown,
                          history=run.state["history"], metrics=metrics, train_seconds=run.state["train_seconds"],
-                         eval_name=run.evaluator.name if run.evaluator else None, best=run.best.summary())
+                         eval_name=run.evaluator.name if run.evaluator else None, best=run.best.summary(),
+                         eval_precision=run.evaluator.precision if run.evaluator else "fp32")
     except OSError as error:
         raise UsageError(f"saving the model to {run.folder} failed ({error.strerror or error}); the checkpoints "
                          "stay: free space, then --resume") from None

@@ -250,6 +250,9 @@ def _differences(old: dict, settings: dict, sha) -> str:
     text = ", ".join(f"{key} {_short(before)} -> {_short(after)}" for key, before, after in pairs)
     if old["settings"].get("model_fingerprint") != settings.get("model_fingerprint"):
         text += f"; DIR's model was {old.get('model')}"
+    if [key for key, *_ in pairs] == ["precision"]:
+        # --precision auto picks per machine: a DIR begun on another CPU is continued by naming what it ran
+        text += f"; --precision {old['settings']['precision']} continues it"
     return text
 
 
@@ -311,10 +314,12 @@ def encode_corpus(model, input_path, out, model_name: str, fmt: str = "auto", fi
     settings.prompt: the text). Returns the manifest. Raises CorpusError with one line for bad input or a DIR
     that does not match."""
     check_options(storage, batch_size, window, calibration_size)
+    asked = precision
     try:  # "auto" -> the precision that runs: a manifest says what was done, and a resume must do the same
         precision = fast_paths.resolve_precision(model.device, precision)
+        fast_paths.check_environment(model.device, precision)  # $MINILM_LINEAR can run it: before DIR is touched
     except InputError as error:
-        raise CorpusError(f"--precision {precision}: {error}") from None
+        raise CorpusError(f"--precision {asked}: {error}") from None
     truncate_dim, prompt = _cut_and_prompt(model, truncate_dim, prompt, prompt_name)
     rank, world = _distributed()
     out, input_path = Path(out), Path(input_path).resolve()

@@ -19,6 +19,8 @@ GEMMs the encoder really runs - one BERT layer's four Linears, [1024 tokens, 384
 (minilm/onednn.py) and, for int8, oneDNN's int8 linear on AMX, else torch._int_mm (minilm/quantize.py). A
 precision that is slow here is timed on one small product only, so the probe stays short on every CPU. The same
 probe gives the measured factor of the warning an explicit slow precision gives, and bench_encode.py's ceiling.
+Only AMX vouches for a precision without it: AVX-512 bf16 need not beat fp32 (oneDNN held to AVX512_CORE_BF16 on a
+Xeon with AMX: bf16 GEMM 1.8x slower than fp32, encode 0.58x), so an explicit bf16, fp16 or int8 is probed there.
 
 oneDNN can be held to an older instruction set ($ONEDNN_MAX_CPU_ISA=AVX2, =AVX512_CORE, ...: how a machine with
 AVX-512 VNNI or AMX shows what a CPU without them does); describe_cpu() then reports only the instruction sets
@@ -173,17 +175,17 @@ def slowdown(precision: str, rates: dict = None) -> float:
 
 
 def slow_precision_warning(precision: str, cpu: CPU = None, rates: dict = None):
-    """The warning for an explicitly chosen precision that runs slower than fp32 here, or None. Probes only where
-    the CPU lacks the instructions for it (a native precision is not slower)."""
+    """The warning for an explicitly chosen precision that runs slower than fp32 here, or None. Probes unless AMX
+    runs it (amx_bf16, amx_fp16, amx_int8): AVX-512 bf16/fp16/VNNI can still run slower than fp32."""
     _check(precision)
     cpu = describe_cpu() if cpu is None else cpu
-    if precision == "fp32" or cpu.fast(precision):
+    if precision == "fp32" or cpu.fast(precision) and f"amx_{precision}" in cpu.flags:
         return None
     factor = slowdown(precision, rates)
     if factor <= WARN_ABOVE:
         return None
-    return (f"precision {precision} runs {_times(factor)} slower than fp32 on this CPU (no "
-            f"{'/'.join(NATIVE[precision])}): use fp32 or auto")
+    return (f"precision {precision} runs {_times(factor)} slower than fp32 on this CPU ({_lacking(cpu, precision)}): "
+            "use fp32 or auto")
 
 
 _warned = set()
@@ -224,6 +226,15 @@ def choose_precision(cpu: CPU = None, rates: dict = None) -> Choice:
     if len(candidates) == 2 and gain["int8"] >= INT8_OVER_BF16 * gain["bf16"]:
         best = "int8"
     return Choice(best, f"auto -> {best}: {', '.join(cpu.native(best))}, {measured}")
+
+
+def _lacking(cpu: CPU, precision: str) -> str:
+    """What keeps `precision` from running fast on `cpu`, for a warning: "no amx_bf16/avx512_bf16", "avx512_bf16
+    without AMX", or "oneDNN does not run bf16 here" (the instructions are there, this torch's oneDNN lacks them)."""
+    native = cpu.native(precision)
+    if not native:
+        return f"no {'/'.join(NATIVE[precision])}"
+    return f"{'/'.join(native)} without AMX" if cpu.fast(precision) else f"oneDNN does not run {precision} here"
 
 
 def _times(factor: float) -> str:

@@ -140,14 +140,20 @@ def auto_precision(device_type: str) -> cpu.Choice:
     return cpu.Choice("fp32", "auto -> fp32: this CUDA GPU has no bf16 (fp16 is never picked: no quality figures)")
 
 
-def check_environment() -> None:
+def check_environment(device=None, precision: str = None) -> None:
     """Refuse a MINILM_* variable that names no backend, or one that cannot be forced (int8) or cannot run here
-    (Triton without it): the CLIs call this before any work, so the mistake is one line, not a failure at the
-    first batch."""
+    (Triton without it; given the device and the precision that will run, MINILM_LINEAR=onednn where oneDNN cannot
+    run that precision, e.g. bf16 on an AVX2-only CPU): the CLIs call this before any work, so the mistake is one
+    line, not a failure at the first batch (or, in train.py, at the first evaluation after the training steps)."""
     environment = forced_by_environment()
     for piece in ("attention", "pooling"):
         if getattr(environment, piece) == "triton":
             _require_triton(piece)
+    if precision is not None and environment.linear is not None:
+        try:
+            _linear(torch.device(device), precision, environment.linear, training=False)
+        except InputError as error:
+            raise InputError(f"${ENVIRONMENT['linear']}={environment.linear}: {error}") from None
 
 
 def swap_linears(module: torch.nn.Module, backend: str) -> torch.nn.Module:

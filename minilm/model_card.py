@@ -134,12 +134,13 @@ def training_logs(out_dir: Path, history: list, best: dict, train_seconds: float
 
 
 def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, eval_name, train_seconds,
-          best=None) -> Path:
+          best=None, eval_precision="fp32") -> Path:
     """Write out_dir/README.md (and loss.png).
 
     settings: the run's settings as a plain dict (train.py's flags by name: model, batch_size, lr, ...);
     datasets: [(source, rows, text_columns, label_column)]; metrics: the evaluation of the model saved;
-    best: minilm.best_model's summary ({"metric": the log key of the metric drawn, "kept_step", "text"}).
+    best: minilm.best_model's summary ({"metric": the log key of the metric drawn, "kept_step", "text"});
+    eval_precision: the precision the evaluation encoded in (--eval-precision auto resolved: what ran).
     """
     out_dir = Path(out_dir)
     base = settings.get("model")
@@ -179,6 +180,7 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
     if metrics:
         # best["text"] is minilm's own sentence (numbers, and metric names from evaluation.py's lists): as it is
         parts += ["## Evaluation", "### Metrics", f"#### {_text(eval_name)}", *([best["text"]] if best["text"] else []),
+                  *_precision_line(settings, eval_precision),
                   *_dimensions_table(settings, metrics),
                   _table(["Metric", "Value"], [[_text(key), f"{value:.4f}"] for key, value in metrics.items()])]
 
@@ -221,6 +223,16 @@ def _sample(value) -> str:
     if isinstance(value, np.ndarray):
         return _code("[" + ", ".join(f"{number:.4f}" for number in value[:3]) + f", ...] ({len(value)} numbers)")
     return _code(value)
+
+
+def _precision_line(settings: dict, eval_precision: str) -> list:
+    """The precision the metrics were encoded in, where it is not fp32: what ran, and auto named as its source
+    (auto picks per machine, so a card showing only `eval_precision: auto` would not say)."""
+    if eval_precision == "fp32":
+        return []
+    source = ("--eval-precision auto: the fastest on the machine that trained" if settings.get("eval_precision") ==
+              "auto" else f"--eval-precision {_text(eval_precision)}")
+    return [f"The embeddings of these metrics were computed in {_text(eval_precision)} ({source})."]
 
 
 def _dimensions_table(settings: dict, metrics: dict) -> list:

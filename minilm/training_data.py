@@ -202,6 +202,8 @@ def evaluator_for(args, prepared: TrainingData, classifier=None, device="cpu"):
         raise data.DataError(f"--eval-task {args.eval_task}: {error}") from None
     evaluator.truncate_dims = args.matryoshka_dims  # every trained size: metrics "<name>_dim<d>"
     evaluator.precision = fast_paths.resolve_precision(device, args.eval_precision)  # warns if slower than fp32
+    with blamed_on(f"--eval-precision {args.eval_precision}", InputError):  # before training, not at its first eval
+        fast_paths.check_environment(device, evaluator.precision)
     split_of_it = location.is_dir() or (args.eval_task in ("sick", "nli") and not data.is_snli(location))
     if not args.eval_data and not split_of_it:
         prepared.notes.append(f"--eval-task {args.eval_task} without --eval-data scores the training file "

@@ -99,3 +99,82 @@ def test_eval_precision_auto_records_the_precision_that_ran(tiny_model_dir, one_
     assert results["auto"]["precision"] == chosen  # what ran, never "auto"
     assert results["auto"]["metrics"] == results[chosen]["metrics"]
     assert f"precision {chosen} (auto)" in capsys.readouterr().out
+
+
+def test_every_precision_flag_that_takes_auto_says_what_auto_picks():
+    """--help of eval.py --precision, python -m minilm encode --precision and train.py --eval-precision: each flag
+    that takes auto says it is the fastest here within the quality bands (a bare choice list says nothing)."""
+    import eval as eval_script
+    import train
+    from minilm import __main__ as cli
+
+    encode_parser = next(action for action in cli.build_parser()._actions if action.dest == "command").choices["encode"]
+    flags = {"eval.py --precision": (eval_script.build_parser(), "precision"),
+             "python -m minilm encode --precision": (encode_parser, "precision"),
+             "train.py --eval-precision": (train.build_parser(), "eval_precision")}
+    for name, (parser, dest) in flags.items():
+        action = next(action for action in parser._actions if action.dest == dest)
+        assert "auto" in action.choices and "auto: the fastest" in " ".join(action.help.split()), name
+
+
+def test_train_precision_bf16_warns_once_on_a_cpu_without_bf16(tiny_model_dir, one_thread, fresh_choice, monkeypatch,
+                                                              tmp_path, caplog, capsys):
+    """train.py --precision bf16 on a CPU without bf16 instructions (an AMD EPYC with AVX2 only, faked: its
+    description and measured GEMM rates): one warning with the factor and the way out, before the first step;
+    --precision fp32 gives none."""
+    import train
+
+    avx2 = cpu.CPU("AuthenticAMD", "AMD EPYC (fake)", frozenset({"avx2"}), "AVX2", False, False)
+    monkeypatch.setattr(cpu, "describe_cpu", lambda: avx2)
+    monkeypatch.setattr(cpu, "gemm_rates", lambda: {"fp32": 71.0, "bf16": 1.0, "fp16": 1.2, "int8": 1.0})
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t0.5\n" for a, b in zip(TEXTS, TEXTS[1:])))
+    warning = "precision bf16 runs 71x slower than fp32 on this CPU (no amx_bf16/avx512_bf16): use fp32 or auto"
+    for precision, expected in (("bf16", [warning]), ("fp32", [])):
+        caplog.clear()
+        monkeypatch.setattr(cpu, "_warned", set())
+        with caplog.at_level(logging.WARNING):
+            assert train.main(["--no-progress", "--model", str(tiny_model_dir), "--loss", "cosine", "--data",
+                               str(pairs), "--batch-size", "2", "--max-steps", "1", "--precision", precision,
+                               "--device", "cpu", "--save-steps", "0", "--out", str(tmp_path / precision)]) == 0
+        assert messages(caplog, "minilm.cpu") == expected, precision
+        assert f"process(es), {precision}, device cpu" in capsys.readouterr().out
+
+
+def test_a_forced_linear_backend_that_cannot_run_the_precision_is_one_line_before_any_work(
+        tiny_model_dir, one_thread, fresh_choice, monkeypatch, tmp_path, capsys):
+    """$MINILM_LINEAR=onednn with a precision oneDNN cannot run here (bf16 on an AVX2-only CPU: faked, oneDNN
+    running fp32 only): eval.py and python -m minilm encode say so in one line before encoding (encode, before DIR
+    is made), train.py before its first step (it used to train, then fail at the evaluation with a traceback)."""
+    import eval as eval_script
+    import train
+    from minilm import onednn
+    from minilm.__main__ import main as cli
+
+    monkeypatch.setattr(onednn, "available", lambda device, dtype: dtype == torch.float32)
+    monkeypatch.setattr(cpu, "slow_precision_warning", lambda precision: None)
+    monkeypatch.setenv("MINILM_LINEAR", "onednn")
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t0.5\n" for a, b in zip(TEXTS, TEXTS[1:])))
+    (tmp_path / "t.txt").write_text("\n".join(TEXTS) + "\n")
+    problem = "$MINILM_LINEAR=onednn: linear backend 'onednn' cannot run bf16 on cpu here"
+
+    def one_line(prefix):
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(prefix) and problem in err, err
+
+    assert eval_script.main(["--model", str(tiny_model_dir), "--task", "pairs", "--data", str(pairs), "--device",
+                             "cpu", "--precision", "bf16"]) == 2
+    one_line("eval.py: error: --precision bf16: ")
+    with pytest.raises(SystemExit):
+        cli(["encode", str(tmp_path / "t.txt"), "--model", str(tiny_model_dir), "--device", "cpu", "--no-progress",
+             "--precision", "bf16", "--out", str(tmp_path / "dir")])
+    one_line("python -m minilm encode: error: --precision bf16: ")
+    assert not (tmp_path / "dir").exists()
+    steps = []
+    monkeypatch.setattr(train, "train", lambda run, stop: steps.append(run) or True)
+    assert train.main(["--no-progress", "--model", str(tiny_model_dir), "--loss", "cosine", "--data", str(pairs),
+                       "--max-steps", "1", "--eval-task", "pairs", "--eval-precision", "bf16", "--device", "cpu",
+                       "--out", str(tmp_path / "run")]) == 2
+    one_line("train.py: error: --eval-precision bf16: ")
+    assert steps == []

@@ -37,7 +37,7 @@ class Scripted:
         monkeypatch.setattr(checkpoint.StopRequest, "__enter__",
                             lambda stop: setattr(self, "stop", stop) or enter(stop))
 
-    name = "scripted-nli"
+    name, precision = "scripted-nli", "fp32"  # as an evaluation.Evaluator (the card names its precision)
 
     def __call__(self, model) -> dict:
         self.calls.append(self.step)
@@ -262,12 +262,16 @@ def test_the_evaluation_encodes_in_eval_precision(capsys, tiny_model_dir, tmp_pa
               if "eval_pearson_cosine" in entry][-1]
     evaluator = evaluation.for_task("pairs", pairs, "test")
     saved = minilm.load(str(tmp_path / "run"), device="cpu")
-    evaluator.precision = fast_paths.resolve_precision("cpu", precision)
+    evaluator.precision = ran = fast_paths.resolve_precision("cpu", precision)
     assert logged["eval_pearson_cosine"] == pytest.approx(evaluator(saved)["pearson_cosine"], abs=1e-6)
     if precision == "int8":
         evaluator.precision = "fp32"
         assert logged["eval_pearson_cosine"] != pytest.approx(evaluator(saved)["pearson_cosine"], abs=1e-6)
-    assert f"eval_precision: {precision}" in (tmp_path / "run" / "README.md").read_text().replace("`", "")
+    card = (tmp_path / "run" / "README.md").read_text().replace("`", "")
+    assert f"eval_precision: {precision}" in card
+    # the metrics say what they were encoded in: auto resolved on this machine, never just "auto"
+    line = f"The embeddings of these metrics were computed in {ran} (--eval-precision {precision}"
+    assert (line in card) == (ran != "fp32"), card
 
 
 # --- flags -----------------------------------------------------------------------------------------------------

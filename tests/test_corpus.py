@@ -678,3 +678,26 @@ def test_precision_auto_records_the_precision_that_ran(tiny_dir, tmp_path, capsy
     np.testing.assert_array_equal(np.load(tmp_path / "auto" / "embeddings.npy"), np.concatenate(windows))
     main(argv)  # finished, same settings: nothing to do (another precision would be refused)
     assert "is finished" in capsys.readouterr().out
+
+
+def test_a_dir_begun_where_auto_picked_another_precision_names_the_flag_that_continues_it(tiny_dir, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """The same command with --precision auto on another CPU (auto: int8 where the DIR began, fp32 here; faked) is
+    refused, as any change of precision is, and the one line says which --precision continues the DIR."""
+    from minilm import cpu, fast_paths
+
+    (tmp_path / "t.txt").write_text("\n".join(make_texts(6, seed=3)) + "\n", encoding="utf-8")
+    argv = ["encode", str(tmp_path / "t.txt"), "--model", str(tiny_dir), "--no-progress", "--device", "cpu",
+            "--out", str(tmp_path / "dir"), "--precision", "auto"]
+
+    def auto_picks(precision):
+        monkeypatch.setattr(fast_paths, "auto_precision", lambda device_type: cpu.Choice(precision, "faked"))
+
+    auto_picks("int8")  # the machine the DIR began on
+    main(argv)
+    assert "encoded in int8" in capsys.readouterr().out
+    auto_picks("fp32")  # this one
+    message = cli_error(capsys, argv)
+    assert 'precision "int8" -> "fp32"; --precision int8 continues it' in message
+    main(argv[:-1] + ["int8"])
+    assert "is finished" in capsys.readouterr().out

@@ -57,11 +57,28 @@ def test_a_precision_that_is_not_slower_does_not_warn():
     assert cpu.slowdown("int8", rates) == 1.0
 
 
-def test_native_precisions_never_warn_and_never_probe(no_probe):
-    for precision in ("bf16", "fp16", "int8"):
+def test_amx_precisions_never_warn_and_never_probe(no_probe):
+    for precision in ("bf16", "int8"):
         assert cpu.slow_precision_warning(precision, SAPPHIRE_RAPIDS) is None
+    assert cpu.slow_precision_warning("fp16", fake_cpu("avx512_fp16", "amx_fp16")) is None
     # oneDNN without bf16 support on a CPU whose flags have it: encode's bf16 is not fast there
     assert not fake_cpu("avx512_bf16", bf16=False).fast("bf16")
+
+
+def test_avx512_precisions_are_probed_and_warn_where_they_run_slower_than_fp32():
+    """AVX-512 bf16 / fp16 / VNNI do not make a precision faster than fp32 by themselves: oneDNN held to
+    AVX512_CORE_BF16 on a Xeon with AMX ran bf16's GEMMs 1.8x slower than fp32 (encode 0.58x). Where the probe
+    says so, the explicit precision warns; where it is faster (AMD EPYC), it does not."""
+    held = {"fp32": 216.0, "bf16": 121.0, "fp16": 16.4, "int8": 837.0}
+    assert cpu.slow_precision_warning("bf16", ZEN4, held) == (
+        "precision bf16 runs 1.8x slower than fp32 on this CPU (avx512_bf16 without AMX): use fp32 or auto")
+    assert cpu.slow_precision_warning("int8", ZEN4, held) is None
+    for precision in ("bf16", "int8"):
+        assert cpu.slow_precision_warning(precision, ZEN4, ZEN4_RATES) is None
+    assert "fp16 runs 13x slower than fp32 on this CPU (avx512_fp16 without AMX)" in cpu.slow_precision_warning(
+        "fp16", fake_cpu("avx2", "avx512f", "avx512_fp16"), held)
+    without_onednn = fake_cpu("amx_bf16", bf16=False)  # the flags, but oneDNN in this torch does not run bf16
+    assert "(oneDNN does not run bf16 here)" in cpu.slow_precision_warning("bf16", without_onednn, held)
 
 
 def test_amx_picks_bf16_without_probing(no_probe):
