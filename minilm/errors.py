@@ -80,6 +80,9 @@ class Parser(argparse.ArgumentParser):
                 argv = [flag, *items]
             elif isinstance(value, dict) and _json(value):
                 argv = [flag, _json(value)]
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and action.type is None:
+                # a text flag (a path, a prompt, a name): a number there is a slip, never the text "3"
+                raise UsageError(f"{where} {key!r} is {shown}, expected a string")
             elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
                 argv = [flag, str(value)]
             elif isinstance(value, list) and getattr(action.type, "comma_separated", False):  # [384, 64]: "384,64"
