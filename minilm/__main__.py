@@ -103,7 +103,8 @@ def _search(args, data) -> None:
         _fail(args.parser, f"the model {args.model or manifest['model']} is not the one that encoded {args.dir} "
                            "(its weights or tokenizer differ); pass that model with --model")
     # The corpus's size and normalization; the query prompt: --query-prompt, else the model's "query" prompt
-    queries = model.encode_query(args.queries, normalize=manifest["normalize"], precision=manifest["precision"],
+    queries = model.encode_query(args.queries, normalize=manifest["normalize"],
+                                 precision=args.precision or manifest["precision"],
                                  truncate_dim=manifest["settings"]["truncate_dim"] or model.embedding_dim,
                                  prompt=args.query_prompt)
     indices, scores = data.search(queries, top_k=args.top_k, rescore=args.rescore)
@@ -245,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-prompt", default=None, metavar="TEXT",
                    help="put TEXT before every query, e.g. \"query: \" (default: the model's \"query\" prompt, "
                         "else its default prompt, else none). The queries are cut to DIR's --truncate-dim")
+    p.add_argument("--precision", default=None, choices=[*PRECISIONS, AUTO],
+                   help="how the queries are encoded (default: the precision DIR was encoded in). Another one "
+                        "moves their scores by its rounding only: e.g. fp32 or auto on a CPU where DIR's is slow")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     p.set_defaults(run=search, parser=p)
     return parser

@@ -329,6 +329,21 @@ def test_a_bad_fast_path_name_in_the_environment_is_one_line(tiny_dir, tmp_path,
     assert "unknown attention backend 'bogus' (from $MINILM_ATTENTION)" in message
 
 
+def test_search_encodes_its_queries_in_another_precision_when_asked(tiny_dir, tmp_path, capsys):
+    """search encodes queries in DIR's precision unless --precision names another (a DIR encoded in bf16 on a CPU
+    with AMX, searched where bf16 is slow): the hits are the same, the scores within bf16's rounding."""
+    texts = ["a dog runs in the park", "the stock market fell", "rain is expected tomorrow"]
+    (tmp_path / "docs.txt").write_text("\n".join(texts) + "\n")
+    main(["encode", str(tmp_path / "docs.txt"), "--model", str(tiny_dir), "--out", str(tmp_path / "emb"),
+          "--no-progress", "--device", "cpu", "--precision", "bf16"])
+    for precision in ([], ["--precision", "fp32"]):
+        capsys.readouterr()
+        main(["search", str(tmp_path / "emb"), texts[1], "--top-k", "1", "--device", "cpu", *precision])
+        rank, score, record_id = capsys.readouterr().out.split("\n")[2].split()[:3]
+        assert (rank, record_id) == ("1.", "2")
+        assert abs(float(score) - 1) < 4 * torch.finfo(torch.bfloat16).eps  # bf16 rows against either query
+
+
 # --- reading a DIR back from anywhere ---------------------------------------------------------------------------
 def test_search_works_from_any_folder_and_old_relative_manifests_still_load(tiny_dir, tmp_path, capsys,
                                                                              monkeypatch):
