@@ -408,12 +408,15 @@ def resume_args(checkpoint: dict, given: dict) -> argparse.Namespace:
 
 def same_setting(key: str, before, now) -> bool:
     """Whether a flag's value equals the run's: --prompts by the prompts it gives, so that its JSON written with
-    other spacing (or a recipe's object) is the same value; malformed, it differs (and check_flags names it)."""
+    other spacing (or a recipe's object) is the same value; malformed, it differs (and check_flags names it);
+    --matryoshka-weights by the weights it gives: not given is a weight of 1 for every size."""
     if key == "prompts" and before != now:
         try:
             return data.prompts_value(before) == data.prompts_value(now)
         except InputError:
             return False
+    if key == "matryoshka_weights" and (before is None) != (now is None):
+        return all(weight == 1 for weight in before or now)
     return before == now
 
 

@@ -234,6 +234,17 @@ def test_resume_compares_the_prompts_not_the_spacing_of_their_json(tmp_path):
     assert checkpoint.resume_args(quoted, {"out": "run", "resume": True, "prompts": '"query: "'}).prompts == "query: "
 
 
+def test_resume_takes_the_default_matryoshka_weights_written_out(tmp_path):
+    """--matryoshka-weights 1,1 on --resume of a run that gave none is the same setting (1 per size); other
+    weights are refused."""
+    run = {"args": {"matryoshka_dims": [64, 32], "matryoshka_weights": None, "loss": "mnrl"}, "cwd": str(tmp_path)}
+    assert checkpoint.resume_args(run, {"out": "run", "resume": True, "matryoshka_weights": [1.0, 1.0]})
+    with pytest.raises(UsageError, match="the run being resumed used"):
+        checkpoint.resume_args(run, {"out": "run", "resume": True, "matryoshka_weights": [1.0, 0.5]})
+    weighted = {"args": {**run["args"], "matryoshka_weights": [1.0, 0.5]}, "cwd": str(tmp_path)}
+    assert checkpoint.resume_args(weighted, {"out": "run", "resume": True, "matryoshka_weights": [1.0, 0.5]})
+
+
 def test_help_says_what_each_new_flag_takes():
     shown = " ".join(train.build_parser().format_help().split())
     for words in ("--matryoshka-dims D,...", "--matryoshka-weights W,...", "--teacher MODEL", "--layers L,...",
