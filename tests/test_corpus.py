@@ -667,8 +667,9 @@ def test_truncate_dim_and_prompt_are_recorded_and_searched(tiny_dir, tmp_path, c
         "truncate_dim 16 -> 8") == 1
     for flags, message in ((["--truncate-dim", "65"], "--truncate-dim 65: truncate_dim must be a whole number from "
                                                       "1 to 64"),
-                           (["--prompt-name", "passage"], "--prompt-name passage: prompt_name 'passage' is not one "
-                                                          "of the model's prompts ('query', 'document', 'other')")):
+                           (["--prompt-name", "passage"], "--prompt-name 'passage': prompt_name 'passage' is not "
+                                                          "one of the model's prompts ('query', 'document', 'other')"),
+                           (["--prompt-name", ""], "--prompt-name '': prompt_name '' is not one")):
         assert message in cli_error(capsys, base + ["--out", str(tmp_path / "never"), *flags])
     assert not (tmp_path / "never").exists()
 
