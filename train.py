@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import minilm
-from minilm import best_model, checkpoint as checkpoints, cpu, data, evaluation, fast_paths, model_card, training_data
+from minilm import best_model, checkpoint as checkpoints, data, evaluation, fast_paths, model_card, training_data
 from minilm.distributed import any_rank, barrier, global_mean, setup_distributed, tear_down
 from minilm.errors import (InputError, Parser, UsageError, any_float, blamed_on, comma_list, fraction, json_object,
                            non_negative_float, non_negative_int, positive_float, positive_int, seed)
@@ -79,18 +79,16 @@ def build_parser(explicit_only: bool = False) -> Parser:
     add("--max-grad-norm", type=positive_float, default=1.0, help="clip the model's gradient norm to this")
     add("--grad-accum", type=positive_int, default=1, help="batches per optimizer step")
     add("--seed", type=seed, default=42, help="seed of the shuffling, dropout and any new weights")
-    add("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-        help="autocast precision of the training steps; auto: bf16 on CUDA when supported, else fp32 (the CPU "
-             "trains in fp32: --eval-precision auto is where the CPU's fastest precision is picked)")
+    add("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="training's autocast; auto: "
+        "bf16 on CUDA when supported, else fp32 (the CPU's fastest precision is for --eval-precision auto)")
     add("--max-seq-length", type=positive_int, help="truncate inputs to this many tokens (default: the model's)")
     add("--normalize", choices=["keep", "yes", "no"], default="keep", help="add/remove the Normalize module")
     add("--eval-task", choices=evaluation.TASKS, help="evaluation during and after training")
     add("--eval-data", help="data for --eval-task (default: the first --data)")
     add("--eval-split", default="dev", help="split of the --eval-data (SICK: dev is its trial split)")
     add("--keep-self-matches", action="store_true", help="retrieval: count a judged document with the query's id")
-    add("--eval-precision", choices=[*PRECISIONS, "auto"], default="fp32",
-        help="encode's precision in the evaluations, as eval.py --precision: fp32, bf16, fp16, int8, or auto: the "
-             "fastest on this device within measured quality bands (logged once with the reason)")
+    add("--eval-precision", choices=[*PRECISIONS, "auto"], default="fp32", help="the evaluations' encode, as "
+        "eval.py --precision; auto: the fastest here within measured quality bands (logged once, with why)")
     add("--eval-steps", type=non_negative_int, default=0, help="evaluate every N steps (0: only at the end)")
     add("--metric-for-best", metavar="NAME", help="the metric that picks the best evaluation (default: the main one)")
     add("--load-best", action="store_true", help="save the whole model of the best evaluation, not the last step's")
@@ -209,9 +207,7 @@ def set_up(args, given: dict, rank: int, world: int, held: contextlib.ExitStack)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0
         optimizer, lambda step: step / max(1, warmup) if step < warmup
         else max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
-    precision = {"auto": "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"}.get(
-        args.precision, args.precision)
-    cpu.warn_if_slow(precision, device)  # bf16 autocast on a CPU without bf16 instructions: tens of times slower
+    precision = fast_paths.training_precision(device, args.precision)  # auto: bf16 on CUDA where it can, else fp32
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "train_seconds": 0.0}
     if resumed:
@@ -356,8 +352,7 @@ def save(run: Run) -> tuple:
         shown = [(name, *dataset[1:]) for name, dataset in zip(run.settings["data"], run.data.datasets)]  # as given
         model_card.write(run.folder, settings=run.settings, model=run.model, loss_fn=run.loss_fn, datasets=shown,
                          history=run.state["history"], metrics=metrics, train_seconds=run.state["train_seconds"],
-                         eval_name=run.evaluator.name if run.evaluator else None, best=run.best.summary(),
-                         eval_precision=run.evaluator.precision if run.evaluator else "fp32")
+                         evaluator=run.evaluator, best=run.best.summary())
     except OSError as error:
         raise UsageError(f"saving the model to {run.folder} failed ({error.strerror or error}); the checkpoints "
                          "stay: free space, then --resume") from None

@@ -128,6 +128,17 @@ def resolve_precision(device, precision: str) -> str:
     return precision
 
 
+def training_precision(device, precision: str) -> str:
+    """What train.py's --precision autocasts in: "auto" -> bf16 on CUDA where the GPU has it, else fp32 (the CPU
+    trains in fp32: its fastest precision is for inference); an explicit one as it is, with cpu.warn_if_slow's
+    warning once (bf16 autocast on a CPU without bf16 instructions: tens of times slower)."""
+    device = torch.device(device)
+    if precision == AUTO:
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    cpu.warn_if_slow(precision, device)
+    return precision
+
+
 @functools.cache
 def auto_precision(device_type: str) -> cpu.Choice:
     """What "auto" computes in on a device of this type, decided once per process. The CPU: cpu.choose_precision.

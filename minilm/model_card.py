@@ -133,14 +133,15 @@ def training_logs(out_dir: Path, history: list, best: dict, train_seconds: float
             f"Training took {train_seconds:.0f} s." + ("\n\n![training curves](loss.png)" if has_plot else "")]
 
 
-def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, eval_name, train_seconds,
-          best=None, eval_precision="fp32") -> Path:
+def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, evaluator, train_seconds,
+          best=None) -> Path:
     """Write out_dir/README.md (and loss.png).
 
     settings: the run's settings as a plain dict (train.py's flags by name: model, batch_size, lr, ...);
     datasets: [(source, rows, text_columns, label_column)]; metrics: the evaluation of the model saved;
     best: minilm.best_model's summary ({"metric": the log key of the metric drawn, "kept_step", "text"});
-    eval_precision: the precision the evaluation encoded in (--eval-precision auto resolved: what ran).
+    evaluator: the run's (its name heads the metrics; its precision, --eval-precision auto resolved, is what the
+    evaluation encoded in), or None.
     """
     out_dir = Path(out_dir)
     base = settings.get("model")
@@ -179,25 +180,12 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
                     "print(model.similarity(embeddings, embeddings))")]
     if metrics:
         # best["text"] is minilm's own sentence (numbers, and metric names from evaluation.py's lists): as it is
-        parts += ["## Evaluation", "### Metrics", f"#### {_text(eval_name)}", *([best["text"]] if best["text"] else []),
-                  *_precision_line(settings, eval_precision),
+        parts += ["## Evaluation", "### Metrics", f"#### {_text(evaluator.name)}",
+                  *([best["text"]] if best["text"] else []), *_precision_line(settings, evaluator.precision),
                   *_dimensions_table(settings, metrics),
                   _table(["Metric", "Value"], [[_text(key), f"{value:.4f}"] for key, value in metrics.items()])]
 
-    stats, columns = [], [c for c in first_text_columns] + ([datasets[0][3]] if datasets[0][3] else [])
-    for column in columns:
-        stats.append(column_statistics(first_rows, column, model.tokenizer.encode_ids))
-    stats_table = _table([""] + [_text(c) for c in columns],
-                         [["type"] + [t for t, _ in stats], ["details"] + [d for _, d in stats]])
-    samples_table = _table([_text(c) for c in columns], [[_sample(row[c]) for c in columns] for row in first_rows[:3]])
-    parts += ["## Training Details", "### Training Dataset"]
-    for source, rows, _, _ in datasets:
-        parts.append(f"#### {_text(source)}\n\n* Size: {len(rows):,} training samples")
-    parts += [f"* Columns: {', '.join(_code(c) for c in columns)}",
-              "* Approximate statistics based on the first 1000 samples:\n" + stats_table,
-              "* Samples:\n" + samples_table,
-              f"* Loss: <code>{loss_name}</code> with these parameters:\n"
-              + _fence("json", json.dumps(loss_fn.config(), indent=4))]
+    parts += ["## Training Details", "### Training Dataset", *_training_dataset(datasets, model, loss_fn)]
 
     non_default = {key: settings[key] for key in NON_DEFAULT if settings.get(key)}
     parts += ["### Training Hyperparameters", "#### Non-Default Hyperparameters",
@@ -216,6 +204,23 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
     path = out_dir / "README.md"
     files.write_text(path, "\n\n".join(parts) + "\n")
     return path
+
+
+def _training_dataset(datasets, model, loss_fn) -> list:
+    """The card's "Training Dataset" parts: each source's size, the first one's columns, statistics and samples,
+    and the loss with its parameters."""
+    _, first_rows, first_text_columns, label_column = datasets[0]
+    columns = list(first_text_columns) + ([label_column] if label_column else [])
+    stats = [column_statistics(first_rows, column, model.tokenizer.encode_ids) for column in columns]
+    stats_table = _table([""] + [_text(c) for c in columns],
+                         [["type"] + [t for t, _ in stats], ["details"] + [d for _, d in stats]])
+    samples_table = _table([_text(c) for c in columns], [[_sample(row[c]) for c in columns] for row in first_rows[:3]])
+    parts = [f"#### {_text(source)}\n\n* Size: {len(rows):,} training samples" for source, rows, _, _ in datasets]
+    return parts + [f"* Columns: {', '.join(_code(c) for c in columns)}",
+                    "* Approximate statistics based on the first 1000 samples:\n" + stats_table,
+                    "* Samples:\n" + samples_table,
+                    f"* Loss: <code>{type(loss_fn).__name__}</code> with these parameters:\n"
+                    + _fence("json", json.dumps(loss_fn.config(), indent=4))]
 
 
 def _sample(value) -> str:
