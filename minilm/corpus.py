@@ -350,7 +350,8 @@ def _cut_and_prompt(model, truncate_dim, prompt, prompt_name) -> tuple:
     try:
         return truncate_dim, model.resolve_prompt(prompt, prompt_name, "document")
     except ValueError as error:
-        raise CorpusError(f"--prompt-name {prompt_name!r}: {error}" if prompt_name is not None else str(error)) from None
+        named = f"--prompt-name {prompt_name!r}: " if prompt_name is not None else ""
+        raise CorpusError(f"{named}{error}") from None
 
 
 def _run(model, model_name, input_path, out, fmt, settings, encode, overwrite, progress, log, rank, world,
