@@ -9,7 +9,13 @@ same command after an interruption runs only what is missing, and the same comma
 scores the kept models again without training them):
   matryoshka  recipe 000 (SciFact train, MNRL) for --epochs (default 1): train.py plain, train.py with
               --matryoshka-dims 384,256,128,64, and sentence-transformers' MatryoshkaLoss(MNRL) on the same rows
-              (benchmarks/reference_retrieval_train.py).
+              (benchmarks/reference_retrieval_train.py). The batches are the same in both trainers (the same
+              sampler, seed and order), but train.py's mnrl leaves a repeated abstract out of its own claim's
+              negatives (mask_duplicates, its default) where sentence-transformers' MNRL counts it as one.
+  matryoshka-no-duplicates
+              the same three runs on batches without a repeated text (train.py's mnrl with mask_duplicates off,
+              sentence-transformers' NO_DUPLICATES sampler): identical batches and the same loss in both, so the
+              two trainers differ only by their dropout masks (a paired comparison).
   prompts     recipe 000 with --prompts '{"anchor": "query: ", "positive": "passage: "}' beside the plain run
               (the model keeps them as its "query" and "document" prompts, and the evaluator uses them).
   distill     recipe 005 (3 of the 6 layers, MSE toward the teacher's embeddings): train.py against
@@ -39,12 +45,19 @@ from benchmarks.train_quality import run  # noqa: E402  (a command, timed; exits
 SHARED = REPO.parent / "shared" / "data"
 DIMS = "384,256,128,64"
 PROMPTS = '{"anchor": "query: ", "positive": "passage: "}'
+NO_MASK = '{"scale": 20.0, "similarity": "cos", "mask_duplicates": false}'  # recipe 000's, with masking off
 SCIFACT = ["--task", "retrieval", "--data", str(SHARED / "scifact"), "--split", "test", "--truncate-dim", DIMS]
 STSB = ["--task", "stsb", "--data", str(SHARED / "stsb"), "--split", "test"]
 # experiment -> {run name: (trainer, extra flags)}; "plain" is shared by matryoshka and prompts.
 EXPERIMENTS = {
     "matryoshka": {"minilm-plain": ("minilm", []), "minilm-matryoshka": ("minilm", ["--matryoshka-dims", DIMS]),
                    "st-matryoshka": ("st", ["--matryoshka-dims", DIMS])},
+    # The same three on batches without a repeated text, identical in both trainers (the same sampler, seed and
+    # order); with nothing to mask, mnrl's mask_duplicates is off, so both losses are the same math.
+    "matryoshka-no-duplicates": {
+        "minilm-plain-nodup": ("minilm", ["--loss-params", NO_MASK]),
+        "minilm-matryoshka-nodup": ("minilm", ["--loss-params", NO_MASK, "--matryoshka-dims", DIMS]),
+        "st-matryoshka-nodup": ("st", ["--batch-sampler", "no_duplicates", "--matryoshka-dims", DIMS])},
     "prompts": {"minilm-plain": ("minilm", []), "minilm-prompts": ("minilm", ["--prompts", PROMPTS])},
     "distill": {"minilm-distill": ("minilm", []), "st-distill": ("st", [])},
 }

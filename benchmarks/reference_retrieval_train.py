@@ -7,7 +7,8 @@
 Rows come from minilm's own readers (minilm/training_data.py's load_training_rows and columns_for_loss), so both
 trainers see the same pairs. The recipe's loss (MNRL or SoftmaxLoss), batch size, lr, epochs (or --epochs/--max-steps),
 max_seq_length and Normalize choice are applied; AdamW, linear decay, no warm-up, max_grad_norm 1 and the
-seed cards' plain batch sampler, as in the seed cards. --matryoshka-dims wraps the loss in sentence-transformers'
+seed cards' plain batch sampler, as in the seed cards (--batch-sampler no_duplicates: the batches train.py makes
+for mnrl with mask_duplicates false). --matryoshka-dims wraps the loss in sentence-transformers'
 MatryoshkaLoss, every size weighted 1, as train.py's flag of that name does (score the saved model with eval.py
 --truncate-dim). A SoftmaxLoss classifier is saved the way minilm saves it, so that eval.py --task nli scores it.
 Prints one JSON line (steps, training seconds, wall seconds).
@@ -47,6 +48,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=0)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--matryoshka-dims", help="wrap the loss in MatryoshkaLoss at these sizes: 384,256,128,64")
+    parser.add_argument("--batch-sampler", choices=["batch_sampler", "no_duplicates"], default="batch_sampler",
+                        help="sentence-transformers' BatchSamplers value (no_duplicates: the batches of train.py's "
+                             "mnrl with mask_duplicates false, the same seed and order)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     recipe = json.loads(Path(args.recipe).read_text())
@@ -79,7 +83,8 @@ def main() -> None:
         output_dir=args.out, per_device_train_batch_size=recipe["batch_size"],
         num_train_epochs=args.epochs or recipe.get("epochs", 1), max_steps=args.max_steps or -1,
         learning_rate=recipe.get("lr", 5e-5), seed=args.seed, use_cpu=True, report_to=[], save_strategy="no",
-        logging_steps=50, disable_tqdm=True, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0)
+        logging_steps=50, disable_tqdm=True, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
+        batch_sampler=args.batch_sampler)
     trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=dataset, loss=loss)
     result = trainer.train()
     model.save(args.out)

@@ -210,8 +210,10 @@ def choose_precision(cpu: CPU = None, rates: dict = None) -> Choice:
     INT8_OVER_BF16 where both qualify."""
     cpu = describe_cpu() if cpu is None else cpu
     if not cpu.fast("bf16") and not cpu.fast("int8"):
+        # bf16 runs 5-70x slower than fp32 without them; int8 1.0-1.3x fp32 in the AVX2 imitation (benchmarks/
+        # README.md), its weights at +-64 (quantize.py), embeddings off by up to 5e-2: not worth it
         return Choice("fp32", f"auto -> fp32: no {'/'.join(NATIVE['bf16'])}, no {'/'.join(NATIVE['int8'])} on this "
-                              "CPU (bf16 and int8 would run slower than fp32)")
+                              "CPU (bf16 runs slower than fp32 without them; int8 gains little and loses accuracy)")
     if "amx_bf16" in cpu.flags and cpu.fast("bf16"):
         return Choice("bf16", "auto -> bf16: amx_bf16 (int8's faster GEMMs do not pay for its float32 attention "
                               "and quantization passes)")
