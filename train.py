@@ -260,18 +260,15 @@ def train(run: Run, stop: checkpoints.StopRequest) -> bool:
             step = state["step"] = state["step"] + 1
             progress.update(1)
             if step % args.log_steps == 0 or step == run.total_steps:
-                mean_loss, lr = global_mean(running_loss / running_count), run.scheduler.get_last_lr()[0]
-                checkpoints.check_finite(mean_loss, grad_norm, run.folder, state)
-                log(run, {"step": step, "epoch": round(step / run.steps_per_epoch, 4), "loss": float(mean_loss),
-                          "lr": lr, "grad_norm": float(grad_norm),
-                          "seconds": round(time.perf_counter() - run.started, 2)})
-                progress.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr:.2e}")
+                log_loss(run, running_loss / running_count, grad_norm, progress)
                 running_loss, running_count = torch.zeros((), device=run.model.device), 0
             if run.evaluator and args.eval_steps and step % args.eval_steps == 0 and step < run.total_steps:
                 if run.rank == 0:
                     evaluate(run)
                 if any_rank(run.best.stopped_at == step):  # --early-stopping-patience: this step is the last
                     run.total_steps = step
+                    if running_count:  # the steps since the last log step: logged as a last step's are
+                        log_loss(run, running_loss / running_count, grad_norm, progress)
             stopping = any_rank(stop.signal is not None)
             if step < run.total_steps and (stopping or args.save_steps and step % args.save_steps == 0):
                 checkpoints.check_finite(running_loss, grad_norm, run.folder, state)
@@ -307,6 +304,15 @@ def forward_backward(run: Run, dataset_index: int, batch_indices: list, accumula
             loss = run.loss_fn(features, labels)
         run.scaler.scale(loss / run.args.grad_accum).backward()
     return loss.detach().float()
+
+
+def log_loss(run: Run, mean_loss: torch.Tensor, grad_norm: torch.Tensor, progress) -> None:
+    """A log step: the mean loss since the previous one (over the ranks), checked finite, with lr and grad norm."""
+    step, mean_loss, lr = run.state["step"], global_mean(mean_loss), run.scheduler.get_last_lr()[0]
+    checkpoints.check_finite(mean_loss, grad_norm, run.folder, run.state)
+    log(run, {"step": step, "epoch": round(step / run.steps_per_epoch, 4), "loss": float(mean_loss), "lr": lr,
+              "grad_norm": float(grad_norm), "seconds": round(time.perf_counter() - run.started, 2)})
+    progress.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr:.2e}")
 
 
 def log(run: Run, entry: dict) -> None:

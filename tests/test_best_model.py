@@ -110,13 +110,17 @@ def test_load_best_saves_the_whole_model_of_the_best_evaluation(capsys, tiny_mod
 def test_early_stopping_ends_the_run_after_n_evaluations_without_improvement(capsys, tiny_model_dir, tmp_path,
                                                                             monkeypatch):
     """Patience 2: best at step 2, no better at 3 and 4 -> training ends at step 4 of 10; the evaluation of step 4
-    is the final one (not run twice), and the last step's model is saved (no --load-best)."""
+    is the final one (not run twice), and the last step's model is saved (no --load-best). Logged every 3 steps,
+    the loss of step 4 (a window of 1) is logged as a last step's is: loss.png and the card end where the run did."""
     values = {1: 0.3, 2: 0.6, 3: 0.6, 4: 0.5, **{step: 0.9 for step in range(5, 11)}}
     scripted = Scripted(monkeypatch, tmp_path, values)
     out = tmp_path / "run"
-    code, stdout, err = call(capsys, *nli_run(tiny_model_dir, tmp_path, "--max-steps", 10,
+    code, stdout, err = call(capsys, *nli_run(tiny_model_dir, tmp_path, "--max-steps", 10, "--log-steps", 3,
                                               "--early-stopping-patience", 2), "--out", out)
     assert code == 0, err
+    history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in history if "loss" in entry] == [3, 4]
+    assert curves.series(history, "eval_accuracy")["partial"][0::2] == (4, 1)
     assert scripted.calls == [1, 2, 3, 4] and eval_steps(out) == [1, 2, 3, 4]
     assert "early stopping at step 4: 2 evaluation(s) without a better eval_accuracy than 0.6000 (step 2" in stdout
     assert "saved to" in stdout and "after 4 steps" in stdout
