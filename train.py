@@ -338,11 +338,14 @@ def evaluate(run: Run) -> dict:
 def write_checkpoint(run: Run) -> Path:
     """Everything --resume needs (minilm/checkpoint.py checks each field before using it)."""
     run.state["train_seconds"] = time.perf_counter() - run.started
-    return checkpoints.save_checkpoint(run.folder, {
+    saved = checkpoints.save_checkpoint(run.folder, {
         "args": run.settings, "cwd": run.started_in, "model": run.model.state_dict(),
         "loss": checkpoints.own_state(run.loss_fn), "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "state": run.state,
         "data": run.data.fingerprints, "world": run.world}, run.args.save_total_limit, run.rank)
+    if run.rank == 0:
+        run.best.prune()  # --load-best: the best files that only the checkpoints just removed needed
+    return saved
 
 
 def save(run: Run) -> tuple:

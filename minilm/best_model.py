@@ -102,7 +102,7 @@ class BestModel:
                              f"{self.best_value:.4f}) cannot be kept; the best from this resume on is")
                 self.best_step = self.best_value = None
                 self.best_metrics, self.since_best, self.trail = {}, 0, []
-            self._prune()  # and the best files of steps after the checkpoint, written before a kill
+            self.prune()  # and the best files of steps after the checkpoint, written before a kill
 
     def path(self, step: int) -> Path:
         return self.folder / f"{PREFIX}{step:07d}.safetensors"
@@ -135,14 +135,14 @@ class BestModel:
                 files.save_tensors({key: value.detach().cpu().contiguous() for key, value in state.items()},
                                    self.path(step), metadata={"step": str(step), "metric": self.metric,
                                                               "value": repr(float(metrics[self.metric]))})
-            self._prune()
+            self.prune()
         if not improved and self.patience and self.since_best >= self.patience and step < self.total_steps:
             self.stopped_at = step
             best = f"{self.best_value:.4f} (step {self.best_step}" if self.best_step is not None else "nan (all"
             print(f"early stopping at step {step}: {self.since_best} evaluation(s) without a better {self.key} than "
                   f"{best}; --early-stopping-patience {self.patience})")
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
         """Remove the best files that neither this run's best nor the best of a checkpoint on disk names."""
         if not self.folder.is_dir():
             return

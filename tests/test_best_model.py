@@ -84,10 +84,12 @@ def eval_steps(out: Path) -> list:
 
 def test_load_best_saves_the_whole_model_of_the_best_evaluation(capsys, tiny_model_dir, tmp_path, monkeypatch):
     """The evaluation peaks at step 2 of 5: the saved model is step 2's, file by file (the classifier included),
-    though training went on to step 5; the card and the curves say so."""
+    though training went on to step 5; the card and the curves say so. Checkpointed every step, one kept: step 1's
+    best file goes once the checkpoint that needed it does (it stayed until the next improvement, here none)."""
     scripted = Scripted(monkeypatch, tmp_path, {1: 0.3, 2: 0.7, 3: 0.5, 4: 0.7, 5: 0.6})  # a tie is no improvement
     out = tmp_path / "run"
-    code, stdout, err = call(capsys, *nli_run(tiny_model_dir, tmp_path, "--max-steps", 5, "--load-best"), "--out", out)
+    code, stdout, err = call(capsys, *nli_run(tiny_model_dir, tmp_path, "--max-steps", 5, "--load-best",
+                                              "--save-steps", 1, "--save-total-limit", 1), "--out", out)
     assert code == 0, err
     assert scripted.calls == [1, 2, 3, 4, 5]
     assert_same_model(out, scripted.snapshots / "step-2")
@@ -99,7 +101,8 @@ def test_load_best_saves_the_whole_model_of_the_best_evaluation(capsys, tiny_mod
     card = (out / "README.md").read_text()
     assert ("The model saved is step 2's of 5: the best eval_accuracy of 5 evaluation(s), 0.7000 (higher is better; "
             "--load-best)." in card and "| **2** |" in card)
-    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["best-step-0000002.safetensors"]
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["best-step-0000002.safetensors",
+                                                                              "step-0000004"]
     assert (out / "loss.png").is_file()
     history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     drawn = curves.series(history, "eval_accuracy", 2)
