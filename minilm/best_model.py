@@ -91,6 +91,12 @@ class BestModel:
         self.evaluations = self.since_best = 0
         self.trail = []  # (evaluation step, best step after it): which best file each checkpoint needs
         self.stopped_at = self.last = None  # last: (step, metrics) of the latest evaluation
+        flags = [flag for flag, given in (("--load-best", self.load_best),
+                                          ("--early-stopping-patience", self.patience)) if given]
+        if flags and args.eval_steps >= total_steps:  # the loop evaluates at steps before the last only
+            verb = "have" if flags[1:] else "has"
+            notes.append(f"--eval-steps {args.eval_steps}: the run has {total_steps} step(s), so no evaluation falls "
+                         f"during training and {' and '.join(flags)} {verb} only the last step's; lower --eval-steps")
         for entry in history:
             if self.key in entry:
                 self._count(entry["step"], {k.removeprefix("eval_"): v for k, v in entry.items()

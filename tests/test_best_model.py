@@ -338,6 +338,11 @@ def test_higher_is_better_except_for_a_loss_and_a_nan_never_improves(tmp_path, m
         best.update(step, {"spearman_cosine": nan, "mse_loss": 0.0}, None, None)
     assert best.best_step is None and best.stopped_at == 2 and "than nan (all" in capsys.readouterr().out
     assert "Training stopped early at step 2 of 10" in best.summary()["text"]
+    notes = []  # --eval-steps at or past the last step: no evaluation during training, the flags do nothing
+    args = train.parse_args(["--out", "x", "--eval-task", "pairs", "--eval-steps", "10", "--load-best"])[0]
+    best_model.BestModel(args, tmp_path, [], 10, 1, notes)
+    assert notes == ["--eval-steps 10: the run has 10 step(s), so no evaluation falls during training and --load-best "
+                     "has only the last step's; lower --eval-steps"]
 
 
 def test_each_evaluator_declares_the_metrics_it_reports():
