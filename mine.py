@@ -11,9 +11,11 @@ BEIR folder (corpus.jsonl, queries.jsonl, qrels/<--split>.tsv): its (query, rele
 with a header or any JSONL file with --corpus-column naming the text, or a text file with one text per line.
 Default: the distinct positives of --data.
 
-For each anchor, candidates are ranked by cosine similarity (exact search, minilm.search). Never mined: the
-anchor's positive, any other positive of the same anchor, and any text equal to one of them or to the anchor
-(texts are compared exactly; equal texts are one candidate). Of the remaining candidates, ranks
+For each anchor, candidates are ranked by cosine similarity (exact search, minilm.search); a model with prompts
+(train.py --prompts) embeds the anchors with its "query" prompt and the other texts with its "document" one, as
+encode_query and encode_document do. Never mined: the anchor's positive, any other positive of the same anchor,
+and any text equal to one of them or to the anchor (texts are compared exactly; equal texts are one candidate).
+Of the remaining candidates, ranks
 [--range-min, --range-max) are eligible (rank 0 = the most similar left), then those passing the margins:
   --absolute-margin m   sim(anchor, negative) <= sim(anchor, positive) - m
   --relative-margin r   sim(anchor, negative) <= sim(anchor, positive) * (1 - r)   (NV-Retriever's TopK-PercPos)
@@ -84,13 +86,14 @@ def read_corpus_texts(path, column=None) -> list:
     return list(dict.fromkeys(texts))
 
 
-def encode_in_windows(model, texts: list, batch_size: int, precision: str, window: int) -> np.ndarray:
+def encode_in_windows(model, texts: list, batch_size: int, precision: str, window: int, prompt: str) -> np.ndarray:
     """[len(texts), dim] float32, encoded `window` texts at a time (tokens of one window in memory); dim: what encode
-    returns, the model's truncate_dim when it has one (a Matryoshka model's), as sentence-transformers mines."""
+    returns, the model's truncate_dim when it has one (a Matryoshka model's), as sentence-transformers mines.
+    prompt: put before each text ("" for none)."""
     out = np.empty((len(texts), model.truncate_dim or model.embedding_dim), dtype=np.float32)
     for start in range(0, len(texts), window):
         out[start:start + window] = model.encode(texts[start:start + window], batch_size=batch_size,
-                                                 precision=precision)
+                                                 precision=precision, prompt=prompt)
     return out
 
 
@@ -103,21 +106,24 @@ def mine(model, pairs: list, corpus=None, num_negatives: int = 1, range_min: int
     candidates = list(dict.fromkeys(corpus if corpus is not None else [p for _, p in pairs]))
     position = {text: index for index, text in enumerate(candidates)}
     anchors = list(dict.fromkeys(a for a, _ in pairs))
-    # Texts that need an embedding but are not candidates: anchors (queries) and positives outside the corpus.
-    extra = list(dict.fromkeys([a for a in anchors] + [p for _, p in pairs if p not in position]))
-    extra_position = {text: index for index, text in enumerate(extra)}
-    corpus_embeddings = encode_in_windows(model, candidates, batch_size, precision, encode_window)
-    extra_embeddings = encode_in_windows(model, extra, batch_size, precision, encode_window)
+    # Positives outside the corpus need an embedding too, as documents: the positive's score sets the margins.
+    outside = list(dict.fromkeys(p for _, p in pairs if p not in position))
+    outside_position = {text: index for index, text in enumerate(outside)}
+    # Anchors as queries, candidates and positives as documents, with the model's prompts for each (a model trained
+    # with --prompts): as sentence-transformers' mine_hard_negatives (encode_query, encode_document) and eval.py.
+    query_prompt, document_prompt = model.resolve_prompt(role="query"), model.resolve_prompt(role="document")
+    corpus_embeddings = encode_in_windows(model, candidates, batch_size, precision, encode_window, document_prompt)
+    outside_embeddings = encode_in_windows(model, outside, batch_size, precision, encode_window, document_prompt)
+    anchor_embeddings = encode_in_windows(model, anchors, batch_size, precision, encode_window, query_prompt)
 
-    def embedding(text):
-        return corpus_embeddings[position[text]] if text in position else extra_embeddings[extra_position[text]]
+    def document(text):
+        return corpus_embeddings[position[text]] if text in position else outside_embeddings[outside_position[text]]
 
     # Per anchor: the candidate indices never to mine (its positives and texts equal to them or to itself).
     excluded = {anchor: set() for anchor in anchors}
     for anchor, positive in pairs:
         excluded[anchor].update(position[t] for t in (anchor, positive) if t in position)
     depth = min(range_max + max(len(e) for e in excluded.values()), len(candidates))
-    anchor_embeddings = extra_embeddings[[extra_position[a] for a in anchors]]
     indices, scores = minilm.search(anchor_embeddings, corpus_embeddings, top_k=depth, query_chunk=query_chunk,
                                     corpus_chunk=corpus_chunk)
     indices, scores = indices.numpy(), scores.numpy()
@@ -129,9 +135,9 @@ def mine(model, pairs: list, corpus=None, num_negatives: int = 1, range_min: int
     for row, anchor in enumerate(anchors):  # one anchor's ranking at a time (Python lists of one row)
         kept = [(i, s) for i, s in zip(indices[row].tolist(), scores[row].tolist()) if i not in excluded[anchor]]
         window = kept[range_min:range_max]
-        a = embedding(anchor)
+        a = anchor_embeddings[row]
         for number in pairs_of[anchor]:
-            p = embedding(pairs[number][1])
+            p = document(pairs[number][1])
             positive_score = float(np.dot(a, p) / (np.linalg.norm(a) * np.linalg.norm(p)))
             eligible = [index for index, score in window
                         if (absolute_margin is None or score <= positive_score - absolute_margin)

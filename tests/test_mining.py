@@ -41,23 +41,29 @@ def small_pairs():
 
 
 def brute_force(model, pairs, corpus, n, range_min, range_max, absolute=None, relative=None):
-    """Every anchor against every candidate (the full matrix, float64), exclusions and window by hand."""
+    """Every anchor against every candidate (the full matrix, float64), exclusions and window by hand; anchors
+    embedded as queries, every other text as a document (the model's prompts for each, where it has them)."""
     candidates = list(dict.fromkeys(corpus))
-    texts = list(dict.fromkeys(candidates + [t for pair in pairs for t in pair]))
-    vectors = model.encode(texts).astype(np.float64)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    vector = dict(zip(texts, vectors))
+    texts = list(dict.fromkeys(candidates + [positive for _, positive in pairs]))
+    anchors = list(dict.fromkeys(anchor for anchor, _ in pairs))
+
+    def unit(vectors):
+        vectors = vectors.astype(np.float64)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    vector = dict(zip(texts, unit(model.encode_document(texts))))
+    query = dict(zip(anchors, unit(model.encode_query(anchors))))
     positives_of = {}
     for anchor, positive in pairs:
         positives_of.setdefault(anchor, set()).add(positive)
     expected = []
     for anchor, positive in pairs:
         never = positives_of[anchor] | {anchor}
-        order = sorted((c for c in candidates if c not in never), key=lambda c: -float(vector[anchor] @ vector[c]))
-        positive_score = float(vector[anchor] @ vector[positive])
+        order = sorted((c for c in candidates if c not in never), key=lambda c: -float(query[anchor] @ vector[c]))
+        positive_score = float(query[anchor] @ vector[positive])
         eligible = [c for c in order[range_min:range_max]
-                    if (absolute is None or float(vector[anchor] @ vector[c]) <= positive_score - absolute)
-                    and (relative is None or float(vector[anchor] @ vector[c]) <= positive_score * (1 - relative))]
+                    if (absolute is None or float(query[anchor] @ vector[c]) <= positive_score - absolute)
+                    and (relative is None or float(query[anchor] @ vector[c]) <= positive_score * (1 - relative))]
         expected.append(eligible[:n] if len(eligible) >= n else None)
     return expected
 
@@ -95,6 +101,19 @@ def test_a_model_with_a_truncate_dim_mines_at_that_size(tiny_model_dir):
     pairs, sentences = small_pairs()
     rows, _ = mine.mine(truncated, pairs, sentences, num_negatives=2, range_max=10, encode_window=7)
     expected = brute_force(truncated, pairs, sentences, 2, 0, 10)
+    assert [[row["negative_1"], row["negative_2"]] for row in rows] == [e for e in expected if e is not None]
+
+
+def test_a_model_with_prompts_mines_with_its_query_and_document_prompts(tiny_model_dir):
+    """A model trained with --prompts ranks its anchors as queries and the corpus as documents, each with its
+    prompt, as sentence-transformers' mine_hard_negatives (encode_query / encode_document) and eval.py do."""
+    import minilm
+
+    prompted = minilm.load(str(tiny_model_dir), device="cpu")
+    prompted.prompts = {"query": "find the sentence most like this one please: ", "document": "passage: "}
+    pairs, sentences = small_pairs()
+    rows, _ = mine.mine(prompted, pairs, sentences, num_negatives=2, range_max=10, relative_margin=0.01)
+    expected = brute_force(prompted, pairs, sentences, 2, 0, 10, relative=0.01)
     assert [[row["negative_1"], row["negative_2"]] for row in rows] == [e for e in expected if e is not None]
 
 
