@@ -15,8 +15,8 @@ For each anchor, candidates are ranked by cosine similarity (exact search, minil
 (train.py --prompts) embeds the anchors with its "query" prompt and the other texts with its "document" one, as
 encode_query and encode_document do. Never mined: the anchor's positive, any other positive of the same anchor,
 and any text equal to one of them or to the anchor (texts are compared exactly; equal texts are one candidate).
-Of the remaining candidates, ranks
-[--range-min, --range-max) are eligible (rank 0 = the most similar left), then those passing the margins:
+Of the remaining candidates, ranks [--range-min, --range-max) are eligible (rank 0 = the most similar left), then
+those passing the margins:
   --absolute-margin m   sim(anchor, negative) <= sim(anchor, positive) - m
   --relative-margin r   sim(anchor, negative) <= sim(anchor, positive) * (1 - r)   (NV-Retriever's TopK-PercPos)
 --sampling top takes the n best eligible, random n of them (--seed), kept in rank order. Pairs with fewer than
