@@ -370,6 +370,7 @@ def save(run: Run) -> tuple:
 
 def main(argv=None) -> int:
     """Run train.py; -> exit status (0, 2 for a problem with the input, 130 when stopped by a signal)."""
+    run = None
     try:
         args, given = parse_args(argv)
         rank, world = setup_distributed()
@@ -402,6 +403,10 @@ def main(argv=None) -> int:
               "again, or with --out ... --resume where a checkpoint was written", file=sys.stderr)
         return 130
     finally:
+        # The run (its DDP reducer) lets go of the process group before tear_down drops the last reference:
+        # a reducer that drops it destroys gloo's group holding the GIL, while gloo's threads may need the GIL to
+        # free a finished all-reduce's tensors (a deadlock: ranks hung at exit under load).
+        run = None  # noqa: F841
         tear_down()
 
 

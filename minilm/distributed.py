@@ -1,6 +1,7 @@
 """torch.distributed for train.py under torchrun: joining the process group, and the few collective calls the loop
 makes. Outside torchrun (one process) each is the plain single-process answer."""
 
+import gc
 import os
 
 import torch
@@ -42,5 +43,10 @@ def any_rank(flag: bool) -> bool:
 
 
 def tear_down() -> None:
+    """Destroy the process group once nothing else holds it. Call it after the objects that used the group are
+    released (train.py drops its run first): a DDP reducer still alive would drop the group's last reference
+    itself, destroying gloo's group with the GIL held while gloo's threads may wait for the GIL (a deadlock seen
+    at exit under load); gc.collect frees one kept only by a reference cycle."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

@@ -38,6 +38,10 @@ def check_flags(args, loss_class) -> None:
                          "so it cannot be trained at several sizes; choose another --loss")
     if args.matryoshka_weights and not args.matryoshka_dims:
         raise UsageError("--matryoshka-weights needs --matryoshka-dims: one weight per dimension")
+    if args.matryoshka_weights and len(args.matryoshka_weights) != len(args.matryoshka_dims):
+        raise UsageError(f"--matryoshka-weights {','.join(f'{w:g}' for w in args.matryoshka_weights)}: "
+                         f"{len(args.matryoshka_weights)} weight(s) for the {len(args.matryoshka_dims)} sizes of "
+                         f"--matryoshka-dims {','.join(map(str, args.matryoshka_dims))}; give one per size")
     if args.keep_self_matches and args.eval_task != "retrieval":
         raise UsageError("--keep-self-matches is for --eval-task retrieval on a BEIR folder")
     with blamed_on("", InputError):  # the message names --prompts

@@ -288,7 +288,7 @@ ERRORS = [  # (name, flags after --model tiny --data pairs.tsv --out run, what t
     ("size-above-the-models", ["--loss", "mnrl", "--matryoshka-dims", "128,64"],
      ["--matryoshka-dims", "128 is above the model's embedding size 64"]),
     ("a-weight-short", ["--loss", "mnrl", "--matryoshka-dims", "64,32", "--matryoshka-weights", "1"],
-     ["--matryoshka-dims", "1 weight(s) for 2 dimension(s)"]),
+     ["--matryoshka-weights 1:", "1 weight(s) for the 2 sizes of --matryoshka-dims 64,32"]),
     ("weights-without-sizes", ["--loss", "mnrl", "--matryoshka-weights", "1"], ["needs --matryoshka-dims"]),
     ("sizes-not-numbers", ["--loss", "mnrl", "--matryoshka-dims", "64,x"], ["--matryoshka-dims", "'x'"]),
     ("matryoshka-softmax", ["--loss", "softmax", "--matryoshka-dims", "64"], ["--matryoshka-dims", "softmax"]),
