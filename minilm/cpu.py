@@ -85,7 +85,8 @@ WARN_ABOVE = 1.25  # an explicit precision this much slower than fp32 warns: abo
 # The least GEMM gain over fp32 that survives what does not speed up. bf16 runs the whole encoder in bf16 (one cast
 # in, one out): 1.3x. int8 also quantizes every Linear's input and rescales its output, and keeps the attention,
 # LayerNorms and residual adds in float32: measured end to end, int8 encoded 1.75x fp32 where its GEMMs ran ~10x
-# (Intel AMX), 1.14x at 5.9x (AMD EPYC, the eager int8 of round 3) and 0.45x at 1.5x (oneDNN held to AVX2): 3x.
+# (Intel AMX), 1.14x at 5.9x (AMD EPYC, the eager int8 of round 3) and 0.45x at 1.5x (oneDNN held to AVX2, before
+# int8 ran _int_mm there; today's: 1.28x at 1.7x, the whole stack held to AVX2, weights at +-64): 3x.
 FASTER = {"bf16": 1.3, "int8": 3.0}
 # Where both are native but not AMX: int8 must run its GEMMs this much faster than bf16 to encode faster, for the
 # same reasons. AMD EPYC (AVX-512 bf16 + VNNI): int8 GEMM (torch._int_mm) 2.2x bf16, compiled int8 encode level
