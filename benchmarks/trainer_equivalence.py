@@ -2,6 +2,8 @@
 
     python benchmarks/trainer_equivalence.py                         # softmax, mnrl and cosine, 32 rows, 3 steps
     python benchmarks/trainer_equivalence.py --losses softmax --rows 64 --steps 5
+    python benchmarks/trainer_equivalence.py --losses matryoshka   # MNRL in MatryoshkaLoss at 384,256,128,64
+    python benchmarks/trainer_equivalence.py --losses mse          # distillation: a 3-layer student, MSELoss
 
 Two trainers given the same recipe differ by chance only through dropout masks, the order of the batches and a
 new classifier's initial weights. This script removes all three: the model is copied with both dropout
@@ -28,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data"
+MATRYOSHKA_DIMS = "384,256,128,64"
+STUDENT_LAYERS = [0, 4, 5]  # recipe 005's student: these layers of the model, which is also the teacher
 
 
 def snli_rows(count: int, entailment_only: bool) -> list:
@@ -71,12 +75,22 @@ def reference(model_dir: Path, loss_name: str, rows: list, steps: int, out: Path
 
     model = SentenceTransformer(str(model_dir), device="cpu")
     initial = None
-    if loss_name == "softmax":
+    if loss_name == "mse":  # the teacher's embeddings as labels; the student keeps STUDENT_LAYERS (as recipe 005)
+        labels = model.encode([row["text"] for row in rows], convert_to_numpy=True)
+        rows = [{**row, "label": label.tolist()} for row, label in zip(rows, labels)]
+        model = SentenceTransformer(str(model_dir), device="cpu")
+        bert = model[0].auto_model
+        bert.encoder.layer = torch.nn.ModuleList(bert.encoder.layer[index] for index in STUDENT_LAYERS)
+        bert.config.num_hidden_layers = len(STUDENT_LAYERS)
+        loss = losses.MSELoss(model)
+    elif loss_name == "softmax":
         torch.manual_seed(42)  # the classifier's draw, the same in every run of this script
         loss = losses.SoftmaxLoss(model, model.get_sentence_embedding_dimension(), num_labels=3)
         initial = {k: v.detach().clone().contiguous() for k, v in loss.classifier.state_dict().items()}
-    elif loss_name == "mnrl":
+    elif loss_name in ("mnrl", "matryoshka"):
         loss = losses.MultipleNegativesRankingLoss(model)
+        if loss_name == "matryoshka":  # every size weighted 1, as train.py's --matryoshka-dims
+            loss = losses.MatryoshkaLoss(model, loss, [int(dim) for dim in MATRYOSHKA_DIMS.split(",")])
     else:
         loss = losses.CosineSimilarityLoss(model)
     dataset = Dataset.from_dict({name: [row[name] for row in rows] for name in rows[0]})
@@ -106,7 +120,11 @@ def minilm_run(model_dir: Path, loss_name: str, data_file: Path, rows: int, step
     if initial_classifier is not None:
         softmax.SoftmaxLoss.__init__ = start_from_reference
     try:
-        train.main(["--model", str(model_dir), "--loss", loss_name, "--data", str(data_file),
+        extra = {"matryoshka": ["--matryoshka-dims", MATRYOSHKA_DIMS],
+                 "mse": ["--teacher", str(model_dir), "--layers", ",".join(map(str, STUDENT_LAYERS))]}
+        train.main(["--model", str(model_dir), "--loss", "mnrl" if loss_name == "matryoshka" else loss_name,
+                    *extra.get(loss_name, []),
+                    "--data", str(data_file),
                     "--batch-size", str(rows), "--max-steps", str(steps), "--lr", "5e-5", "--out", str(out),
                     "--max-grad-norm", str(max_grad_norm), "--log-steps", "1", "--no-progress", "--seed", "42"])
     finally:
@@ -115,12 +133,17 @@ def minilm_run(model_dir: Path, loss_name: str, data_file: Path, rows: int, step
     return [entry["loss"] for entry in log if "loss" in entry and "step" in entry]
 
 
-def compare(ours: Path, theirs: Path, base: Path, theirs_classifier=None) -> dict:
+def compare(ours: Path, theirs: Path, base: Path, theirs_classifier=None, layers=None) -> dict:
     """Largest difference between the two trained models (and classifiers, if any), and how many weights differ
-    beyond 1e-6."""
+    beyond 1e-6. layers: a student's, the base model's layer behind each of its own (for the largest update)."""
     from safetensors.torch import load_file
     from losses.softmax import SoftmaxLoss
     ours_w, theirs_w, base_w = (load_file(str(folder / "model.safetensors")) for folder in (ours, theirs, base))
+    original = dict(base_w)
+    for own, source in enumerate(layers or []):  # the student's layer `own` started as the base's `source`
+        prefix = f"encoder.layer.{source}."
+        base_w.update({f"encoder.layer.{own}." + key.removeprefix(prefix): value
+                       for key, value in original.items() if key.startswith(prefix)})
     if theirs_classifier is not None:
         ours_w.update({"classifier." + k: v for k, v in SoftmaxLoss.load_classifier(ours).state_dict().items()})
         theirs_w.update({"classifier." + k: v for k, v in theirs_classifier.items()})
@@ -140,7 +163,7 @@ def compare(ours: Path, theirs: Path, base: Path, theirs_classifier=None) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--losses", nargs="+", choices=["softmax", "mnrl", "cosine"],
+    parser.add_argument("--losses", nargs="+", choices=["softmax", "mnrl", "cosine", "matryoshka", "mse"],
                         default=["softmax", "mnrl", "cosine"])
     parser.add_argument("--rows", type=int, default=32, help="rows = the batch: one step sees them all")
     parser.add_argument("--steps", type=int, default=3)
@@ -155,17 +178,23 @@ def main() -> None:
         work = Path(temporary)
         model_dir = model_without_dropout(work / "model")
         for loss_name in args.losses:
-            rows = (snli_rows(args.rows, entailment_only=loss_name == "mnrl") if loss_name != "cosine"
-                    else stsb_rows(args.rows))
-            data_file = work / f"{loss_name}.jsonl"
-            data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            if loss_name == "mse":  # texts, one per line: the STS-B train sentences
+                rows = [{"text": row["sentence1"]} for row in stsb_rows(args.rows)]
+                data_file = work / "mse.txt"
+                data_file.write_text("".join(row["text"] + "\n" for row in rows))
+            else:
+                rows = (snli_rows(args.rows, entailment_only=loss_name in ("mnrl", "matryoshka"))
+                        if loss_name != "cosine" else stsb_rows(args.rows))
+                data_file = work / f"{loss_name}.jsonl"
+                data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
             theirs_losses, initial, theirs_classifier = reference(model_dir, loss_name, rows, args.steps, work / f"st-{loss_name}",
                                                args.max_grad_norm)
             ours_losses = minilm_run(model_dir, loss_name, data_file, len(rows), args.steps,
                                      work / f"minilm-{loss_name}", initial, args.max_grad_norm)
             results[loss_name] = {
                 "rows": len(rows), "steps": args.steps, "minilm_losses": ours_losses, "st_losses": theirs_losses,
-                **compare(work / f"minilm-{loss_name}", work / f"st-{loss_name}", model_dir, theirs_classifier)}
+                **compare(work / f"minilm-{loss_name}", work / f"st-{loss_name}", model_dir, theirs_classifier,
+                          STUDENT_LAYERS if loss_name == "mse" else None)}
 
     print("\n| loss | rows x steps | loss per step: train.py / sentence-transformers | max weight difference "
           "(where) | weights over 1e-6 | largest update |")
