@@ -259,27 +259,30 @@ def train(run: Run, stop: checkpoints.StopRequest) -> bool:
             run.optimizer.zero_grad(set_to_none=True)
             step = state["step"] = state["step"] + 1
             progress.update(1)
-            if step % args.log_steps == 0 or step == run.total_steps:
-                log_loss(run, running_loss / running_count, grad_norm, progress)
-                running_loss, running_count = torch.zeros((), device=run.model.device), 0
             if run.evaluator and args.eval_steps and step % args.eval_steps == 0 and step < run.total_steps:
                 if run.rank == 0:
                     evaluate(run)
                 if any_rank(run.best.stopped_at == step):  # --early-stopping-patience: this step is the last
                     run.total_steps = step
-                    if running_count:  # the steps since the last log step: logged as a last step's are
-                        log_loss(run, running_loss / running_count, grad_norm, progress)
+            if step % args.log_steps == 0 or step == run.total_steps:  # after an evaluation that stopped the run
+                mean_loss, lr = global_mean(running_loss / running_count), run.scheduler.get_last_lr()[0]
+                checkpoints.check_finite(mean_loss, grad_norm, run.folder, state)
+                log(run, {"step": step, "epoch": round(step / run.steps_per_epoch, 4), "loss": float(mean_loss),
+                          "lr": lr, "grad_norm": float(grad_norm),
+                          "seconds": round(time.perf_counter() - run.started, 2)})
+                progress.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr:.2e}")
+                running_loss, running_count = torch.zeros((), device=run.model.device), 0
             stopping = any_rank(stop.signal is not None)
             if step < run.total_steps and (stopping or args.save_steps and step % args.save_steps == 0):
                 checkpoints.check_finite(running_loss, grad_norm, run.folder, state)
                 # every rank's sum so far, averaged: what the next log step averages over the ranks anyway
                 state["running_loss"], state["running_count"] = float(global_mean(running_loss)), running_count
                 saved = write_checkpoint(run)
+                run.best.prune()  # --load-best: the best files that only the checkpoints just removed needed
                 if stopping:
                     progress.close()
                     if run.rank == 0:
-                        print(f"train.py: stopped by {stop.signal or 'a signal'} after step {step}; checkpoint "
-                              f"{saved}. Continue with: python train.py --out {run.folder} --resume", file=sys.stderr)
+                        stop.say_stopped(step, saved, run.folder)
                     return False
             if step >= run.total_steps:
                 break
@@ -306,15 +309,6 @@ def forward_backward(run: Run, dataset_index: int, batch_indices: list, accumula
     return loss.detach().float()
 
 
-def log_loss(run: Run, mean_loss: torch.Tensor, grad_norm: torch.Tensor, progress) -> None:
-    """A log step: the mean loss since the previous one (over the ranks), checked finite, with lr and grad norm."""
-    step, mean_loss, lr = run.state["step"], global_mean(mean_loss), run.scheduler.get_last_lr()[0]
-    checkpoints.check_finite(mean_loss, grad_norm, run.folder, run.state)
-    log(run, {"step": step, "epoch": round(step / run.steps_per_epoch, 4), "loss": float(mean_loss), "lr": lr,
-              "grad_norm": float(grad_norm), "seconds": round(time.perf_counter() - run.started, 2)})
-    progress.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr:.2e}")
-
-
 def log(run: Run, entry: dict) -> None:
     """Into the run's history (checkpoints hold it: plain numbers only) and, on rank 0, log.jsonl."""
     run.state["history"].append(entry)
@@ -338,14 +332,11 @@ def evaluate(run: Run) -> dict:
 def write_checkpoint(run: Run) -> Path:
     """Everything --resume needs (minilm/checkpoint.py checks each field before using it)."""
     run.state["train_seconds"] = time.perf_counter() - run.started
-    saved = checkpoints.save_checkpoint(run.folder, {
+    return checkpoints.save_checkpoint(run.folder, {
         "args": run.settings, "cwd": run.started_in, "model": run.model.state_dict(),
         "loss": checkpoints.own_state(run.loss_fn), "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "state": run.state,
         "data": run.data.fingerprints, "world": run.world}, run.args.save_total_limit, run.rank)
-    if run.rank == 0:
-        run.best.prune()  # --load-best: the best files that only the checkpoints just removed needed
-    return saved
 
 
 def save(run: Run) -> tuple:
@@ -370,7 +361,6 @@ def save(run: Run) -> tuple:
 
 def main(argv=None) -> int:
     """Run train.py; -> exit status (0, 2 for a problem with the input, 130 when stopped by a signal)."""
-    run = None
     try:
         args, given = parse_args(argv)
         rank, world = setup_distributed()
@@ -403,10 +393,7 @@ def main(argv=None) -> int:
               "again, or with --out ... --resume where a checkpoint was written", file=sys.stderr)
         return 130
     finally:
-        # The run (its DDP reducer) lets go of the process group before tear_down drops the last reference:
-        # a reducer that drops it destroys gloo's group holding the GIL, while gloo's threads may need the GIL to
-        # free a finished all-reduce's tensors (a deadlock: ranks hung at exit under load).
-        run = None  # noqa: F841
+        run = None  # noqa: F841  (its DDP reducer lets go of the process group first: see tear_down)
         tear_down()
 
 

@@ -85,7 +85,7 @@ class BestModel:
         self.key = f"eval_{self.metric}"
         self.lower_is_better = bool(self.metric) and self.metric.endswith("loss")
         self.load_best, self.patience = args.load_best, args.early_stopping_patience
-        self.folder, self.total_steps = Path(folder) / "checkpoints", total_steps
+        self.folder, self.total_steps, self.rank = Path(folder) / "checkpoints", total_steps, rank
         self.best_step = self.best_value = None
         self.best_metrics = {}  # every metric of the best evaluation, for the card
         self.evaluations = self.since_best = 0
@@ -149,8 +149,8 @@ class BestModel:
                   f"{best}; --early-stopping-patience {self.patience})")
 
     def prune(self) -> None:
-        """Remove the best files that neither this run's best nor the best of a checkpoint on disk names."""
-        if not self.folder.is_dir():
+        """Remove the best files that neither this run's best nor the best of a checkpoint on disk names (rank 0)."""
+        if self.rank != 0 or not self.folder.is_dir():
             return
         needed = {self.best_step}
         for checkpoint in self.folder.glob("step-*"):
