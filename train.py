@@ -281,8 +281,7 @@ def train(run: Run, stop: checkpoints.StopRequest) -> bool:
                 run.best.prune()  # --load-best: the best files that only the checkpoints just removed needed
                 if stopping:
                     progress.close()
-                    if run.rank == 0:
-                        stop.say_stopped(step, saved, run.folder)
+                    stop.say_stopped(step, saved, run.folder, run.rank)
                     return False
             if step >= run.total_steps:
                 break

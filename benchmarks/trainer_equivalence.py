@@ -187,8 +187,8 @@ def main() -> None:
                         if loss_name != "cosine" else stsb_rows(args.rows))
                 data_file = work / f"{loss_name}.jsonl"
                 data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-            theirs_losses, initial, theirs_classifier = reference(model_dir, loss_name, rows, args.steps, work / f"st-{loss_name}",
-                                               args.max_grad_norm)
+            theirs_losses, initial, theirs_classifier = reference(model_dir, loss_name, rows, args.steps,
+                                                                  work / f"st-{loss_name}", args.max_grad_norm)
             ours_losses = minilm_run(model_dir, loss_name, data_file, len(rows), args.steps,
                                      work / f"minilm-{loss_name}", initial, args.max_grad_norm)
             results[loss_name] = {

@@ -466,10 +466,11 @@ class StopRequest:
         print(f"\ntrain.py: {self.signal}: finishing this step, then writing a checkpoint (again to stop now)",
               file=sys.stderr, flush=True)
 
-    def say_stopped(self, step: int, saved, folder) -> None:
-        """The run's last line when a signal stopped it: where the checkpoint is and how to go on."""
-        print(f"train.py: stopped by {self.signal or 'a signal'} after step {step}; checkpoint {saved}. Continue "
-              f"with: python train.py --out {folder} --resume", file=sys.stderr)
+    def say_stopped(self, step: int, saved, folder, rank: int) -> None:
+        """The run's last line (rank 0's) when a signal stopped it: where the checkpoint is and how to go on."""
+        if rank == 0:
+            print(f"train.py: stopped by {self.signal or 'a signal'} after step {step}; checkpoint {saved}. Continue "
+                  f"with: python train.py --out {folder} --resume", file=sys.stderr)
 
     def __exit__(self, *exc):
         for number, handler in self.previous.items():
