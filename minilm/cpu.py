@@ -12,7 +12,8 @@ The instruction sets decide where they can: without AVX-512 bf16 / AMX, torch's 
 to code ~70x slower than fp32 (an AMD EPYC with AVX2 only: bf16 84 and int8 21 sentences/s against fp32 487), and
 without VNNI / AMX so does int8; with AMX, bf16 runs ~8x fp32 and encodes fastest (int8's GEMM is faster still,
 but int8 keeps the attention, LayerNorms and residual adds in float32 and quantizes every Linear's input, which
-costs more than its GEMM saves over bf16: benchmarks/README.md, "Speed on the CPU at hand"). Where they cannot
+costs more than its GEMM saves over bf16: benchmarks/README.md, "Speed on the CPU at hand"; the same on an AMD
+EPYC with AVX-512 bf16 + VNNI, so wherever bf16 qualifies it wins over int8). Where they cannot
 (AVX-512 bf16 and VNNI without AMX: AMD Zen 4/5, Intel Cooper Lake; VNNI without bf16), a short probe times the
 GEMMs the encoder really runs - one BERT layer's four Linears, [1024 tokens, 384] x [384, 1152 / 384 / 1536] and
 [1024, 1536] x [1536, 384] - through the ops encode uses: oneDNN with prepacked weights for fp32/bf16/fp16
@@ -88,10 +89,6 @@ WARN_ABOVE = 1.25  # an explicit precision this much slower than fp32 warns: abo
 # (Intel AMX), 1.14x at 5.9x (AMD EPYC, the eager int8 of round 3) and 0.45x at 1.5x (oneDNN held to AVX2, before
 # int8 ran _int_mm there; today's: 1.28x at 1.7x, the whole stack held to AVX2, weights at +-64): 3x.
 FASTER = {"bf16": 1.3, "int8": 3.0}
-# Where both are native but not AMX: int8 must run its GEMMs this much faster than bf16 to encode faster, for the
-# same reasons. AMD EPYC (AVX-512 bf16 + VNNI): int8 GEMM (torch._int_mm) 2.2x bf16, compiled int8 encode level
-# with bf16; Intel AMX: int8 GEMM 1.3-1.8x bf16, int8 encode ~0.5x bf16.
-INT8_OVER_BF16 = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +204,10 @@ def choose_precision(cpu: CPU = None, rates: dict = None) -> Choice:
     """The fastest precision here among fp32, bf16 and int8 (those within the quality bands), with the reason.
 
     From the instruction sets where they decide: neither bf16 nor int8 native -> fp32; AMX -> bf16. Otherwise
-    from the probe: bf16 / int8 must beat fp32's GEMMs by FASTER[precision], and int8 must beat bf16's by
-    INT8_OVER_BF16 where both qualify."""
+    from the probe: bf16 / int8 must beat fp32's GEMMs by FASTER[precision], and where both do, bf16 wins. int8
+    encoded slower than bf16 on both kinds of CPU measured with both: 0.5x on an Intel Xeon with AMX, 0.46-0.64x
+    on an AMD EPYC with AVX-512 bf16 + VNNI whose int8 GEMM ran 2.2x bf16's (benchmarks/README.md): its
+    quantization passes and float32 attention, LayerNorms and adds cost more than its faster GEMMs save."""
     cpu = describe_cpu() if cpu is None else cpu
     if not cpu.fast("bf16") and not cpu.fast("int8"):
         # bf16 runs 5-70x slower than fp32 without them; int8 1.0-1.3x fp32 in the AVX2 imitation (benchmarks/
@@ -225,10 +224,9 @@ def choose_precision(cpu: CPU = None, rates: dict = None) -> Choice:
     measured = ", ".join(f"{precision} GEMM {_versus_fp32(gain[precision])}" for precision in gain)
     if not candidates:
         return Choice("fp32", f"auto -> fp32: {measured}")
-    best = candidates[0]
-    if len(candidates) == 2 and gain["int8"] >= INT8_OVER_BF16 * gain["bf16"]:
-        best = "int8"
-    return Choice(best, f"auto -> {best}: {', '.join(cpu.native(best))}, {measured}")
+    best = candidates[0]  # bf16 where it qualifies
+    why_not_int8 = " (int8 encodes slower than bf16 where both run natively)" if len(candidates) == 2 else ""
+    return Choice(best, f"auto -> {best}: {', '.join(cpu.native(best))}, {measured}{why_not_int8}")
 
 
 def _lacking(cpu: CPU, precision: str) -> str:
