@@ -6,8 +6,8 @@
 bench_encode.py prints each path's share of its GEMM peak (useful FLOPs / time / the fastest GEMM rate measured in
 the run). This script asks what that share could be at best. It times each piece of one encoder layer alone, on a
 batch shaped like a corpus's typical one (sentences of one length, as encode's length-sorted batches are), through
-the ops encode runs: the four Linears with prepacked weights (oneDNN; the erf GELU as ffn_in's post-op, as encode
-fuses it; int8: the int8 GEMMs alone, no quantization), SDPA on per-sentence views of a packed q/k/v (bf16: the
+the ops encode runs: the four Linears with prepacked weights (oneDNN; the erf GELU is what ffn_in's post-op adds,
+as encode fuses it; int8: the int8 GEMMs alone, no quantization), SDPA on per-sentence views of a packed q/k/v (bf16: the
 faster of bf16 and float32 attention, the cast not counted), two LayerNorms and two residual adds (int8: the cheaper
 of float32 and bf16). The sum is what a layer costs with nothing else: no casts, no padding copies, no dispatch
 between ops, no quantization. The bound printed is
@@ -15,11 +15,11 @@ between ops, no quantization. The bound printed is
     useful FLOPs of the layer (the Linears' and attention's, as bench_encode.py counts them)
         / (the Linears' FLOPs at the GEMM peak + the other pieces' times) / GEMM peak
 
-(and the same with the GEMMs as timed here, at the batch's shape).
-with the peak measured on the same shapes as bench_encode.py's (minilm.cpu.LAYER_SHAPES at 1,024 rows and at the
-batch's, the better). One thread by default, timed in process CPU time: a descheduled thread costs nothing, so the
-figures hold on a shared machine; --threads 2 times wall-clock (a quiet machine only). An encode can exceed it only by running fewer ops (fusing them
-into a kernel of its own) or different maths (a GELU other than erf). Figures in benchmarks/README.md.
+and the same with the GEMMs as timed here, at the batch's shape. The peak is measured as bench_encode.py's
+(minilm.cpu.LAYER_SHAPES at 1,024 rows and at the batch's, the better). One thread by default, timed in process
+CPU time: a descheduled thread costs nothing, so the figures hold on a shared machine; --threads 2 times
+wall-clock (a quiet machine only). An encode can exceed the bound only by running fewer ops (fusing them into a
+kernel of its own) or different maths (a GELU other than erf). Figures in benchmarks/README.md.
 """
 
 import argparse
@@ -66,7 +66,8 @@ def gemm_peaks(precisions, rows: int, repeats: int) -> dict:
 def linear_pieces(precision: str, rows: int, config: BertConfig, repeats: int) -> dict:
     """{"GEMMs": ms, "GELU": ms}: the layer's four Linears as encode runs them, and what the GELU adds to ffn_in."""
     hidden, inter = config.hidden_size, config.intermediate_size
-    shapes = {"qkv": (hidden, 3 * hidden), "out": (hidden, hidden), "ffn_in": (hidden, inter), "ffn_out": (inter, hidden)}
+    shapes = {"qkv": (hidden, 3 * hidden), "out": (hidden, hidden), "ffn_in": (hidden, inter),
+              "ffn_out": (inter, hidden)}
     plain, gelu = 0.0, 0.0
     for name, (k, n) in shapes.items():
         if precision == "int8":
