@@ -6,11 +6,11 @@
 bench_encode.py prints each path's share of its GEMM peak (useful FLOPs / time / the fastest GEMM rate measured in
 the run). This script asks what that share could be at best. It times each piece of one encoder layer alone, on a
 batch shaped like a corpus's typical one (sentences of one length, as encode's length-sorted batches are), through
-the ops encode runs: the four Linears with prepacked weights (oneDNN; the erf GELU is what ffn_in's post-op adds,
-as encode fuses it; int8: the int8 GEMMs alone, no quantization), SDPA on per-sentence views of a packed q/k/v (bf16: the
-faster of bf16 and float32 attention, the cast not counted), two LayerNorms and two residual adds (int8: the cheaper
-of float32 and bf16). The sum is what a layer costs with nothing else: no casts, no padding copies, no dispatch
-between ops, no quantization. The bound printed is
+the ops encode runs: the four Linears with prepacked weights (oneDNN; the erf GELU is what ffn_in's post-op
+adds, as encode fuses it; int8: the int8 GEMMs alone, no quantization), SDPA on per-sentence views of a packed
+q/k/v (bf16: the faster of bf16 and float32 attention, the cast not counted), two LayerNorms and two residual
+adds (int8: the cheaper of float32 and bf16). The sum is what a layer costs with nothing else: no casts, no
+padding copies, no dispatch between ops, no quantization. The bound printed is
 
     useful FLOPs of the layer (the Linears' and attention's, as bench_encode.py counts them)
         / (the Linears' FLOPs at the GEMM peak + the other pieces' times) / GEMM peak
