@@ -47,7 +47,7 @@ def build_parser(explicit_only: bool = False) -> Parser:
     parser = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def add(*names, default=None, **kwargs):
-        if default not in (None, False, {}) and "default" not in kwargs.get("help", ""):
+        if default is not None and default is not False and default != {} and "default" not in kwargs.get("help", ""):
             kwargs["help"] = (kwargs.get("help", "") + " (default: %(default)s)").lstrip()  # --help shows it
         parser.add_argument(*names, default=argparse.SUPPRESS if explicit_only else default, **kwargs)
 
