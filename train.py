@@ -385,7 +385,7 @@ def main(argv=None) -> int:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     except checkpoints.StoppedAtOnce:
-        print("train.py: stopped at once (a second signal); --resume: from the newest checkpoint", file=sys.stderr)
+        stop.say_stopped_at_once(run.folder)  # the newest checkpoint and the command that continues, or none
         return 130
     except KeyboardInterrupt:  # while loading, before the loop (a new run then keeps nothing: see set_up), or after
         print("train.py: interrupted outside the training steps (a signal there stops at once); run the command "

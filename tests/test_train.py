@@ -289,6 +289,30 @@ def test_sigint_finishes_the_step_writes_a_checkpoint_and_exits_130(capsys, tiny
     assert log_steps(out) == list(range(1, step + 3))
 
 
+def test_a_second_signal_says_whether_a_checkpoint_is_there_to_resume(capsys, tiny_model_dir, tmp_path,
+                                                                     monkeypatch):
+    """Stopped at once before the first checkpoint, a new run keeps nothing: the message says to run the command
+    again, not --resume (which would find no run). After a checkpoint, it names it and the --resume command."""
+    data = tmp_path / "pairs.tsv"
+    data.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a{i}\tb{i}\t0.{i % 10}\n" for i in range(24)))
+    out = tmp_path / "run"
+
+    def signalled_twice(run, stop):
+        raise checkpoint.StoppedAtOnce
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "train", signalled_twice)
+        code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 4), "--out", out)
+    assert code == 130 and not out.exists() and "--resume" not in err and "run the same command again" in err, err
+    with monkeypatch.context() as patch:  # Ctrl-C once in the first step: checkpoint step 1
+        patch.setattr(checkpoint.StopRequest, "__enter__", stopped_at_once)
+        assert run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 4), "--out", out)[0] == 130
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "train", signalled_twice)
+        code, _, err = run_train(capsys, "--out", out, "--resume")
+    assert code == 130 and str(out / "checkpoints" / "step-0000001") in err and f"--out {out} --resume" in err, err
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(capsys, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     code, _, err = run_train(capsys, "--model", tiny_model_dir, "--loss", "mnrl", "--data",
