@@ -122,6 +122,23 @@ def test_recipe_end_to_end_on_the_real_weights(capsys, model_dir, tmp_path):
     assert np.abs(reference.encode(sentences) - ours.encode(sentences)).max() < 5e-7
 
 
+def test_the_cards_non_default_hyperparameters_are_those_that_differ_from_train_pys_defaults(capsys, tiny_model_dir,
+                                                                                              tmp_path):
+    """The card's "Non-Default Hyperparameters" once listed lr 5e-05, epochs 1, precision auto and eval_precision
+    fp32 on a run that set none of them: every value that was set, not those that differ from the defaults."""
+    from minilm import model_card
+
+    parser = train.build_parser()
+    assert model_card.NON_DEFAULT == {key: parser.get_default(key) for key in model_card.NON_DEFAULT}
+    data = tmp_path / "pairs.tsv"
+    data.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a{i}\tb{i}\t0.{i % 10}\n" for i in range(24)))
+    ok(capsys, "--model", tiny_model_dir, "--loss", "cosine", "--data", data, "--batch-size", 8, "--max-steps", 2,
+       "--out", tmp_path / "run")
+    card = (tmp_path / "run" / "README.md").read_text()
+    listed = card.split("#### Non-Default Hyperparameters", 1)[1].split("####", 1)[0].split()
+    assert listed == ["-", "`batch_size`:", "8", "-", "`max_steps`:", "2"], listed
+
+
 def sick_like(path: Path, pairs_per_label=30, seed=0) -> Path:
     """A SICK-format file whose label follows from the pair: the same sentence (entailment), the sentence with a
     negation (contradiction), an unrelated sentence (neutral). Balanced: chance is 1/3."""
