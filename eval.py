@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     except (UsageError, data.DataError) as error:
         print(f"eval.py: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # --json is written whole at the very end (write_text): nothing half-written
+        print("\neval.py: interrupted; nothing was written (--json comes at the end)", file=sys.stderr)
+        return 130
 
 
 def check_json_target(path: str, inputs: list) -> None:

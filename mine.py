@@ -46,7 +46,7 @@ import torch
 import minilm
 from minilm import corpus as corpus_files, data, evaluation, files
 from minilm.errors import Parser, UsageError
-from minilm.model import PRECISIONS
+from minilm.model import PRECISIONS, resolve_device
 
 
 def read_pairs(path, split: str = "train") -> list:
@@ -77,7 +77,14 @@ def read_corpus_texts(path, column=None) -> list:
         except corpus_files.CorpusError as error:
             raise data.DataError(str(error).replace("pass --column", "pass --corpus-column")) from None
     elif kind == "jsonl":
-        texts = list(evaluation.read_corpus(path).values())
+        try:
+            texts = list(evaluation.read_corpus(path).values())
+        except data.DataError as error:
+            if "without the field" not in str(error):
+                raise
+            raise data.DataError(f"{error}: without --corpus-column, a JSONL --corpus is read as a BEIR "
+                                 "corpus.jsonl (_id, title, text); name the field holding the texts with "
+                                 "--corpus-column") from None
     else:
         texts = [line for line in data.read_lines(path) if line.strip()]
     texts = [text for text in texts if text.strip()]
@@ -218,15 +225,19 @@ def run(argv=None) -> int:
     add("--range-max", type=int, default=50, help="consider candidates ranked below this (default: %(default)s)")
     add("--absolute-margin", type=float, help="require sim(neg) <= sim(pos) - margin")
     add("--relative-margin", type=float, help="require sim(neg) <= sim(pos) * (1 - margin), 0 <= margin < 1")
-    add("--sampling", choices=["top", "random"], default="top", help="best eligible, or a random draw of them")
+    add("--sampling", choices=["top", "random"], default="top",
+        help="best eligible, or a random draw of them (default: %(default)s)")
     add("--seed", type=int, default=42, help="for --sampling random (default: %(default)s)")
     add("--batch-size", type=int, default=64, help="encode batch size (default: %(default)s)")
     add("--precision", choices=list(PRECISIONS), default="fp32", help="encode precision (default: fp32)")
     add("--max-seq-length", type=int, help="truncate texts to this many tokens (default: the model's)")
     add("--device", help="cpu, cuda, ... (default: CUDA when available)")
-    add("--query-chunk", type=int, default=1024, help="anchors scored at once (memory, see above)")
-    add("--corpus-chunk", type=int, default=16384, help="candidates scored at once (memory, see above)")
-    add("--encode-window", type=int, default=16384, help="texts tokenized and encoded at once")
+    add("--query-chunk", type=int, default=1024, help="anchors scored at once (memory, see above) (default: "
+        "%(default)s)")
+    add("--corpus-chunk", type=int, default=16384, help="candidates scored at once (memory, see above) "
+        "(default: %(default)s)")
+    add("--encode-window", type=int, default=16384, help="texts tokenized and encoded at once (default: "
+        "%(default)s)")
     args = parser.parse_args(argv)
 
     for flag in ("num_negatives", "batch_size", "query_chunk", "corpus_chunk", "encode_window", "range_max"):
@@ -241,6 +252,13 @@ def run(argv=None) -> int:
         raise UsageError(f"--relative-margin must be in [0, 1), not {args.relative_margin}")
     if args.absolute_margin is not None and args.absolute_margin < 0:
         raise UsageError(f"--absolute-margin must be >= 0, not {args.absolute_margin}")
+    if args.corpus_column and not args.corpus:
+        raise UsageError(f"--corpus-column {args.corpus_column}: names the text column of --corpus, which is not "
+                         "given (without --corpus the candidates are the positives of --data)")
+    try:
+        resolve_device(args.device)
+    except ValueError as error:
+        raise UsageError(f"--device {args.device}: {error}") from None
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder: --out is the JSONL file to write")
@@ -261,7 +279,8 @@ def run(argv=None) -> int:
     try:
         model = minilm.load(args.model, device=args.device, max_seq_length=args.max_seq_length)
     except (FileNotFoundError, ValueError) as error:  # the loader's messages name the file and field
-        raise UsageError(f"--model {args.model}: {error}") from None
+        flag = "--max-seq-length" if args.max_seq_length is not None and "max_seq_length" in str(error) else "--model"
+        raise UsageError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: {error}") from None
     with torch.inference_mode():
         rows, dropped = mine(model, pairs, corpus, args.num_negatives, args.range_min, args.range_max,
                              args.absolute_margin, args.relative_margin, args.sampling, args.seed, args.batch_size,

@@ -47,7 +47,7 @@ def build_parser(explicit_only: bool = False) -> Parser:
     parser = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def add(*names, default=None, **kwargs):
-        if default not in (None, False, {}) and "default" not in kwargs.get("help", ""):
+        if default is not None and default is not False and default != {} and "default" not in kwargs.get("help", ""):
             kwargs["help"] = (kwargs.get("help", "") + " (default: %(default)s)").lstrip()  # --help shows it
         parser.add_argument(*names, default=argparse.SUPPRESS if explicit_only else default, **kwargs)
 
@@ -385,7 +385,7 @@ def main(argv=None) -> int:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     except checkpoints.StoppedAtOnce:
-        print("train.py: stopped at once (a second signal); --resume: from the newest checkpoint", file=sys.stderr)
+        stop.say_stopped_at_once(run.folder)  # the newest checkpoint and the command that continues, or none
         return 130
     except KeyboardInterrupt:  # while loading, before the loop (a new run then keeps nothing: see set_up), or after
         print("train.py: interrupted outside the training steps (a signal there stops at once); run the command "

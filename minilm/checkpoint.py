@@ -472,6 +472,17 @@ class StopRequest:
             print(f"train.py: stopped by {self.signal or 'a signal'} after step {step}; checkpoint {saved}. Continue "
                   f"with: python train.py --out {folder} --resume", file=sys.stderr)
 
+    def say_stopped_at_once(self, folder: Path) -> None:
+        """The run's last line when a second signal stopped it mid-step: the newest checkpoint and how to go on
+        from it, or, before the first, that the run left nothing (start_run) and the same command starts again."""
+        newest = latest_checkpoint(folder)
+        if newest is None:
+            print("train.py: stopped at once (a second signal) before the run's first checkpoint, so it kept nothing; "
+                  "run the same command again", file=sys.stderr)
+        else:
+            print(f"train.py: stopped at once (a second signal); newest checkpoint {newest}. Continue with: python "
+                  f"train.py --out {folder} --resume", file=sys.stderr)
+
     def __exit__(self, *exc):
         for number, handler in self.previous.items():
             signal.signal(number, handler)

@@ -590,7 +590,8 @@ class Corpus:
     def __init__(self, out):
         self.dir = Path(out)
         if not self.dir.is_dir():
-            raise CorpusError(f"{self.dir}: no such folder (a DIR written by python -m minilm encode --out DIR)")
+            found = "is a file, not the folder" if self.dir.exists() else "no such folder"  # INPUT given for DIR
+            raise CorpusError(f"{self.dir}: {found} (a DIR written by python -m minilm encode --out DIR)")
         if not (self.dir / "manifest.json").is_file():
             raise CorpusError(f"{self.dir}: no manifest.json; not a corpus made by python -m minilm encode")
         self.manifest = folder.read_manifest(self.dir)

@@ -360,7 +360,7 @@ def load_stsb(data_dir, split: str) -> list:
     """
     if not Path(data_dir).is_dir():
         raise DataError(f"{data_dir}: expected the STS-B folder (holding train.tsv, dev.tsv and test.tsv), "
-                        "not a file")
+                        + ("not a file" if Path(data_dir).exists() else "and there is nothing at that path"))
     path = Path(data_dir) / f"{split}.tsv"
     rows = []
     for number, line in numbered_lines(path):

@@ -38,10 +38,12 @@ HYPERPARAMETERS = ["batch_size", "epochs", "max_steps", "lr", "weight_decay", "w
                    "eval_steps", "log_steps", "save_steps", "score_scale", "metric_for_best", "load_best",
                    "early_stopping_patience", "prompts", "matryoshka_dims", "matryoshka_weights", "teacher", "layers",
                    "eval_precision"]
-# Those the card lists as "Non-Default Hyperparameters" when they are set.
-NON_DEFAULT = ["batch_size", "epochs", "max_steps", "lr", "warmup_ratio", "precision", "eval_steps", "metric_for_best",
-               "load_best", "early_stopping_patience", "prompts", "matryoshka_dims", "matryoshka_weights", "teacher",
-               "layers", "eval_precision"]
+# Those the card lists as "Non-Default Hyperparameters" where they differ from train.py's default, given here
+# (tests/test_train.py holds them equal to train.py's).
+NON_DEFAULT = {"batch_size": 32, "epochs": 1, "max_steps": 0, "lr": 5e-5, "warmup_ratio": 0.0, "precision": "auto",
+               "eval_steps": 0, "metric_for_best": None, "load_best": None, "early_stopping_patience": 0,
+               "prompts": None, "matryoshka_dims": None, "matryoshka_weights": None, "teacher": None, "layers": None,
+               "eval_precision": "fp32"}
 
 
 def column_statistics(rows: list, column: str, tokenize_ids) -> tuple:
@@ -187,7 +189,7 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
 
     parts += ["## Training Details", "### Training Dataset", *_training_dataset(datasets, model, loss_fn)]
 
-    non_default = {key: settings[key] for key in NON_DEFAULT if settings.get(key)}
+    non_default = {key: settings[key] for key, default in NON_DEFAULT.items() if settings.get(key, default) != default}
     parts += ["### Training Hyperparameters", "#### Non-Default Hyperparameters",
               "\n".join(f"- `{key}`: {_text(value)}" for key, value in non_default.items()),
               "#### All Hyperparameters", "<details><summary>Click to expand</summary>\n\n"

@@ -203,7 +203,8 @@ def evaluator_for(args, prepared: TrainingData, classifier=None, device="cpu"):
         evaluator = evaluation.for_task(args.eval_task, location, args.eval_split, classifier,
                                         keep_self_matches=args.keep_self_matches)
     except (OSError, ValueError) as error:
-        raise data.DataError(f"--eval-task {args.eval_task}: {error}") from None
+        given = "" if args.eval_data else " (without --eval-data it evaluates on the first --data; pass --eval-data)"
+        raise data.DataError(f"--eval-task {args.eval_task}: {error}{given}") from None
     evaluator.truncate_dims = args.matryoshka_dims  # every trained size: metrics "<name>_dim<d>"
     evaluator.precision = fast_paths.resolve_precision(device, args.eval_precision)  # warns if slower than fp32
     with blamed_on(f"--eval-precision {args.eval_precision}", InputError):  # before training, not at its first eval

@@ -259,6 +259,10 @@ CASES = [
      ["q.csv:2", "CSV"]),
     ("eval-task-stsb-on-a-file", lambda c: c.cosine("--eval-task", "stsb", "--eval-data", c.pairs),
      ["--eval-task stsb", "STS-B folder"]),
+    ("eval-task-stsb-without-eval-data", lambda c: c.cosine("--eval-task", "stsb"),
+     ["--eval-task stsb", "STS-B folder", "without --eval-data it evaluates on the first --data"]),
+    ("eval-task-stsb-on-a-missing-path", lambda c: c.cosine("--eval-task", "stsb", "--eval-data", c.tmp / "gone"),
+     ["--eval-task stsb", "gone", "nothing at that path"]),  # not "not a file"
     ("eval-task-nli-without-classifier", lambda c: c.cosine("--eval-task", "nli"), ["--eval-task nli", "classifier"]),
     # output folders
     ("out-is-a-file", lambda c: c.cosine("--out", c.user_file), ["--out", "thesis.docx", "is a file"]),

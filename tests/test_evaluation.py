@@ -165,3 +165,23 @@ def test_eval_precision_reaches_encode_and_keeps_the_quality(model_dir, tmp_path
         metrics = results[precision]["metrics"]
         assert metrics["pearson_cosine"] != reference["pearson_cosine"], precision
         assert abs(metrics["spearman_cosine"] - reference["spearman_cosine"]) < 0.002, (precision, metrics)
+
+
+def test_ctrl_c_in_eval_py_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """As mine.py and python -m minilm encode: Ctrl-C ends eval.py with one line and 130, not a traceback."""
+    import minilm
+
+    import eval as eval_script
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("sentence1\tsentence2\tscore\na\tb\t0.5\n")
+    monkeypatch.setattr(minilm, "load", interrupted)
+    code = eval_script.main(["--model", "any", "--task", "pairs", "--data", str(pairs), "--json",
+                             str(tmp_path / "m.json")])
+    err = capsys.readouterr().err
+    assert code == 130 and err.strip().splitlines() == ["eval.py: interrupted; nothing was written (--json comes at "
+                                                        "the end)"], err
+    assert not (tmp_path / "m.json").exists()

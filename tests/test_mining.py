@@ -191,13 +191,20 @@ def test_cli_writes_rows_train_reads_and_refuses_to_overwrite(tiny_model, tmp_pa
     (["--data", "{pairs}", "--out", "{tsv_out}"], "--out {tsv_out}: mine.py writes JSON lines, so --out must end "
                                                   "in .jsonl (or .json), not .tsv"),
     (["--data", "{pairs}", "--out", "{bare_out}"], "(or .json), and it has no extension"),
+    # each flag blamed by its own name, not as the --model's fault; none silently ignored
+    (["--data", "{pairs}", "--device", "foo"], "--device foo: device 'foo' is not a torch device"),
+    (["--data", "{pairs}", "--corpus-column", "text"], "--corpus-column text: names the text column of --corpus, "
+                                                       "which is not given"),
+    (["--data", "{pairs}", "--corpus", "{plain_jsonl}"], "a document without the field '_id': without "
+                                                         "--corpus-column, a JSONL --corpus is read as a BEIR"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "bad.tsv").write_text("sentence1\tsentence2\na\tb\n")
     (tmp_path / "pairs.tsv").write_text("anchor\tpositive\na\tb\n")
+    (tmp_path / "plain.jsonl").write_text('{"body": "a cat"}\n')
     paths = {"missing": tmp_path / "nope.tsv", "bad_columns": tmp_path / "bad.tsv", "pairs": tmp_path / "pairs.tsv",
              "folder": tmp_path, "nested": tmp_path / "no-folder" / "o.jsonl", "tsv_out": tmp_path / "o.tsv",
-             "bare_out": tmp_path / "negatives"}
+             "bare_out": tmp_path / "negatives", "plain_jsonl": tmp_path / "plain.jsonl"}
     argv, message = [a.format(**paths) for a in argv], message.format(**paths)
     code = mine.main(["--model", "unused-model", "--out", str(tmp_path / "o.jsonl"), *argv])
     err = capsys.readouterr().err
@@ -205,6 +212,23 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("mine.py: error: "), err
     assert message in err
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.tsv").exists()
+
+
+def test_cli_blames_max_seq_length_on_its_flag(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "pairs.tsv").write_text("anchor\tpositive\na\tb\n")
+    code = mine.main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "pairs.tsv"), "--max-seq-length", "0",
+                      "--out", str(tmp_path / "o.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mine.py: error: --max-seq-length 0: ") and len(err.splitlines()) == 1, err
+
+
+def test_help_shows_the_default_of_each_flag_that_has_one(capsys):
+    with pytest.raises(SystemExit):
+        mine.main(["--help"])
+    options = " ".join(capsys.readouterr().out.split("\noptions:\n", 1)[1].split())
+    for flag, default in (("--sampling {top,random}", "top"), ("--query-chunk QUERY_CHUNK", "1024"),
+                          ("--corpus-chunk CORPUS_CHUNK", "16384"), ("--encode-window ENCODE_WINDOW", "16384")):
+        assert f"(default: {default})" in options.split(flag, 1)[1].split(" --", 1)[0], flag
 
 
 def beir_folder(folder):

@@ -114,6 +114,10 @@ def test_cli_search_prints_ids_and_texts(tiny, tiny_dir, tmp_path, capsys, stora
         with pytest.raises(SystemExit):
             main(["search", str(tmp_path / "nowhere"), "a dog"])
         assert "nowhere: no such folder" in capsys.readouterr().err
+        (tmp_path / "corpus.txt").write_text("a dog\n")  # the INPUT given for DIR: there, but not a folder
+        with pytest.raises(SystemExit):
+            main(["search", str(tmp_path / "corpus.txt"), "a dog"])
+        assert "corpus.txt: is a file, not the folder (a DIR written by" in capsys.readouterr().err
 
 
 def test_one_query_vector_or_lists_search_like_a_matrix(data):

@@ -122,6 +122,23 @@ def test_recipe_end_to_end_on_the_real_weights(capsys, model_dir, tmp_path):
     assert np.abs(reference.encode(sentences) - ours.encode(sentences)).max() < 5e-7
 
 
+def test_the_cards_non_default_hyperparameters_are_those_that_differ_from_train_pys_defaults(capsys, tiny_model_dir,
+                                                                                              tmp_path):
+    """The card's "Non-Default Hyperparameters" once listed lr 5e-05, epochs 1, precision auto and eval_precision
+    fp32 on a run that set none of them: every value that was set, not those that differ from the defaults."""
+    from minilm import model_card
+
+    parser = train.build_parser()
+    assert model_card.NON_DEFAULT == {key: parser.get_default(key) for key in model_card.NON_DEFAULT}
+    data = tmp_path / "pairs.tsv"
+    data.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a{i}\tb{i}\t0.{i % 10}\n" for i in range(24)))
+    ok(capsys, "--model", tiny_model_dir, "--loss", "cosine", "--data", data, "--batch-size", 8, "--max-steps", 2,
+       "--out", tmp_path / "run")
+    card = (tmp_path / "run" / "README.md").read_text()
+    listed = card.split("#### Non-Default Hyperparameters", 1)[1].split("####", 1)[0].split()
+    assert listed == ["-", "`batch_size`:", "8", "-", "`max_steps`:", "2"], listed
+
+
 def sick_like(path: Path, pairs_per_label=30, seed=0) -> Path:
     """A SICK-format file whose label follows from the pair: the same sentence (entailment), the sentence with a
     negation (contradiction), an unrelated sentence (neutral). Balanced: chance is 1/3."""
@@ -287,6 +304,30 @@ def test_sigint_finishes_the_step_writes_a_checkpoint_and_exits_130(capsys, tiny
     # Resume for two more steps (extending --max-steps is allowed): every step logged once, in order.
     ok(capsys, "--out", out, "--resume", "--max-steps", step + 2)
     assert log_steps(out) == list(range(1, step + 3))
+
+
+def test_a_second_signal_says_whether_a_checkpoint_is_there_to_resume(capsys, tiny_model_dir, tmp_path,
+                                                                     monkeypatch):
+    """Stopped at once before the first checkpoint, a new run keeps nothing: the message says to run the command
+    again, not --resume (which would find no run). After a checkpoint, it names it and the --resume command."""
+    data = tmp_path / "pairs.tsv"
+    data.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a{i}\tb{i}\t0.{i % 10}\n" for i in range(24)))
+    out = tmp_path / "run"
+
+    def signalled_twice(run, stop):
+        raise checkpoint.StoppedAtOnce
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "train", signalled_twice)
+        code, _, err = run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 4), "--out", out)
+    assert code == 130 and not out.exists() and "--resume" not in err and "run the same command again" in err, err
+    with monkeypatch.context() as patch:  # Ctrl-C once in the first step: checkpoint step 1
+        patch.setattr(checkpoint.StopRequest, "__enter__", stopped_at_once)
+        assert run_train(capsys, *tiny_run(tiny_model_dir, data, "--max-steps", 4), "--out", out)[0] == 130
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "train", signalled_twice)
+        code, _, err = run_train(capsys, "--out", out, "--resume")
+    assert code == 130 and str(out / "checkpoints" / "step-0000001") in err and f"--out {out} --resume" in err, err
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(capsys, tiny_model_dir, tmp_path):

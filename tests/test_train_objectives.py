@@ -5,6 +5,7 @@ the card), distillation (--loss mse --teacher --layers on a text file, resumed o
 the one-line errors of each. The maths of each loss is tested beside it (test_matryoshka.py, test_distillation.py,
 test_prompts.py); here, that train.py feeds it."""
 
+import argparse
 import json
 import os
 
@@ -250,6 +251,16 @@ def test_help_says_what_each_new_flag_takes():
     for words in ("--matryoshka-dims D,...", "--matryoshka-weights W,...", "--teacher MODEL", "--layers L,...",
                   "--metric-for-best NAME", "--early-stopping-patience N", "(default: 0, never)"):
         assert words in shown, words
+
+
+def test_help_shows_every_default_zero_included():
+    """docs/training.md: `train.py --help` shows every flag with its default. A default of 0 counts: 0 == False
+    once hid --weight-decay's, --warmup-ratio's, --max-steps' and --eval-steps'."""
+    parser = train.build_parser()
+    for action in parser._actions:
+        if action.default not in (None, argparse.SUPPRESS) and action.default is not False and action.default != {}:
+            shown = parser._get_formatter()._expand_help(action)  # the flag's help as --help prints it
+            assert f"(default: {action.default}" in shown, (action.option_strings, shown)
 
 
 def test_keep_self_matches_and_matryoshka_dims_reach_the_evaluator(tmp_path):
