@@ -38,6 +38,10 @@ CONVERT_TO = ("numpy", "tensor")
 ST_CONFIG = "config_sentence_transformers.json"
 # encode_document's prompt, as sentence-transformers looks it up: the first of these names the model has.
 DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
+# encode's batches on the CPU hold at most this many tokens (with token_budget): 32 SciFact abstracts of 256 tokens
+# (8,192) encoded 10% slower in fp32 than the same abstracts 16 at a time, as the activations outgrow the caches
+# (bf16: 3%; 2,048 tokens: no faster than 4,096; benchmarks/README.md). A GPU takes the batches as they come.
+CPU_BATCH_TOKENS = 4096
 
 
 def batch_to(batch: dict, device) -> dict:
@@ -185,7 +189,8 @@ class SentenceEncoder(nn.Module):
         batch_size longest. With token_budget (the default), each later batch takes as many of the shorter
         sentences as fit in that first batch's number of tokens: peak memory stays that of batch_size
         sentences, the matrix multiplies get more rows, and the embeddings are the same (to float rounding,
-        ~1e-7). token_budget=False: exactly batch_size sentences per forward pass.
+        ~1e-7). On the CPU a batch also stops at CPU_BATCH_TOKENS (4,096) tokens, the first one too: long texts
+        encode faster in such batches. token_budget=False: exactly batch_size sentences per forward pass.
         truncate_dim: keep the first truncate_dim dimensions of each embedding (None: the model's truncate_dim,
         by default the whole embedding), as sentence-transformers does: cut after the model's Normalize, so a cut
         embedding of a normalizing model is not unit length; normalize=True makes it unit length after the cut.
@@ -259,7 +264,8 @@ class SentenceEncoder(nn.Module):
     def _encode(self, texts, batch_size, normalize, show_progress, precision, token_budget, backends, dim):
         """encode's loop, in eval mode: [len(texts), dim or embedding_dim] float32 on the model's device."""
         id_lists = self.tokenizer.encode_ids(texts)
-        batches = length_sorted_batches([len(ids) for ids in id_lists], batch_size, token_budget)
+        max_tokens = CPU_BATCH_TOKENS if self.device.type == "cpu" else None
+        batches = length_sorted_batches([len(ids) for ids in id_lists], batch_size, token_budget, max_tokens)
         dim = dim or self.embedding_dim
         output = torch.empty(len(texts), dim, dtype=torch.float32, device=self.device)
         if show_progress:
@@ -326,19 +332,21 @@ def pair_features(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.cat([u, v, (u - v).abs()], dim=-1)
 
 
-def length_sorted_batches(lengths: list, batch_size: int, token_budget: bool = True) -> list:
+def length_sorted_batches(lengths: list, batch_size: int, token_budget: bool = True, max_tokens: int = None) -> list:
     """Indices of the sentences of each encode batch, longest sentences first (ties keep input order).
 
     The first batch is the batch_size longest sentences, so it sets the peak memory. token_budget=False: every
     batch has batch_size sentences. token_budget=True: a batch closes before the sentence that would take it
-    past the first batch's token count, so batches of short sentences hold more of them. In the packed layout
-    a batch costs what its tokens cost, so this keeps memory bounded and gives the matrix multiplies more rows
-    (the figures are in benchmarks/README.md).
+    past the first batch's token count, or past max_tokens where that is smaller (the first batch too: then it
+    holds fewer than batch_size sentences; a sentence longer than max_tokens is a batch of its own), so batches
+    of short sentences hold more of them. In the packed layout a batch costs what its tokens cost, so this keeps
+    memory bounded and gives the matrix multiplies more rows (the figures are in benchmarks/README.md).
     """
     order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
     if not token_budget:
         return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     budget = sum(lengths[index] for index in order[:batch_size])
+    budget = budget if max_tokens is None else min(budget, max_tokens)
     batches, current, tokens = [], [], 0
     for index in order:
         if current and tokens + lengths[index] > budget:

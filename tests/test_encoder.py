@@ -213,6 +213,30 @@ def test_encode_batches_fill_the_first_batch_tokens():
     assert minilm.model.length_sorted_batches([], 32) == []
 
 
+def test_encode_batches_stop_at_max_tokens():
+    lengths = [300] * 10 + [20] * 50 + [1500]
+    batches = minilm.model.length_sorted_batches(lengths, 32, True, max_tokens=1000)
+    assert sorted(index for batch in batches for index in batch) == list(range(len(lengths)))
+    assert batches[0] == [60]  # longer than max_tokens: a batch of its own
+    assert [len(batch) for batch in batches[1:5]] == [3, 3, 3, 1 + 35]  # 900 tokens, ..., 300 + 35 x 20
+    assert all(sum(lengths[i] for i in batch) <= 1000 for batch in batches[1:])
+    # a budget under max_tokens is kept
+    assert minilm.model.length_sorted_batches(lengths, 2, True, 10_000) == minilm.model.length_sorted_batches(lengths, 2)
+
+
+def test_encode_on_the_cpu_caps_tokens_per_batch_and_keeps_the_embeddings(model, monkeypatch):
+    sentences = ["a sentence of a few words, repeated " * n for n in range(1, 20)]
+    whole = model.encode(sentences, batch_size=32, convert_to="tensor")
+    seen = []
+    batches = minilm.model.length_sorted_batches
+    monkeypatch.setattr(minilm.model, "length_sorted_batches", lambda *args: seen.append(args) or batches(*args))
+    monkeypatch.setattr(minilm.model, "CPU_BATCH_TOKENS", 100)
+    capped = model.encode(sentences, batch_size=32, convert_to="tensor")
+    assert seen[0][3] == 100 and len(batches(*seen[0])) > 1
+    # other row counts round differently in float32: 1.3e-7 measured (AMX, and oneDNN/MKL held to AVX2)
+    torch.testing.assert_close(capped, whole, rtol=0, atol=4e-7)
+
+
 def test_packed_tokens_do_not_depend_on_batch_neighbours(model):
     """The same sentence alone and beside much longer ones: the packed layout never lets padding leak in."""
     alone = model.encode(["short one"], batch_size=1)
