@@ -223,6 +223,11 @@ def test_every_documented_command_parses_and_names_real_paths(command, monkeypat
             assert argv == ["--help"], f"{command}: only --help is checked; say what the rest should do"
     elif program == "mkdir":
         assert argv[0] == "-p" and all(path.startswith("runs") for path in argv[1:]), command
+    elif program == "python3":
+        assert argv == ["-m", "venv", ".venv"], f"{command}: only making .venv is checked"
+    elif program == ".venv/bin/pip":  # torch put in before setup.sh: the version setup.sh pins
+        pinned = re.search(r"pip install [^\n]*\b(torch==[\w.]+)", (REPO / "scripts/setup.sh").read_text()).group(1)
+        assert argv[:2] == ["install", pinned], f"{command}: setup.sh installs {pinned}"
     elif program == "python":
         check_python(command, argv, monkeypatch, capsys)
     elif program == "torchrun":
