@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         return 2
 
 
-def run(argv=None) -> int:
+def build_parser() -> Parser:
     parser = Parser(prog="mine.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--model", required=True, help="a model directory or hub id")
@@ -238,8 +238,11 @@ def run(argv=None) -> int:
         "(default: %(default)s)")
     add("--encode-window", type=int, default=16384, help="texts tokenized and encoded at once (default: "
         "%(default)s)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def check_args(args) -> None:
+    """The flags' values and --out, before anything is read: one UsageError naming the flag."""
     for flag in ("num_negatives", "batch_size", "query_chunk", "corpus_chunk", "encode_window", "range_max"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
@@ -271,6 +274,12 @@ def run(argv=None) -> int:
         raise UsageError(f"--out {out} exists: choose another path or add --overwrite")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
+
+
+def run(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    out = Path(args.out)
     try:
         pairs = read_pairs(args.data, args.split)
         corpus = read_corpus_texts(args.corpus, args.corpus_column) if args.corpus else None
