@@ -359,8 +359,8 @@ def load_stsb(data_dir, split: str) -> list:
     extra trailing fields, which are ignored. Quotes are text, not CSV quoting.
     """
     if not Path(data_dir).is_dir():
-        raise DataError(f"{data_dir}: expected the STS-B folder (holding train.tsv, dev.tsv and test.tsv), "
-                        + ("not a file" if Path(data_dir).exists() else "and there is nothing at that path"))
+        found = "a file" if Path(data_dir).exists() else "nothing at that path"
+        raise DataError(f"{data_dir}: {found}; expected the STS-B folder (holding train.tsv, dev.tsv and test.tsv)")
     path = Path(data_dir) / f"{split}.tsv"
     rows = []
     for number, line in numbered_lines(path):
