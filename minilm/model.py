@@ -318,7 +318,12 @@ class SentenceEncoder(nn.Module):
             (model_dir / "2_Normalize").mkdir(exist_ok=True)
             modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": NORMALIZE_MODULE})
         files.write_json(model_dir / "modules.json", modules)
-        settings = {"__version__": {"pytorch": torch.__version__}, "prompts": self.prompts,
+        # sentence-transformers 6 gives a model empty "query" and "document" prompts where its file names none, and
+        # its encode_query / encode_document then skip the passage, corpus and default prompts minilm uses: write
+        # the two prompts minilm resolves, so that every version encodes queries and documents as minilm does.
+        prompts = {"query": self.resolve_prompt(role="query"), "document": self.resolve_prompt(role="document"),
+                   **self.prompts}
+        settings = {"__version__": {"pytorch": torch.__version__}, "prompts": prompts,
                     "default_prompt_name": self.default_prompt_name, "similarity_fn_name": "cosine"}
         if self.truncate_dim is not None:  # as sentence-transformers writes it: only when set
             settings["truncate_dim"] = self.truncate_dim
