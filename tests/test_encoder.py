@@ -525,3 +525,13 @@ def test_similarity_refuses_shapes_it_cannot_compare(model):
     with pytest.raises(minilm.InputError, match="^similarity: b must be embeddings"):
         model.similarity(embeddings, ["one", "two"])
     assert model.similarity(embeddings[0], embeddings.tolist()).shape == (1, 2)  # 1-d and lists still welcome
+
+
+def test_max_seq_length_takes_a_numpy_integer_as_load_does(model_dir, tmp_path):
+    """load(max_seq_length=np.int64(16)) passed load's check, then the tokenizer refused it: 'max_seq_length must
+    be an integer >= 2; got np.int64(16)'. A numpy integer is now taken, as truncate_dim takes it, and saved."""
+    short = minilm.load(str(model_dir), device="cpu", max_seq_length=np.int64(16))
+    assert short.max_seq_length == 16 and type(short.max_seq_length) is int
+    short.max_seq_length = np.int32(20)
+    short.save(tmp_path)
+    assert minilm.load(str(tmp_path), device="cpu").max_seq_length == 20
