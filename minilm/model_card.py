@@ -32,18 +32,16 @@ SBERT_CITATION = """@inproceedings{reimers-2019-sentence-bert,
     url = "https://arxiv.org/abs/1908.10084",
 }"""
 
-# train.py's flags that are hyperparameters (the rest say where things are), with the defaults of train.py.
-HYPERPARAMETERS = ["batch_size", "epochs", "max_steps", "lr", "weight_decay", "warmup_ratio", "warmup_steps",
-                   "max_grad_norm", "grad_accum", "seed", "precision", "max_seq_length", "normalize", "min_score",
-                   "eval_steps", "log_steps", "save_steps", "score_scale", "metric_for_best", "load_best",
-                   "early_stopping_patience", "prompts", "matryoshka_dims", "matryoshka_weights", "teacher", "layers",
-                   "eval_precision"]
-# Those the card lists as "Non-Default Hyperparameters" where they differ from train.py's default, given here
-# (tests/test_train.py holds them equal to train.py's).
-NON_DEFAULT = {"batch_size": 32, "epochs": 1, "max_steps": 0, "lr": 5e-5, "warmup_ratio": 0.0, "precision": "auto",
-               "eval_steps": 0, "metric_for_best": None, "load_best": None, "early_stopping_patience": 0,
-               "prompts": None, "matryoshka_dims": None, "matryoshka_weights": None, "teacher": None, "layers": None,
-               "eval_precision": "fp32"}
+# train.py's flags that are hyperparameters (the rest say where things are), with train.py's defaults
+# (tests/test_train.py holds them equal). The card lists them all, and as "Non-Default Hyperparameters" every one
+# that differs from its default: a run with --weight-decay 0.01 or --grad-accum 4 says so.
+NON_DEFAULT = {"batch_size": 32, "epochs": 1, "max_steps": 0, "lr": 5e-5, "weight_decay": 0.0, "warmup_ratio": 0.0,
+               "warmup_steps": 0, "max_grad_norm": 1.0, "grad_accum": 1, "seed": 42, "precision": "auto",
+               "max_seq_length": None, "normalize": "keep", "min_score": 0.8, "eval_steps": 0, "log_steps": 50,
+               "save_steps": 500, "score_scale": 1.0, "metric_for_best": None, "load_best": None,
+               "early_stopping_patience": 0, "prompts": None, "matryoshka_dims": None, "matryoshka_weights": None,
+               "teacher": None, "layers": None, "eval_precision": "fp32"}
+HYPERPARAMETERS = list(NON_DEFAULT)
 
 
 def column_statistics(rows: list, column: str, tokenize_ids) -> tuple:
