@@ -96,6 +96,18 @@ class SentenceEncoder(nn.Module):
         self.tokenizer.max_seq_length = value  # checks the type and the lower bound
 
     @property
+    def normalize(self) -> bool:
+        """Whether embeddings end with sentence-transformers' Normalize (unit length); save writes the module when
+        True. Set to True or False: a string such as "no" is truthy and would normalize."""
+        return self._normalize
+
+    @normalize.setter
+    def normalize(self, value) -> None:
+        if not isinstance(value, bool):
+            raise InputError(f"normalize must be True or False, not {value!r}")
+        self._normalize = value
+
+    @property
     def truncate_dim(self):
         """encode's default truncate_dim: None (the whole embedding) or how many of its first dimensions encode
         keeps (a Matryoshka-trained model's smaller size). Set to an int from 1 to embedding_dim, or None."""

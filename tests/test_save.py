@@ -149,3 +149,14 @@ def test_a_half_precision_model_saves_the_float32_weights_minilm_computes_with(m
     assert torch.equal(ours.encoder.embeddings.word.weight, model.encoder.embeddings.word.weight.float())
     reference = st.SentenceTransformer(str(tmp_path), device="cpu")
     assert np.abs(reference.encode(SENTENCES) - ours.encode(SENTENCES)).max() < 1e-5
+
+
+def test_normalize_must_be_true_or_false(tiny_model_dir, tmp_path):
+    """model.normalize = "no" once normalized every embedding and saved a Normalize module ("no" is truthy)."""
+    model = minilm.load(str(tiny_model_dir), device="cpu")
+    for value in ("no", None, 0):
+        with pytest.raises(minilm.InputError, match=f"^normalize must be True or False, not {value!r}$"):
+            model.normalize = value
+    model.normalize = False
+    model.save(tmp_path)
+    assert not (tmp_path / "2_Normalize").exists() and not minilm.load(str(tmp_path), device="cpu").normalize
