@@ -134,14 +134,14 @@ def training_logs(out_dir: Path, history: list, best: dict, train_seconds: float
 
 
 def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, evaluator, train_seconds,
-          best=None) -> Path:
+          best=None, precision=None) -> Path:
     """Write out_dir/README.md (and loss.png).
 
     settings: the run's settings as a plain dict (train.py's flags by name: model, batch_size, lr, ...);
     datasets: [(source, rows, text_columns, label_column)]; metrics: the evaluation of the model saved;
     best: minilm.best_model's summary ({"metric": the log key of the metric drawn, "kept_step", "text"});
     evaluator: the run's (its name heads the metrics; its precision, --eval-precision auto resolved, is what the
-    evaluation encoded in), or None.
+    evaluation encoded in), or None; precision: what training computed in (--precision auto resolved).
     """
     out_dir = Path(out_dir)
     base = settings.get("model")
@@ -192,6 +192,9 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
               "\n".join(f"- `{key}`: {_text(value)}" for key, value in non_default.items()),
               "#### All Hyperparameters", "<details><summary>Click to expand</summary>\n\n"
               + "\n".join(f"- `{key}`: {_text(settings.get(key))}" for key in HYPERPARAMETERS) + "\n\n</details>",
+              # auto picks per machine (bf16 on most GPUs, fp32 on the CPU): say what this run computed in
+              *([f"Training computed in {_text(precision)} (--precision auto)."]
+                if precision and settings.get("precision") == "auto" else []),
               "### Training Logs", *training_logs(out_dir, history, best, train_seconds),
               "### Framework Versions",
               f"- Python: {platform.python_version()}\n- minilm: {minilm.__version__}\n"

@@ -139,6 +139,8 @@ def test_the_cards_non_default_hyperparameters_are_those_that_differ_from_train_
     listed = card.split("#### Non-Default Hyperparameters", 1)[1].split("####", 1)[0].split()
     assert listed == ["-", "`batch_size`:", "8", "-", "`max_steps`:", "2", "-", "`weight_decay`:", "0.01",
                       "-", "`seed`:", "7", "-", "`normalize`:", "no"], listed
+    # --precision auto (the default) picks per machine; the card once showed only "auto", not what ran
+    assert "Training computed in fp32 (--precision auto)." in card
 
 
 def sick_like(path: Path, pairs_per_label=30, seed=0) -> Path:
