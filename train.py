@@ -351,7 +351,7 @@ def save(run: Run) -> tuple:
         shown = [(name, *dataset[1:]) for name, dataset in zip(run.settings["data"], run.data.datasets)]  # as given
         model_card.write(run.folder, settings=run.settings, model=run.model, loss_fn=run.loss_fn, datasets=shown,
                          history=run.state["history"], metrics=metrics, train_seconds=run.state["train_seconds"],
-                         evaluator=run.evaluator, best=run.best.summary())
+                         evaluator=run.evaluator, best=run.best.summary(), precision=run.precision)
     except OSError as error:
         raise UsageError(f"saving the model to {run.folder} failed ({error.strerror or error}); the checkpoints "
                          "stay: free space, then --resume") from None

@@ -299,7 +299,10 @@ def load_encoder(model_dir) -> BertEncoder:
 def save_encoder(encoder: BertEncoder, model_dir) -> None:
     """Write `model.safetensors` (checkpoint names) and `config.json` so transformers' BertModel loads it."""
     model_dir = Path(model_dir)
-    files.save_tensors(checkpoint_state(encoder), model_dir / "model.safetensors", metadata={"format": "pt"})
+    # float32 whatever the model was cast to (.half()): minilm loads every checkpoint in float32, while transformers
+    # and sentence-transformers compute in the file's dtype, so a float16 file would give them other embeddings.
+    state = {key: tensor.float() for key, tensor in checkpoint_state(encoder).items()}
+    files.save_tensors(state, model_dir / "model.safetensors", metadata={"format": "pt"})
     config = {
         "architectures": ["BertModel"],
         "model_type": "bert",

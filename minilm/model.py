@@ -96,6 +96,18 @@ class SentenceEncoder(nn.Module):
         self.tokenizer.max_seq_length = value  # checks the type and the lower bound
 
     @property
+    def normalize(self) -> bool:
+        """Whether embeddings end with sentence-transformers' Normalize (unit length); save writes the module when
+        True. Set to True or False: a string such as "no" is truthy and would normalize."""
+        return self._normalize
+
+    @normalize.setter
+    def normalize(self, value) -> None:
+        if not isinstance(value, bool):
+            raise InputError(f"normalize must be True or False, not {value!r}")
+        self._normalize = value
+
+    @property
     def truncate_dim(self):
         """encode's default truncate_dim: None (the whole embedding) or how many of its first dimensions encode
         keeps (a Matryoshka-trained model's smaller size). Set to an int from 1 to embedding_dim, or None."""
@@ -284,9 +296,9 @@ class SentenceEncoder(nn.Module):
 
     @staticmethod
     def similarity(a, b) -> torch.Tensor:
-        """Cosine similarity matrix [len(a), len(b)] of two embedding arrays (numpy or torch, 1-d or 2-d)."""
-        a, b = (torch.as_tensor(x, dtype=torch.float32) for x in (a, b))
-        a, b = (x.unsqueeze(0) if x.dim() == 1 else x for x in (a, b))
+        """Cosine similarity matrix [len(a), len(b)] of two embedding arrays (numpy or torch, 1-d or 2-d); other
+        shapes, or sizes that differ, are an InputError naming the argument."""
+        a, b = _check_embeddings(a, b)
         return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
 
     # --- files -----------------------------------------------------------------------------------------------
@@ -318,7 +330,12 @@ class SentenceEncoder(nn.Module):
             (model_dir / "2_Normalize").mkdir(exist_ok=True)
             modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": NORMALIZE_MODULE})
         files.write_json(model_dir / "modules.json", modules)
-        settings = {"__version__": {"pytorch": torch.__version__}, "prompts": self.prompts,
+        # sentence-transformers 6 gives a model empty "query" and "document" prompts where its file names none, and
+        # its encode_query / encode_document then skip the passage, corpus and default prompts minilm uses: write
+        # the two prompts minilm resolves, so that every version encodes queries and documents as minilm does.
+        prompts = {"query": self.resolve_prompt(role="query"), "document": self.resolve_prompt(role="document"),
+                   **self.prompts}
+        settings = {"__version__": {"pytorch": torch.__version__}, "prompts": prompts,
                     "default_prompt_name": self.default_prompt_name, "similarity_fn_name": "cosine"}
         if self.truncate_dim is not None:  # as sentence-transformers writes it: only when set
             settings["truncate_dim"] = self.truncate_dim
@@ -552,6 +569,25 @@ def _check_encode_arguments(batch_size, normalize, convert_to, show_progress, pr
     for name, value in (("token_budget", token_budget), ("show_progress", show_progress)):
         if not isinstance(value, bool):
             raise InputError(f"{name} must be True or False, not {value!r}")
+
+
+def _check_embeddings(a, b) -> tuple:
+    """similarity's arguments -> two float32 matrices [n, dim] of the same dim, else an InputError naming which.
+    A 3-d array would otherwise broadcast through the matrix product into a result of no meaning."""
+    matrices = []
+    for name, value in (("a", a), ("b", b)):
+        try:
+            value = torch.as_tensor(value, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(f"similarity: {name} must be embeddings (a numpy array or tensor of numbers), "
+                             f"not {type(value).__name__}") from None
+        if value.dim() not in (1, 2):
+            raise InputError(f"similarity: {name} has shape {tuple(value.shape)}; expected [dim] or [n, dim]")
+        matrices.append(value.unsqueeze(0) if value.dim() == 1 else value)
+    if matrices[0].shape[1] != matrices[1].shape[1]:
+        raise InputError(f"similarity: a has {matrices[0].shape[1]} dimensions and b {matrices[1].shape[1]}; "
+                         "expected the same (embeddings of one model, cut to one truncate_dim)")
+    return tuple(matrices)
 
 
 def _check_texts(texts) -> list:

@@ -32,18 +32,16 @@ SBERT_CITATION = """@inproceedings{reimers-2019-sentence-bert,
     url = "https://arxiv.org/abs/1908.10084",
 }"""
 
-# train.py's flags that are hyperparameters (the rest say where things are), with the defaults of train.py.
-HYPERPARAMETERS = ["batch_size", "epochs", "max_steps", "lr", "weight_decay", "warmup_ratio", "warmup_steps",
-                   "max_grad_norm", "grad_accum", "seed", "precision", "max_seq_length", "normalize", "min_score",
-                   "eval_steps", "log_steps", "save_steps", "score_scale", "metric_for_best", "load_best",
-                   "early_stopping_patience", "prompts", "matryoshka_dims", "matryoshka_weights", "teacher", "layers",
-                   "eval_precision"]
-# Those the card lists as "Non-Default Hyperparameters" where they differ from train.py's default, given here
-# (tests/test_train.py holds them equal to train.py's).
-NON_DEFAULT = {"batch_size": 32, "epochs": 1, "max_steps": 0, "lr": 5e-5, "warmup_ratio": 0.0, "precision": "auto",
-               "eval_steps": 0, "metric_for_best": None, "load_best": None, "early_stopping_patience": 0,
-               "prompts": None, "matryoshka_dims": None, "matryoshka_weights": None, "teacher": None, "layers": None,
-               "eval_precision": "fp32"}
+# train.py's flags that are hyperparameters (the rest say where things are), with train.py's defaults
+# (tests/test_train.py holds them equal). The card lists them all, and as "Non-Default Hyperparameters" every one
+# that differs from its default: a run with --weight-decay 0.01 or --grad-accum 4 says so.
+NON_DEFAULT = {"batch_size": 32, "epochs": 1, "max_steps": 0, "lr": 5e-5, "weight_decay": 0.0, "warmup_ratio": 0.0,
+               "warmup_steps": 0, "max_grad_norm": 1.0, "grad_accum": 1, "seed": 42, "precision": "auto",
+               "max_seq_length": None, "normalize": "keep", "min_score": 0.8, "eval_steps": 0, "log_steps": 50,
+               "save_steps": 500, "score_scale": 1.0, "metric_for_best": None, "load_best": None,
+               "early_stopping_patience": 0, "prompts": None, "matryoshka_dims": None, "matryoshka_weights": None,
+               "teacher": None, "layers": None, "eval_precision": "fp32"}
+HYPERPARAMETERS = list(NON_DEFAULT)
 
 
 def column_statistics(rows: list, column: str, tokenize_ids) -> tuple:
@@ -136,14 +134,14 @@ def training_logs(out_dir: Path, history: list, best: dict, train_seconds: float
 
 
 def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, evaluator, train_seconds,
-          best=None) -> Path:
+          best=None, precision=None) -> Path:
     """Write out_dir/README.md (and loss.png).
 
     settings: the run's settings as a plain dict (train.py's flags by name: model, batch_size, lr, ...);
     datasets: [(source, rows, text_columns, label_column)]; metrics: the evaluation of the model saved;
     best: minilm.best_model's summary ({"metric": the log key of the metric drawn, "kept_step", "text"});
     evaluator: the run's (its name heads the metrics; its precision, --eval-precision auto resolved, is what the
-    evaluation encoded in), or None.
+    evaluation encoded in), or None; precision: what training computed in (--precision auto resolved).
     """
     out_dir = Path(out_dir)
     base = settings.get("model")
@@ -194,6 +192,9 @@ def write(out_dir, settings: dict, model, loss_fn, datasets, history, metrics, e
               "\n".join(f"- `{key}`: {_text(value)}" for key, value in non_default.items()),
               "#### All Hyperparameters", "<details><summary>Click to expand</summary>\n\n"
               + "\n".join(f"- `{key}`: {_text(settings.get(key))}" for key in HYPERPARAMETERS) + "\n\n</details>",
+              # auto picks per machine (bf16 on most GPUs, fp32 on the CPU): say what this run computed in
+              *([f"Training computed in {_text(precision)} (--precision auto)."]
+                if precision and settings.get("precision") == "auto" else []),
               "### Training Logs", *training_logs(out_dir, history, best, train_seconds),
               "### Framework Versions",
               f"- Python: {platform.python_version()}\n- minilm: {minilm.__version__}\n"

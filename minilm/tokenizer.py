@@ -4,6 +4,7 @@ tokenizer.json may switch on padding (all-MiniLM-L6-v2's pads to 128) and trunca
 sentence-transformers pads nothing and truncates at `max_seq_length` from sentence_bert_config.json. So do we.
 """
 
+import numbers
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -29,8 +30,11 @@ class SentenceTokenizer:
 
     @max_seq_length.setter
     def max_seq_length(self, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        # numbers.Integral, as load's check and truncate_dim: a numpy integer is an integer too; kept as an int,
+        # which save can write to JSON
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 2:
             raise InputError(f"max_seq_length must be an integer >= 2 (room for [CLS] and [SEP]); got {value!r}")
+        value = int(value)
         self._max_seq_length = value
         # Truncation counts the special tokens, so a sentence keeps max_seq_length - 2 word pieces.
         self.tokenizer.enable_truncation(max_length=value)

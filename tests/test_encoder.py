@@ -512,3 +512,26 @@ def test_bf16_attention_runs_in_float32_on_the_cpu_for_short_batches_without_aut
         bound = 2 * torch.finfo(torch.bfloat16).eps * float(expected.abs().max())
         for got in (inference, trained):
             assert float((got.float() - expected).abs().max()) < bound
+
+
+def test_similarity_refuses_shapes_it_cannot_compare(model):
+    """A 3-d array once broadcast through the matrix product into a [2, 2, 2] result, and embeddings of two sizes
+    raised torch's 'mat1 and mat2 shapes cannot be multiplied': each is now an InputError naming the argument."""
+    embeddings = model.encode(["one", "two"])
+    with pytest.raises(minilm.InputError, match=r"^similarity: a has shape \(2, 2, 384\); expected \[dim\] or"):
+        model.similarity(np.stack([embeddings, embeddings]), embeddings)
+    with pytest.raises(minilm.InputError, match="^similarity: a has 384 dimensions and b 64; expected the same"):
+        model.similarity(embeddings, embeddings[:, :64])
+    with pytest.raises(minilm.InputError, match="^similarity: b must be embeddings"):
+        model.similarity(embeddings, ["one", "two"])
+    assert model.similarity(embeddings[0], embeddings.tolist()).shape == (1, 2)  # 1-d and lists still welcome
+
+
+def test_max_seq_length_takes_a_numpy_integer_as_load_does(model_dir, tmp_path):
+    """load(max_seq_length=np.int64(16)) passed load's check, then the tokenizer refused it: 'max_seq_length must
+    be an integer >= 2; got np.int64(16)'. A numpy integer is now taken, as truncate_dim takes it, and saved."""
+    short = minilm.load(str(model_dir), device="cpu", max_seq_length=np.int64(16))
+    assert short.max_seq_length == 16 and type(short.max_seq_length) is int
+    short.max_seq_length = np.int32(20)
+    short.save(tmp_path)
+    assert minilm.load(str(tmp_path), device="cpu").max_seq_length == 20

@@ -51,6 +51,27 @@ def test_saved_prompts_give_sentence_transformers_embeddings(prompted):
     assert saved["prompts"] == PROMPTS and saved["default_prompt_name"] == "sts" and "truncate_dim" not in saved
 
 
+@pytest.mark.parametrize("prompts, default", [({"query": "q: ", "passage": "p: "}, None),
+                                              ({"sts": "similar: "}, "sts")])
+def test_encode_query_and_document_of_a_saved_model_equal_sentence_transformers(tiny_model_dir, tmp_path, prompts,
+                                                                                default):
+    """A model without a "document" prompt (here "passage") or without a "query" one (here the default prompt's)
+    once saved its prompts as they were: sentence-transformers 6 gives it empty "query" and "document" prompts, so
+    its encode_document ignored "passage" and its encode_query the default prompt, where minilm used them."""
+    st = pytest.importorskip("sentence_transformers")
+    model = minilm.load(str(tiny_model_dir), device="cpu")
+    model.prompts, model.default_prompt_name = dict(prompts), default
+    model.save(tmp_path)
+    reference, reloaded = st.SentenceTransformer(str(tmp_path), device="cpu"), minilm.load(str(tmp_path), device="cpu")
+    for ours in (model, reloaded):
+        assert np.abs(ours.encode_query(SENTENCES) - reference.encode_query(SENTENCES)).max() < 1e-5
+        assert np.abs(ours.encode_document(SENTENCES) - reference.encode_document(SENTENCES)).max() < 1e-5
+        assert np.abs(ours.encode(SENTENCES) - reference.encode(SENTENCES)).max() < 1e-5
+    assert prompts.items() <= reloaded.prompts.items() and reloaded.default_prompt_name == default
+    # the prompts change the embeddings (the test could not pass by ignoring them)
+    assert np.abs(model.encode_document(SENTENCES[:1]) - model.encode(SENTENCES[:1], prompt="")).max() > 1e-3
+
+
 def test_a_model_saved_by_sentence_transformers_loads_its_prompts(prompted, tmp_path):
     """sentence-transformers adds empty "query" and "document" prompts to every model it saves."""
     _, _, reference = prompted

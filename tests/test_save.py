@@ -136,3 +136,27 @@ def test_every_saved_file_is_written_atomically(tiny_model_dir, tmp_path, monkey
     SoftmaxLoss(model).save(tmp_path / "saved")
     on_disk = sorted(str(p.relative_to(tmp_path / "saved")) for p in (tmp_path / "saved").rglob("*") if p.is_file())
     assert sorted(written) == on_disk and "model.safetensors" in on_disk and "tokenizer.json" in on_disk
+
+
+def test_a_half_precision_model_saves_the_float32_weights_minilm_computes_with(model_dir, tmp_path):
+    """model.half() then save once wrote float16 weights: minilm loads them as float32, sentence-transformers
+    computes in the file's float16, and their embeddings differed by 2e-4."""
+    st = pytest.importorskip("sentence_transformers")
+    model = minilm.load(str(model_dir), device="cpu").half()
+    model.save(tmp_path)
+    ours = minilm.load(str(tmp_path), device="cpu")
+    assert ours.encoder.embeddings.word.weight.dtype == torch.float32
+    assert torch.equal(ours.encoder.embeddings.word.weight, model.encoder.embeddings.word.weight.float())
+    reference = st.SentenceTransformer(str(tmp_path), device="cpu")
+    assert np.abs(reference.encode(SENTENCES) - ours.encode(SENTENCES)).max() < 1e-5
+
+
+def test_normalize_must_be_true_or_false(tiny_model_dir, tmp_path):
+    """model.normalize = "no" once normalized every embedding and saved a Normalize module ("no" is truthy)."""
+    model = minilm.load(str(tiny_model_dir), device="cpu")
+    for value in ("no", None, 0):
+        with pytest.raises(minilm.InputError, match=f"^normalize must be True or False, not {value!r}$"):
+            model.normalize = value
+    model.normalize = False
+    model.save(tmp_path)
+    assert not (tmp_path / "2_Normalize").exists() and not minilm.load(str(tmp_path), device="cpu").normalize

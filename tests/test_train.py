@@ -132,11 +132,15 @@ def test_the_cards_non_default_hyperparameters_are_those_that_differ_from_train_
     assert model_card.NON_DEFAULT == {key: parser.get_default(key) for key in model_card.NON_DEFAULT}
     data = tmp_path / "pairs.tsv"
     data.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a{i}\tb{i}\t0.{i % 10}\n" for i in range(24)))
+    # It then left out the flags it did not know, such as --weight-decay, --seed and --normalize.
     ok(capsys, "--model", tiny_model_dir, "--loss", "cosine", "--data", data, "--batch-size", 8, "--max-steps", 2,
-       "--out", tmp_path / "run")
+       "--weight-decay", 0.01, "--seed", 7, "--normalize", "no", "--out", tmp_path / "run")
     card = (tmp_path / "run" / "README.md").read_text()
     listed = card.split("#### Non-Default Hyperparameters", 1)[1].split("####", 1)[0].split()
-    assert listed == ["-", "`batch_size`:", "8", "-", "`max_steps`:", "2"], listed
+    assert listed == ["-", "`batch_size`:", "8", "-", "`max_steps`:", "2", "-", "`weight_decay`:", "0.01",
+                      "-", "`seed`:", "7", "-", "`normalize`:", "no"], listed
+    # --precision auto (the default) picks per machine; the card once showed only "auto", not what ran
+    assert "Training computed in fp32 (--precision auto)." in card
 
 
 def sick_like(path: Path, pairs_per_label=30, seed=0) -> Path:
