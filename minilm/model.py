@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import numbers
+import os
 import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -305,6 +306,8 @@ class SentenceEncoder(nn.Module):
     def save(self, model_dir) -> Path:
         """Write the sentence-transformers layout: weights, configs, tokenizer files, modules.json."""
         check_prompts(self.prompts, self.default_prompt_name, "the model's")  # never save what load refuses
+        if not isinstance(model_dir, (str, os.PathLike)) or not str(model_dir):  # Path("") is the current folder
+            raise InputError(f"save: model_dir must be a folder's path (a str or Path), not {model_dir!r}")
         model_dir = Path(model_dir)
         if model_dir.exists() and not model_dir.is_dir():
             raise InputError(f"save: {model_dir} is a file; give a folder (new, or one that holds a model)")

@@ -116,6 +116,9 @@ def test_save_onto_a_file_is_a_named_error(tmp_path):
     with pytest.raises(package.InputError, match="is a file; give a folder"):
         model.save(target)
     assert target.read_text() == "mine"
+    for not_a_path in (None, "", 3):  # "" would be the current folder
+        with pytest.raises(package.InputError, match="model_dir must be a folder's path"):
+            model.save(not_a_path)
 
 
 def test_every_saved_file_is_written_atomically(tiny_model_dir, tmp_path, monkeypatch):
