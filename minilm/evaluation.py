@@ -264,7 +264,7 @@ def read_qrels(path, queries: dict, corpus: dict) -> dict:
         try:
             score = int(score)
         except ValueError:
-            if number == 1:  # the header line (query-id, corpus-id, score)
+            if number == 1 and not _is_number(score):  # the header line (query-id, corpus-id, score)
                 continue
             raise data.DataError(f"{path}:{number}: score {score!r} is not a whole number") from None
         if query_id not in queries:
@@ -274,6 +274,16 @@ def read_qrels(path, queries: dict, corpus: dict) -> dict:
         if score > 0:
             relevant.setdefault(query_id, {})[doc_id] = score
     return relevant
+
+
+def _is_number(text: str) -> bool:
+    """Whether a qrels score field is a number: line 1 is a header only when its score is not one, so that a
+    header-less file's first judgement ("q1 d1 1.0") is refused like any other line, not skipped unseen."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load_beir(folder, split: str):

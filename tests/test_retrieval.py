@@ -106,6 +106,8 @@ def test_chunked_ranking_equals_brute_force_with_ties_and_skipped_self():
      "test.tsv:2: 1 tab-separated fields"),
     (lambda f: f.joinpath("qrels", "test.tsv").write_text("header\tline\tscore\nq1\td001\thigh\n"),
      "test.tsv:2: score 'high' is not a whole number"),
+    (lambda f: f.joinpath("qrels", "test.tsv").write_text("q1\td001\t1.0\nq1\td002\t1\n"),  # no header: not skipped
+     "test.tsv:1: score '1.0' is not a whole number"),
     (lambda f: f.joinpath("qrels", "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td001\t0\n"),
      "no relevant (score > 0) judgement"),
     (lambda f: f.joinpath("corpus.jsonl").write_text('{"_id": "d001", "text": "x"}\n{"_id": "d002", "text": "y"\n'),
