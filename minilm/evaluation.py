@@ -243,6 +243,8 @@ def read_queries(path) -> dict:
         if query_id in queries:
             raise data.DataError(f"{path}:{number}: the _id {query_id!r} appears twice")
         queries[query_id] = record["text"]
+    if not queries:  # else every qrels line is refused as naming a query "not in queries.jsonl"
+        raise data.DataError(f"{path}: the file is empty")
     return queries
 
 
