@@ -8,6 +8,7 @@
 import argparse
 import os
 import sys
+import unicodedata
 from pathlib import Path
 
 from minilm.corpus import MIN_CALIBRATION
@@ -114,8 +115,15 @@ def _search(args, data) -> None:
         if texts and texts[0] is None:
             print(f"  ({manifest['input']['path']} is gone or changed since encoding: texts not shown)")
         for rank, (score, record_id, text) in enumerate(zip(row_scores, ids, texts), 1):
+            text = None if text is None else _one_line(text)
             shown = "" if text is None else "  " + (text if len(text) <= 160 else text[:157] + "...")
-            print(f"{rank:4d}. {score:.4f}  {record_id}{shown}")
+            print(f"{rank:4d}. {score:.4f}  {_one_line(record_id)}{shown}")
+
+
+def _one_line(text: str) -> str:
+    """text with its control characters and line separators escaped as repr writes them: a hit is one line
+    (a newline inside a JSONL text would split it, a carriage return would print the text over its rank)."""
+    return "".join(repr(char)[1:-1] if unicodedata.category(char) in ("Cc", "Zl", "Zp") else char for char in text)
 
 
 def _load(parser, name, device, max_seq_length=None, what="--model", hint=""):
@@ -233,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("search", help="print the top hits of queries in a DIR made by encode",
                             description="Encode the queries with DIR's model and print the exact top hits (score, "
-                                        "id, text read back from INPUT).")
+                                        "id, text read back from INPUT), one line a hit: line breaks and other "
+                                        "control characters in an id or text are shown escaped (\\n, \\t).")
     p.add_argument("dir", help="a finished DIR of python -m minilm encode")
     p.add_argument("queries", nargs="+", help="query texts")
     p.add_argument("--top-k", type=int, default=10, help="hits per query (default: %(default)s)")

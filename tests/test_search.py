@@ -1,5 +1,7 @@
 """minilm.search equals brute force on float, int8 and binary corpora, in small chunks; python -m minilm search."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -137,3 +139,17 @@ def test_one_query_vector_of_another_size_is_refused(data):
                                  (queries[0, :32], pack_binary(corpus), "has 4 uint8 columns, not 5")):
         with pytest.raises(ValueError, match=message):
             minilm.search(query, rows, top_k=3)
+
+
+def test_cli_search_prints_each_hit_on_one_line(tiny, tiny_dir, tmp_path, capsys):  # noqa: F811
+    """A text or id holding a line break, a carriage return or a tab (JSONL escapes them) is printed escaped: a
+    newline split the hit over two lines, and a carriage return printed the text over the hit's rank."""
+    records = [("a\tb", "first line\nsecond line"), ("c", "back to the start\r of the line"), ("d\u2028e", "plain")]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in records))
+    run(tiny, tmp_path / "docs.jsonl", tmp_path / "out", id_field="_id")
+    main(["search", str(tmp_path / "out"), "a line", "--top-k", "3", "--device", "cpu"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith(f"   {rank}. ") for rank, line in enumerate(lines[1:], 1)), lines
+    shown = dict(line.split("  ")[-2:] for line in lines[1:])  # "   1. 0.9352  id  text": id -> text
+    assert shown == {"a\\tb": "first line\\nsecond line", "c": "back to the start\\r of the line",
+                     "d\\u2028e": "plain"}, lines
