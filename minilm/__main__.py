@@ -276,6 +276,11 @@ def main(argv=None) -> None:
         args.run(args)
     except InputError as error:  # e.g. a MINILM_ATTENTION/_POOLING/_LINEAR name that does not exist
         _fail(args.parser, str(error))
+    except BrokenPipeError:
+        # The reader of stdout is gone (search ... | head): stop quietly, as a tool ended by SIGPIPE does. stdout
+        # goes to /dev/null first, else the flush at exit raises again and prints its own traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except KeyboardInterrupt:
         # encode marks a window done only once its rows are on disk: nothing written is lost.
         again = ("; rerun the same command to continue from the last window written" if args.command == "encode"

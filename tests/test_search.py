@@ -1,6 +1,8 @@
 """minilm.search equals brute force on float, int8 and binary corpora, in small chunks; python -m minilm search."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import minilm
 from minilm.__main__ import main
 from minilm.similarity_search import calibrate_int8, dequantize_int8, pack_binary, quantize_int8, unpack_binary
 
+from conftest import REPO, child_env
 from test_corpus import one_thread, run, tiny, tiny_dir  # noqa: F401 (fixtures)
 
 
@@ -153,3 +156,15 @@ def test_cli_search_prints_each_hit_on_one_line(tiny, tiny_dir, tmp_path, capsys
     shown = dict(line.split("  ")[-2:] for line in lines[1:])  # "   1. 0.9352  id  text": id -> text
     assert shown == {"a\\tb": "first line\\nsecond line", "c": "back to the start\\r of the line",
                      "d\\u2028e": "plain"}, lines
+
+
+def test_cli_search_into_a_closed_pipe_ends_quietly(tiny, tiny_dir, tmp_path):  # noqa: F811
+    """search ... | head: the reader closes the pipe before the hits are printed. That printed a BrokenPipeError
+    traceback; it now ends quietly with the status of a tool ended by SIGPIPE (141)."""
+    (tmp_path / "docs.txt").write_text("".join(f"text number {i} about something\n" for i in range(40)))
+    run(tiny, tmp_path / "docs.txt", tmp_path / "out")
+    process = subprocess.Popen([sys.executable, "-m", "minilm", "search", str(tmp_path / "out"), "a text",
+                                "--top-k", "40", "--device", "cpu"], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=child_env())
+    process.stdout.close()  # before the model has loaded: every write to stdout fails
+    assert process.wait(timeout=120) == 141 and process.stderr.read() == b""
