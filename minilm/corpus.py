@@ -601,8 +601,19 @@ class Corpus:
         self.embeddings, self.offsets = folder.check_files(self.dir, self.manifest)
         self._same_bytes = None  # (INPUT's mtime_ns, whether its sha256 matched) once INPUT was hashed
 
+    def _rows(self, rows) -> list:
+        """rows as ints, each checked to be a row of DIR: IndexError naming the first that is not (a -1 read the
+        last text but no id, a float row was cut to an int)."""
+        count, rows = self.manifest["count"], np.asarray(rows).tolist()  # numbers of numpy or torch: Python's
+        bad = [row for row in rows if type(row) is not int or not 0 <= row < count]
+        if bad:
+            raise IndexError(f"row {bad[0]!r}: {self.dir} holds rows 0 to {count - 1} (a list of whole numbers)")
+        return rows
+
     def ids(self, rows) -> list:
-        wanted, found = set(int(row) for row in rows), {}
+        """ids of `rows` (whole numbers from 0 to count - 1, e.g. a row of search's indices; IndexError else)."""
+        rows = self._rows(rows)
+        wanted, found = set(rows), {}
         with open(self.dir / "ids.txt", "rb") as file:  # one pass, for a handful of rows (as many lines as rows)
             for row, line in enumerate(file):
                 if row in wanted:
@@ -613,11 +624,12 @@ class Corpus:
                                           "damaged: --overwrite encodes DIR again") from None
                     if len(found) == len(wanted):
                         break
-        return [found[int(row)] for row in rows]
+        return [found[row] for row in rows]
 
     def texts(self, rows) -> list:
-        """Texts of `rows`, read from INPUT at the recorded offsets; None if INPUT changed since encoding."""
-        info = self.manifest["input"]
+        """Texts of `rows` (as for ids), read from INPUT at the recorded offsets; None if INPUT changed since
+        encoding."""
+        info, rows = self.manifest["input"], self._rows(rows)
         path = Path(info["path"])
         if not self.input_unchanged():
             return [None] * len(rows)

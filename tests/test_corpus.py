@@ -717,3 +717,15 @@ def test_a_dir_begun_where_auto_picked_another_precision_names_the_flag_that_con
     assert 'precision "int8" -> "fp32"; --precision int8 continues it' in message
     main(argv[:-1] + ["int8"])
     assert "is finished" in capsys.readouterr().out
+
+
+def test_ids_and_texts_refuse_rows_outside_the_corpus(straight, texts_file):
+    """Row -1 read the last text but was a KeyError for ids, row 300 of 300 a bare KeyError or numpy IndexError,
+    and row 1.5 was cut to 1: each is now an IndexError naming the row and the rows there are."""
+    data = corpus.Corpus(straight)
+    texts = texts_file.read_text().splitlines()
+    assert data.texts(torch.tensor([299, 0])) == [texts[299], texts[0]] and data.ids(np.array([299])) == ["300"]
+    for rows in ([300], [-1], [1.5], [True], [[1, 2]]):
+        for read in (data.ids, data.texts):
+            with pytest.raises(IndexError, match=r"row .*: .* holds rows 0 to 299 \(a list of whole numbers\)"):
+                read(rows)
