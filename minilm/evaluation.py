@@ -217,6 +217,10 @@ def _jsonl_records(path: Path, what: str):
                 raise data.DataError(f"{path}:{number}: {what} without the field {field!r}")
         if not isinstance(record["text"], str) or not isinstance(record.get("title", ""), str):
             raise data.DataError(f"{path}:{number}: text and title must be strings")
+        if not isinstance(record["_id"], (str, int)) or isinstance(record["_id"], bool):
+            # as str(): null would be the id "None", 1.0 "1.0" (never qrels' "1"), a list its Python repr
+            raise data.DataError(f"{path}:{number}: _id {json.dumps(record['_id'])[:40]} is not a string or a whole "
+                                 "number")
         yield number, record
 
 

@@ -117,6 +117,10 @@ def test_chunked_ranking_equals_brute_force_with_ties_and_skipped_self():
     (lambda f: f.joinpath("corpus.jsonl").write_text('{"_id": "d001", "text": "x"}\n{"_id": "d001", "text": "y"}\n'),
      "corpus.jsonl:2: the _id 'd001' appears twice"),
     (lambda f: f.joinpath("queries.jsonl").write_text("\n"), "queries.jsonl: the file is empty"),
+    (lambda f: f.joinpath("corpus.jsonl").write_text('{"_id": "d001", "text": "x"}\n{"_id": null, "text": "y"}\n'),
+     "corpus.jsonl:2: _id null is not a string or a whole number"),
+    (lambda f: f.joinpath("queries.jsonl").write_text('{"_id": 1.0, "text": "x"}\n'),
+     "queries.jsonl:1: _id 1.0 is not a string or a whole number"),
     (lambda f: f.joinpath("queries.jsonl").write_bytes(b'{"_id": "q1", "text": "x"}\n{"_id": "q2", "text": "\xff"}\n'),
      "queries.jsonl:2: bytes that are not UTF-8"),
 ])
