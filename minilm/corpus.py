@@ -594,7 +594,7 @@ class Corpus:
             raise CorpusError(f"{self.dir}: {found} (a DIR written by python -m minilm encode --out DIR)")
         if not (self.dir / "manifest.json").is_file():
             raise CorpusError(f"{self.dir}: no manifest.json; not a corpus made by python -m minilm encode")
-        self.manifest = folder.read_manifest(self.dir)
+        self.manifest = folder.read_manifest(self.dir, writing=False)
         if self.manifest["state"] != "finished":
             raise CorpusError(f"{self.dir} is not finished ({self.manifest['state']}): rerun its encode command "
                               "to continue")

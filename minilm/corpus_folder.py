@@ -91,12 +91,15 @@ def lock(out: Path):
 
 
 # --- the manifest ---------------------------------------------------------------------------------------------
-def read_manifest(out: Path):
-    """DIR's manifest, None for a new or empty DIR; refuses a DIR holding files minilm did not write, a symbolic
-    link, or a manifest with a field encode does not write (checked as far as its state goes)."""
+def read_manifest(out: Path, writing: bool = True):
+    """DIR's manifest, None for a new or empty DIR; refuses a DIR holding files minilm did not write (when
+    `writing`: encode's; a read, search or Corpus, passes them by), a symbolic link, or a manifest with a field
+    encode does not write (checked as far as its state goes)."""
     if out.exists() and not out.is_dir():
         raise CorpusError(f"--out {out} is a file, not a directory")
     names = sorted(os.listdir(out)) if out.is_dir() else []
+    if not writing:  # a README or .ipynb_checkpoints a user put beside a finished DIR cannot hurt a read of it
+        names = [name for name in names if _is_ours(name)]
     first = (LOCK, "manifest.json")  # what encode writes first: with no manifest, nothing else is known its own
     foreign = [name for name in names if not _is_ours(name)
                or "manifest.json" not in names and name not in first and files.temporary_of(name) not in first]

@@ -729,3 +729,21 @@ def test_ids_and_texts_refuse_rows_outside_the_corpus(straight, texts_file):
         for read in (data.ids, data.texts):
             with pytest.raises(IndexError, match=r"row .*: .* holds rows 0 to 299 \(a list of whole numbers\)"):
                 read(rows)
+
+
+def test_a_finished_dir_with_a_users_file_beside_it_still_reads(tiny, tiny_dir, texts_file, straight, tmp_path,
+                                                                 capsys):
+    """A README.md or a .ipynb_checkpoints folder (Jupyter makes one) put in a finished DIR made search refuse it
+    as one "--out" holding files minilm did not write; a read passes them by. encode, which writes there, still
+    refuses."""
+    out = tmp_path / "out"
+    shutil.copytree(straight, out)
+    (out / "README.md").write_text("my corpus")
+    (out / ".ipynb_checkpoints").mkdir()
+    data = corpus.Corpus(out)
+    assert data.ids([0]) == ["1"] and data.texts([0]) == texts_file.read_text().splitlines()[:1]
+    main(["search", str(out), "a query", "--top-k", "1", "--device", "cpu"])
+    assert "   1. " in capsys.readouterr().out
+    message = cli_error(capsys, ["encode", str(texts_file), "--model", str(tiny_dir), "--window", "50",
+                                 "--no-progress", "--device", "cpu", "--out", str(out)])
+    assert "holds files minilm did not write (.ipynb_checkpoints, README.md)" in message
