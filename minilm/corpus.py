@@ -108,6 +108,8 @@ class Reader:
                 if name is not None and name not in columns:
                     raise CorpusError(f"{self.path} line 1: no column {name!r} (columns: {', '.join(columns)}); "
                                       f"pass {flag}")
+                if columns.count(name) > 1:  # which one is meant cannot be told: neither is guessed
+                    raise CorpusError(f"{self.path} line 1: the header names {name!r} twice ({flag}); keep one")
             self.text_index = columns.index(self.field)
             self.id_index = columns.index(id_field) if id_field else None
             self.num_columns = len(columns)

@@ -238,6 +238,9 @@ def test_bad_input_ends_in_one_line(tiny_dir, tmp_path, capsys):
     (tmp_path / "b.tsv").write_text("id\tsentence\n1\thello\n")
     message = cli_error(capsys, base + [str(tmp_path / "o2"), str(tmp_path / "b.tsv"), "--column", "text"])
     assert "b.tsv line 1: no column 'text' (columns: id, sentence)" in message
+    (tmp_path / "b2.csv").write_text("id,text,text\n1,first,second\n")  # was read from the first, silently
+    message = cli_error(capsys, base + [str(tmp_path / "o2"), str(tmp_path / "b2.csv")])
+    assert "b2.csv line 1: the header names 'text' twice (--column); keep one" in message
     (tmp_path / "c.txt").write_bytes(b"fine\n\xff\xfe broken\n")
     message = cli_error(capsys, base + [str(tmp_path / "o3"), str(tmp_path / "c.txt")])
     assert "c.txt line 2: not UTF-8" in message
