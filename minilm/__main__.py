@@ -80,8 +80,15 @@ def encode(args) -> None:
 
 
 def search(args) -> None:
-    from minilm import corpus
+    from minilm import corpus, data
 
+    if args.queries_file is not None:  # before loading the model: a bad file costs no time
+        try:
+            args.queries += [line for _, line in data.numbered_lines(args.queries_file) if line.strip()]
+        except data.DataError as error:
+            _fail(args.parser, f"--queries-file {error}")
+    if not args.queries:
+        _fail(args.parser, "no queries: pass query texts, or --queries-file with one query a line")
     try:
         _search(args, corpus.Corpus(args.dir))
     except corpus.CorpusError as error:  # a DIR damaged or edited, in a file read only now (ids.txt, offsets)
@@ -244,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "id, text read back from INPUT), one line a hit: line breaks and other "
                                         "control characters in an id or text are shown escaped (\\n, \\t).")
     p.add_argument("dir", help="a finished DIR of python -m minilm encode")
-    p.add_argument("queries", nargs="+", help="query texts")
+    p.add_argument("queries", nargs="*", help="query texts")
+    p.add_argument("--queries-file", default=None, metavar="FILE",
+                   help="also search each line of FILE (UTF-8, one query a line, blank lines skipped)")
     p.add_argument("--top-k", type=int, default=10, help="hits per query (default: %(default)s)")
     p.add_argument("--rescore", type=int, default=None, metavar="M",
                    help="binary DIR: rescore the M * top-k best by Hamming distance with the float query "

@@ -168,3 +168,22 @@ def test_cli_search_into_a_closed_pipe_ends_quietly(tiny, tiny_dir, tmp_path):  
                                stderr=subprocess.PIPE, env=child_env())
     process.stdout.close()  # before the model has loaded: every write to stdout fails
     assert process.wait(timeout=120) == 141 and process.stderr.read() == b""
+
+
+def test_cli_search_reads_queries_from_a_file(tiny, tiny_dir, tmp_path, capsys):  # noqa: F811
+    """Many queries had to go on the command line; --queries-file adds one a line (blank lines skipped) after
+    the ones given there, and a file that cannot be read, or no query at all, is one line."""
+    (tmp_path / "docs.txt").write_text("a dog runs\nthe market fell\n")
+    run(tiny, tmp_path / "docs.txt", tmp_path / "out")
+    (tmp_path / "queries.txt").write_text("the market fell\n\na dog runs\n")
+    main(["search", str(tmp_path / "out"), "first", "--queries-file", str(tmp_path / "queries.txt"), "--top-k", "1",
+          "--device", "cpu"])
+    lines = capsys.readouterr().out.split("\n")
+    assert [line for line in lines if line.startswith("query: ")] == ["query: first", "query: the market fell",
+                                                                        "query: a dog runs"]
+    assert lines[lines.index("query: a dog runs") + 1].split()[1:] == ["1.0000", "1", "a", "dog", "runs"]
+    for argv, message in (([], "no queries: pass query texts, or --queries-file"),
+                          (["--queries-file", str(tmp_path / "none.txt")], "--queries-file " + str(tmp_path))):
+        with pytest.raises(SystemExit) as stop:
+            main(["search", str(tmp_path / "out"), *argv])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
