@@ -286,10 +286,14 @@ def run(argv=None) -> int:
     except (FileNotFoundError, ValueError) as error:  # the readers' messages name the file and line
         raise UsageError(str(error)) from None
     try:
-        model = minilm.load(args.model, device=args.device, max_seq_length=args.max_seq_length)
+        model = minilm.load(args.model, device=args.device)
     except (FileNotFoundError, ValueError) as error:  # the loader's messages name the file and field
-        flag = "--max-seq-length" if args.max_seq_length is not None and "max_seq_length" in str(error) else "--model"
-        raise UsageError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: {error}") from None
+        raise UsageError(f"--model {args.model}: {error}") from None
+    if args.max_seq_length is not None:
+        try:  # the model's setter checks it against the checkpoint's positions
+            model.max_seq_length = args.max_seq_length
+        except ValueError as error:
+            raise UsageError(f"--max-seq-length {args.max_seq_length}: {error}") from None
     with torch.inference_mode():
         rows, dropped = mine(model, pairs, corpus, args.num_negatives, args.range_min, args.range_max,
                              args.absolute_margin, args.relative_margin, args.sampling, args.seed, args.batch_size,
